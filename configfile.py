@@ -1,0 +1,61 @@
+"""Settings for every script of the pipeline: literals and comments only.
+
+Edit this file, or override one value for one run from the command line:
+    python train.py --MAX_EPOCHS=5 --DEVICE=cpu
+or point every script at another settings file of the same names:
+    python run_all.py --config=my_settings.py
+"""
+
+# ---- data -----------------------------------------------------------------------------------
+DATA_DIR = None  # folder with one sub-folder of images per class; None = built-in digits (scikit-learn)
+SEEN_CLASSES = ["0", "1", "2", "3", "4", "5"]  # sub-folder names the classifier is trained on
+UNSEEN_CLASSES = ["6", "7", "8", "9"]  # sub-folder names held out, only embedded and analysed
+BUILTIN_DATA_DIR = "data/digits"  # where the built-in digits are exported as PNG files (git-ignored)
+BAD_IMAGES = "skip"  # unreadable/truncated/empty files: "skip" (reported and left out) or "error"
+
+# ---- images ---------------------------------------------------------------------------------
+IMAGE_SIZE = 128  # pixels, square; images are resized to IMAGE_SIZE x IMAGE_SIZE
+RESIZE_MODE = "stretch"  # "stretch" (as the study did) or "pad" (pad to a square first, keeps shape)
+AUGMENT = False  # random flips/90-degree turns of training images; True turns off the trunk cache for training
+
+# ---- split ----------------------------------------------------------------------------------
+TRAIN_FRACTION = 0.75  # of each seen class; the split is drawn once and kept in outputs/split.csv
+VAL_FRACTION = 0.05  # of each seen class
+TEST_FRACTION = 0.20  # of each seen class
+
+# ---- model ----------------------------------------------------------------------------------
+WEIGHTS = "auto"  # trunk weights: "auto" (ImageNet if cached or downloadable, else random + warning), "imagenet" (must load), a path to a .pth state dict, or None (random)
+EMBEDDING_DIM = 128  # size of the embedding (second-to-last layer)
+DROPOUT = 0.2  # dropout probability after the embedding layer
+
+# ---- training -------------------------------------------------------------------------------
+BATCH_SIZE = 64  # images per batch
+LR = 0.0014  # Adam learning rate
+MAX_EPOCHS = 50  # upper limit on epochs
+PATIENCE = 8  # validation passes without a lower validation loss before early stopping
+VAL_PER_EPOCH = 4  # validation passes per epoch (the study validated several times an epoch); 1 = at epoch end
+RESUME = True  # True: continue from checkpoints/last.pth after a kill; False: start training over
+SEED = 0  # seeds random, numpy and torch; fixes the split, batches, dropout and UMAP
+
+# ---- speed ----------------------------------------------------------------------------------
+DEVICE = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:1"
+NUM_WORKERS = "auto"  # DataLoader worker processes; "auto" = min(8, CPU cores - 1), 0 = load in the main process
+CACHE_TRUNK = True  # compute the frozen trunk's output once per image and reuse it (disk cache)
+CACHE_DTYPE = "float16"  # "float16" (half the disk) or "float32" (bit-for-bit as uncached)
+MIXED_PRECISION = True  # bfloat16 autocast for the trunk on CUDA only; never used on CPU (slower there)
+CHANNELS_LAST = True  # channels-last memory layout for the trunk's convolutions
+DETERMINISTIC = False  # deterministic CUDA algorithms (slower on GPU); CPU runs are deterministic anyway
+
+# ---- outputs --------------------------------------------------------------------------------
+OUTPUT_DIR = "outputs"  # plots, tables, split file and embeddings
+CHECKPOINT_DIR = "checkpoints"  # best.pth and last.pth
+CACHE_DIR = "cache"  # trunk-feature cache, image-scan cache, numba's compiled code
+
+# ---- analysis -------------------------------------------------------------------------------
+UMAP_SAMPLES = 2000  # at most this many random samples from each of train, test and unseen
+UMAP_NEIGHBORS = 15  # UMAP n_neighbors
+CLOSE_FAR_COUNT = 5  # images per row in the closest/furthest figures
+CLOSE_FAR_SPACE = "embedding"  # distances to the class centre in "embedding" (128-d) or "umap" (2-d, as the study did)
+TRANSFER_TEST_FRACTION = 0.30  # share of each unseen class kept for testing the transfer classifiers
+TRANSFER_REPEATS = 5  # random training subsets drawn per training-set size
+KNN_K = 10  # k of the kNN classifier
