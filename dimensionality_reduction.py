@@ -1,0 +1,167 @@
+"""UMAP of the embeddings, and for each seen class the images closest to and furthest from its
+centre, with the closest images of other classes.
+
+    python dimensionality_reduction.py
+
+Reads:  outputs/embeddings_{train,test,unseen}.pkl (checked against checkpoints/best.pth), the images.
+Writes: outputs/umap_embeddings.png (train, test, unseen panels, coloured by class),
+        outputs/umap_coordinates.csv,
+        outputs/close_faraway_closeotherclass_class_<i>.png for each seen class i.
+
+UMAP is fitted once, on all the points plotted (up to UMAP_SAMPLES from each set, standardised
+together). Close/far distances are measured to the class centre in the 128-d embedding space of the
+training images (CLOSE_FAR_SPACE="embedding"), or in the 2-d UMAP plane as the study did ("umap"),
+where only the sampled training images have coordinates.
+"""
+import os
+import time
+
+import numpy as np
+import pandas as pd
+
+import common
+import dataloader
+
+SUBSETS = ("train", "test", "unseen")
+
+
+def sample_rows(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(n, size=limit, replace=False)) if n > limit else np.arange(n)
+
+
+def fit_umap(points: np.ndarray, cfg, cache_dir) -> np.ndarray:
+    """Standardise, then one UMAP fit to 2-d; numba's compiled code is cached on disk."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str((cache_dir / "numba").resolve()))
+    import umap  # imported here: it compiles with numba on first use
+    from sklearn.preprocessing import StandardScaler
+    scaled = StandardScaler().fit_transform(points)
+    neighbours = max(2, min(cfg.UMAP_NEIGHBORS, len(points) - 1))
+    # a seed makes UMAP reproducible but single-threaded; SEED=None lets it use every core
+    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=cfg.SEED,
+                        n_jobs=1 if cfg.SEED is not None else -1, init="spectral" if len(points) > 10 else "random")
+    return reducer.fit_transform(scaled)
+
+
+def class_colours(seen: list[str], unseen: list[str]) -> dict[str, tuple]:
+    """Seen classes from one palette, unseen ones from another, so the two never look alike."""
+    import matplotlib.pyplot as plt
+    seen_map = plt.get_cmap("tab10" if len(seen) <= 10 else "tab20")
+    unseen_map = plt.get_cmap("Dark2" if len(unseen) <= 8 else "tab20b")
+    colours = {c: seen_map(i % seen_map.N) for i, c in enumerate(seen)}
+    colours.update({c: unseen_map(i % unseen_map.N) for i, c in enumerate(unseen)})
+    return colours
+
+
+def plot_umap(coords: pd.DataFrame, colours: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6.2))
+    titles = dict(train="Training data (seen classes)", test="Test data (seen classes)", unseen="Unseen classes")
+    for ax, subset in zip(axes, SUBSETS):
+        part = coords[coords.subset == subset]
+        for name, group in part.groupby("class_name", sort=False):
+            ax.scatter(group.x, group.y, s=8 if len(part) > 500 else 20, alpha=0.7, color=colours[name],
+                       label=f"{name} ({len(group)})", linewidths=0)
+        ax.set_title(f"{titles[subset]}: {len(part)} points")
+        ax.set_xlabel("UMAP 1")
+        ax.set_ylabel("UMAP 2")
+        ax.legend(title="class (points)", fontsize=8, markerscale=2, loc="best", framealpha=0.8)
+    fig.suptitle("UMAP of the 128-d embeddings (one fit on all plotted points)")
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def close_and_far(points: np.ndarray, labels: np.ndarray, class_index: int, count: int):
+    """Indices of the `count` members of the class closest to and furthest from the class centre,
+    and of the `count` non-members closest to it."""
+    members, others = np.flatnonzero(labels == class_index), np.flatnonzero(labels != class_index)
+    centre = points[members].mean(0)
+    member_dist = np.linalg.norm(points[members] - centre, axis=1)
+    other_dist = np.linalg.norm(points[others] - centre, axis=1)
+    by_distance = np.argsort(member_dist, kind="stable")
+    closest, furthest = members[by_distance[:count]], members[by_distance[::-1][:count]]
+    closest_other = others[np.argsort(other_dist, kind="stable")[:count]]
+    return closest, furthest, closest_other, centre
+
+
+def plot_close_far(frame: pd.DataFrame, rows: list, root, class_name: str, space: str, path, count: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    row_titles = [f"closest to the centre of {class_name}", f"furthest from the centre of {class_name}",
+                  f"closest from other classes"]
+    fig, axes = plt.subplots(3, count, figsize=(2.1 * count + 1.6, 7.4), squeeze=False)
+    for r, (indices, distances) in enumerate(rows):
+        for c in range(count):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(indices):
+                ax.axis("off")
+                continue
+            item = frame.iloc[indices[c]]
+            ax.imshow(dataloader.load_rgb(root / item.path), interpolation="nearest")
+            caption = f"d={distances[c]:.2f}"
+            if r == 2:
+                caption = f"class {item.class_name}\n{caption}"
+            ax.set_xlabel(caption, fontsize=9)
+        axes[r, 0].set_ylabel(row_titles[r].replace(" from the", "\nfrom the").replace(" to the", "\nto the")
+                              .replace(" from other", "\nfrom other"), fontsize=9)
+    fig.suptitle(f"Class {class_name}: distances to its centre in the {space} space (training images)")
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def run(cfg) -> None:
+    paths = common.make_output_dirs(cfg)
+    if not paths.best.is_file():
+        raise common.PipelineError(f"no checkpoint at {paths.best} — run train.py first")
+    checkpoint_sha256 = common.sha256_file(paths.best)
+    frames = {s: common.read_embeddings(paths.embeddings[s], checkpoint_sha256) for s in SUBSETS}
+    if cfg.CLOSE_FAR_SPACE not in ("embedding", "umap"):
+        raise common.PipelineError(f"CLOSE_FAR_SPACE={cfg.CLOSE_FAR_SPACE!r}; use 'embedding' or 'umap'")
+    rng = np.random.default_rng(cfg.SEED)
+    picked = {s: sample_rows(len(f), cfg.UMAP_SAMPLES, rng) for s, f in frames.items()}
+
+    # ---- UMAP: one fit on everything that is plotted ---------------------------------------------
+    columns = common.embedding_columns(frames["train"])
+    points = np.concatenate([frames[s][columns].to_numpy()[picked[s]] for s in SUBSETS])
+    started = time.time()
+    xy = fit_umap(points, cfg, paths.cache)
+    print(f"UMAP fit on {len(points)} points in {time.time() - started:.1f}s")
+    coords = pd.concat([frames[s].iloc[picked[s]][["label", "class_name", "path"]].assign(subset=s)
+                        for s in SUBSETS], ignore_index=True)
+    coords["x"], coords["y"] = xy[:, 0], xy[:, 1]
+    common.save_csv(coords, paths.out / "umap_coordinates.csv", index=False)
+    seen, unseen = frames["train"].attrs["class_names"], frames["unseen"].attrs["class_names"]
+    plot_umap(coords, class_colours(seen, unseen), paths.out / "umap_embeddings.png")
+
+    # ---- closest and furthest training images per class ------------------------------------------
+    train = frames["train"]
+    if cfg.CLOSE_FAR_SPACE == "umap":
+        train = train.iloc[picked["train"]].reset_index(drop=True)
+        space_points = coords.loc[coords.subset == "train", ["x", "y"]].to_numpy()
+    else:
+        space_points = train[columns].to_numpy()
+    labels = train.label.to_numpy()
+    root = dataloader.data_dir(cfg)
+    for i, name in enumerate(seen):
+        if not (labels == i).any():
+            print(f"note: no training images of class {name} in the {cfg.CLOSE_FAR_SPACE} space; figure skipped")
+            continue
+        closest, furthest, closest_other, centre = close_and_far(space_points, labels, i, cfg.CLOSE_FAR_COUNT)
+        rows = [(idx, np.linalg.norm(space_points[idx] - centre, axis=1)) for idx in (closest, furthest, closest_other)]
+        if (labels == i).sum() < 2 * cfg.CLOSE_FAR_COUNT:
+            print(f"note: class {name} has {(labels == i).sum()} training images: its closest and furthest rows overlap")
+        plot_close_far(train, rows, root, name, cfg.CLOSE_FAR_SPACE,
+                       paths.out / f"close_faraway_closeotherclass_class_{i}.png", cfg.CLOSE_FAR_COUNT)
+    print(f"-> {paths.out / 'umap_embeddings.png'}, {paths.out}/close_faraway_closeotherclass_class_*.png")
+
+
+def main(argv=None):
+    common.run_script(run, argv)
+
+
+if __name__ == "__main__":
+    main()

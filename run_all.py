@@ -1,0 +1,45 @@
+"""Run the whole pipeline in order and report each stage's wall time.
+
+    python run_all.py                    # built-in digits, or DATA_DIR from configfile.py
+    python run_all.py --config=my.py     # settings overrides pass through to every stage
+
+Stages: train.py -> evaluate.py -> embed.py -> compute_average_distances.py ->
+dimensionality_reduction.py -> transfer_learning.py. Writes what each stage writes, plus
+outputs/stage_times.json. A finished training run is not repeated (train.py says so).
+"""
+import time
+
+import common
+import compute_average_distances
+import dimensionality_reduction
+import embed
+import evaluate
+import train
+import transfer_learning
+
+STAGES = (("train", train), ("evaluate", evaluate), ("embed", embed),
+          ("compute_average_distances", compute_average_distances),
+          ("dimensionality_reduction", dimensionality_reduction), ("transfer_learning", transfer_learning))
+
+
+def run(cfg) -> dict:
+    times, started = {}, time.time()
+    for name, module in STAGES:
+        print(f"\n======== {name}.py ========")
+        stage_started = time.time()
+        module.run(cfg)
+        times[name] = time.time() - stage_started
+    times["total"] = time.time() - started
+    print("\n======== stage wall times ========")
+    for name, seconds in times.items():
+        print(f"{name:>28}: {seconds:7.1f} s")
+    common.save_json(times, common.output_paths(cfg).out / "stage_times.json")
+    return times
+
+
+def main(argv=None):
+    common.run_script(run, argv)
+
+
+if __name__ == "__main__":
+    main()

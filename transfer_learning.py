@@ -1,0 +1,162 @@
+"""How well can the unseen classes be learned from the embeddings? The unseen classes' embeddings
+are split into a training part and a fixed test part (stratified); for growing training-set sizes an
+SVC, a linear classifier and a kNN classifier are fitted and scored by balanced accuracy.
+
+    python transfer_learning.py
+
+Reads:  outputs/embeddings_unseen.pkl (checked against checkpoints/best.pth).
+Writes: outputs/transfer_learning.csv (every fit), outputs/accuracy_SVC.png, outputs/accuracy_Linear.png,
+        outputs/accuracy_kNN.png, outputs/accuracy_all.png.
+
+Each training subset is stratified and drawn TRANSFER_REPEATS times per size with different seeds;
+the plots show the mean and the spread (min to max) over those draws. SVC (RBF kernel) and the
+linear classifier (logistic regression) see standardised embeddings; kNN measures plain Euclidean
+distances in the embedding space, as the distance analysis does, with k = KNN_K or, for the smallest
+training sets, the size of the smallest class (recorded in the CSV's k column).
+"""
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+import common
+
+METHODS = ("SVC", "Linear", "kNN")
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: round(test_fraction * n) test samples, at least one; the rest (at least one) train."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_test = min(max(1, int(round(test_fraction * len(members)))), len(members) - 1)
+        test += list(members[:n_test])
+        train += list(members[n_test:])
+    return np.sort(np.array(train)), np.sort(np.array(test))
+
+
+def training_sizes(n_train: int, n_classes: int) -> list[int]:
+    """From one sample per class to all, roughly doubling: 1, 2, 5 per class, then 10, 20, 50, ..."""
+    per_class = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+    sizes = [p * n_classes for p in per_class if p * n_classes * 1.5 <= n_train]  # none crowding the last
+    return sizes + [n_train]
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` indices with every class present and classes in proportion (as far as rounding allows)."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    take = np.maximum(1, np.floor(counts * size / len(labels)).astype(int))
+    while take.sum() < size:  # hand out what rounding left over, largest remainders first
+        room = counts - take
+        take[np.argmax(np.where(room > 0, counts * size / len(labels) - take, -np.inf))] += 1
+    while take.sum() > size:
+        take[np.argmax(take)] -= 1
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), t, replace=False) for c, t in zip(classes, take)])
+
+
+def knn_k(y_train: np.ndarray, k: int) -> int:
+    """k, but never more than the smallest class has samples: with k >= the training set, kNN
+    votes the same class for every point and says nothing about the embeddings."""
+    return max(1, min(k, int(np.bincount(y_train)[np.unique(y_train)].min())))
+
+
+def make_classifier(method: str, y_train: np.ndarray, k: int, seed: int):
+    if method == "SVC":
+        return make_pipeline(StandardScaler(), SVC(kernel="rbf", random_state=seed))
+    if method == "Linear":
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    return KNeighborsClassifier(n_neighbors=knn_k(y_train, k))
+
+
+def fit_and_score(method, x_train, y_train, x_test, y_test, k, seed) -> float:
+    model = make_classifier(method, y_train, k, seed).fit(x_train, y_train)
+    return balanced_accuracy_score(y_test, model.predict(x_test))
+
+
+def transfer_curves(x: np.ndarray, labels: np.ndarray, cfg, n_jobs: int = -1) -> pd.DataFrame:
+    """Balanced accuracy on the fixed test part for each method, training size and repeat."""
+    train, test = stratified_split(labels, cfg.TRANSFER_TEST_FRACTION, cfg.SEED)
+    n_classes = len(np.unique(labels))
+    jobs = []
+    for size in training_sizes(len(train), n_classes):
+        for repeat in range(cfg.TRANSFER_REPEATS if size < len(train) else 1):
+            subset = train[stratified_subset(labels[train], size, cfg.SEED * 1000 + repeat)]
+            for method in METHODS:
+                jobs.append((method, size, repeat, subset))
+    scores = Parallel(n_jobs=n_jobs)(delayed(fit_and_score)(m, x[s], labels[s], x[test], labels[test],
+                                                            cfg.KNN_K, cfg.SEED) for m, _, _, s in jobs)
+    return pd.DataFrame([dict(method=m, n_train=size, repeat=r, n_test=len(test), balanced_accuracy=score,
+                              k=knn_k(labels[s], cfg.KNN_K) if m == "kNN" else np.nan)
+                         for (m, size, r, s), score in zip(jobs, scores)])
+
+
+def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for method in methods:
+        stats = results[results.method == method].groupby("n_train").balanced_accuracy.agg(["mean", "min", "max"])
+        line, = ax.plot(stats.index, stats["mean"], "o-", label=f"{method} (mean)")
+        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2, color=line.get_color(),
+                        label=f"{method} (min–max of draws)" if len(methods) == 1 else None)
+    ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance ({chance:.2f})")
+    sizes = sorted(results.n_train.unique())
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes], rotation=45 if len(sizes) > 6 else 0)
+    ax.minorticks_off()
+    ax.set_xlabel("number of training samples (log scale)")
+    ax.set_ylabel("balanced accuracy on the test part")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    common.save_figure(fig, path)
+
+
+def run(cfg) -> None:
+    paths = common.make_output_dirs(cfg)
+    if not paths.best.is_file():
+        raise common.PipelineError(f"no checkpoint at {paths.best} — run train.py first")
+    frame = common.read_embeddings(paths.embeddings["unseen"], common.sha256_file(paths.best))
+    names = list(frame.attrs["class_names"])
+    counts = frame.class_name.value_counts()
+    too_few = [c for c in names if counts.get(c, 0) < 2]
+    if too_few:
+        print(f"note: classes {too_few} have fewer than 2 images and cannot be both trained and tested: left out")
+        frame = frame[~frame.class_name.isin(too_few)]
+    if frame.class_name.nunique() < 2:
+        raise common.PipelineError("transfer learning needs at least two unseen classes with 2 or more images each")
+    x, labels = frame[common.embedding_columns(frame)].to_numpy(), frame.label.to_numpy()
+    results = transfer_curves(x, labels, cfg)
+    common.save_csv(results, paths.out / "transfer_learning.csv", index=False)
+
+    n_classes, n_test = frame.class_name.nunique(), int(results.n_test.iloc[0])
+    summary = results.groupby(["n_train", "method"]).balanced_accuracy.mean().unstack()[list(METHODS)]
+    print(f"Balanced accuracy on {n_test} held-out unseen images ({n_classes} classes), mean over draws:")
+    print(summary.round(4).to_string())
+    if n_test < 10 * n_classes:
+        print(f"note: the test part has only {n_test} images: each accuracy moves by {1 / n_test:.2f} per image")
+    chance = 1.0 / n_classes
+    where = f"{n_classes} unseen classes, {n_test} test images"
+    for method in METHODS:
+        plot_curves(results, [method], chance, f"{method} on the embeddings: {where}", paths.out / f"accuracy_{method}.png")
+    plot_curves(results, METHODS, chance, f"All classifiers: {where}", paths.out / "accuracy_all.png")
+    print(f"-> {paths.out / 'transfer_learning.csv'}, {paths.out}/accuracy_*.png")
+
+
+def main(argv=None):
+    common.run_script(run, argv)
+
+
+if __name__ == "__main__":
+    main()
