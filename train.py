@@ -198,6 +198,8 @@ def run(cfg) -> None:
                                   paths.best)
             else:
                 bad_passes += 1
+                if bad_passes >= cfg.PATIENCE:
+                    break
         bar.close()
         row = history[-1]
         print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "

@@ -1,0 +1,59 @@
+"""Tiny image folders and settings for fast CPU tests; every test works in its own temporary folder."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# one numba cache for the whole session, so UMAP compiles once, not once per test
+os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
+
+import common  # noqa: E402
+
+
+def make_image_folder(root: Path, classes: dict[str, int], size: int = 24, seed: int = 0) -> Path:
+    """One sub-folder per class; class i draws a bright square at its own position and colour on
+    a noisy background, so a classifier can tell the classes apart in a couple of epochs."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(exist_ok=True)
+        colour = np.array([(37 * i) % 256, (91 * i + 80) % 256, (151 * i + 160) % 256])
+        corner = [(i * 5) % (size - 8), (i * 11) % (size - 8)]
+        for j in range(count):
+            image = rng.integers(0, 60, (size, size, 3))
+            y, x = corner[0] + rng.integers(0, 3), corner[1] + rng.integers(0, 3)
+            image[y:y + 6, x:x + 6] = colour
+            Image.fromarray(image.astype(np.uint8)).save(root / name / f"img_{j:03d}.png")
+    return root
+
+
+def tiny_config(tmp_path: Path, data_dir: Path | None = None, **overrides):
+    """The project's settings with every folder inside tmp_path and everything made small."""
+    cfg = common.load_config([])
+    cfg.DATA_DIR = str(data_dir) if data_dir is not None else None
+    cfg.BUILTIN_DATA_DIR = str(tmp_path / "digits")
+    cfg.OUTPUT_DIR, cfg.CHECKPOINT_DIR = str(tmp_path / "outputs"), str(tmp_path / "checkpoints")
+    cfg.CACHE_DIR = str(tmp_path / "cache")
+    cfg.SEEN_CLASSES, cfg.UNSEEN_CLASSES = ["a", "b", "c"], ["u", "v"]
+    cfg.IMAGE_SIZE, cfg.WEIGHTS, cfg.NUM_WORKERS, cfg.DEVICE = 32, None, 0, "cpu"
+    cfg.BATCH_SIZE, cfg.MAX_EPOCHS, cfg.PATIENCE, cfg.VAL_PER_EPOCH = 8, 3, 100, 2
+    cfg.UMAP_SAMPLES, cfg.UMAP_NEIGHBORS, cfg.CLOSE_FAR_COUNT, cfg.TRANSFER_REPEATS = 200, 5, 3, 2
+    for key, value in overrides.items():
+        assert hasattr(cfg, key), key
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    return make_image_folder(tmp_path / "images", {"a": 16, "b": 16, "c": 16, "u": 12, "v": 12})
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, tiny_folder):
+    return tiny_config(tmp_path, tiny_folder)
