@@ -40,7 +40,7 @@ def average_cosine_distances(x: np.ndarray, labels: np.ndarray, k: int) -> np.nd
         pairs = np.outer(counts, counts)
         np.fill_diagonal(pairs, counts * (counts - 1))
         np.fill_diagonal(dots, np.diag(dots) - self_dots)
-        return 1.0 - dots / pairs
+        return np.where(pairs > 0, 1.0 - dots / pairs, np.nan)  # a class of one sample has no pairs
 
 
 def average_euclidean_distances(x: np.ndarray, labels: np.ndarray, k: int, device: torch.device | str = "cpu",
@@ -67,7 +67,7 @@ def average_euclidean_distances(x: np.ndarray, labels: np.ndarray, k: int, devic
     pairs = np.outer(counts, counts)
     np.fill_diagonal(pairs, counts * (counts - 1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / pairs
+        return np.where(pairs > 0, sums / pairs, np.nan)
 
 
 def _augment(rows: np.ndarray, device, side: str) -> torch.Tensor:

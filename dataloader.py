@@ -420,8 +420,9 @@ def feature_batches(source: FeatureSource, batches: list, trunk, device: torch.d
     loader = image_loader(source.dataset, cfg.BATCH_SIZE, num_workers(cfg.NUM_WORKERS), device,
                           batch_sampler=batches, seed=seed)
     for images, labels in loader:
-        with torch.no_grad():
-            yield run_trunk(trunk, images, device, cfg), labels.to(device)
+        with torch.no_grad():  # closed before the yield: grad mode is global, the caller may train
+            features = run_trunk(trunk, images, device, cfg)
+        yield features, labels.to(device)
 
 
 def in_order(n: int, batch_size: int) -> list:
