@@ -217,6 +217,12 @@ def read_embeddings(path: Path, checkpoint_sha256: str | None = None):
     return frame
 
 
+def save_provenance(paths, stage: str, inputs: list[Path], outputs: list[str]) -> None:
+    """outputs/provenance_<stage>.json: the SHA-256 of each input a stage's tables and figures came from."""
+    save_json(dict(stage=stage, code_version=code_version(), outputs=outputs,
+                   inputs={str(p): sha256_file(p) for p in inputs}), paths.out / f"provenance_{stage}.json")
+
+
 def embedding_columns(frame) -> list[str]:
     return [c for c in frame.columns if str(c).startswith("e") and str(c)[1:].isdigit()]
 

@@ -159,6 +159,8 @@ def run(cfg) -> None:
                 print(f"note: class {name} has {n} {subset} sample(s): its diagonal entry is undefined (n/a)")
             elif n < 10:
                 print(f"note: class {name} has only {n} {subset} samples: its distances rest on very few images")
+    common.save_provenance(paths, "compute_average_distances", [paths.best] + [paths.embeddings[s] for s in
+                           ("test", "unseen")], ["average_*_distances_*.csv", "average_*_distances_*.png"])
     print(f"\n-> {paths.out}/average_*_distances_*.csv and .png")
 
 

@@ -350,6 +350,7 @@ def trunk_features(trunk: torch.nn.Module, trunk_sha256: str, root: Path, relpat
             out.flush()
             del out
         del old
+        # the old index still fits the new array's first rows, so a kill between the two writes is harmless
         save_csv(pd.DataFrame({"key": merged_keys, "row": np.arange(len(merged_keys))}), index_file, index=False)
         have = dict(zip(merged_keys, range(len(merged_keys))))
     features = np.load(array_file, mmap_mode="r")

@@ -156,6 +156,8 @@ def run(cfg) -> None:
             print(f"note: class {name} has {(labels == i).sum()} training images: its closest and furthest rows overlap")
         plot_close_far(train, rows, root, name, cfg.CLOSE_FAR_SPACE,
                        paths.out / f"close_faraway_closeotherclass_class_{i}.png", cfg.CLOSE_FAR_COUNT)
+    common.save_provenance(paths, "dimensionality_reduction", [paths.best] + [paths.embeddings[s] for s in SUBSETS],
+                           ["umap_embeddings.png", "umap_coordinates.csv", "close_faraway_closeotherclass_class_*.png"])
     print(f"-> {paths.out / 'umap_embeddings.png'}, {paths.out}/close_faraway_closeotherclass_class_*.png")
 
 

@@ -151,6 +151,8 @@ def run(cfg) -> None:
     for method in METHODS:
         plot_curves(results, [method], chance, f"{method} on the embeddings: {where}", paths.out / f"accuracy_{method}.png")
     plot_curves(results, METHODS, chance, f"All classifiers: {where}", paths.out / "accuracy_all.png")
+    common.save_provenance(paths, "transfer_learning", [paths.best, paths.embeddings["unseen"]],
+                           ["transfer_learning.csv", "accuracy_*.png"])
     print(f"-> {paths.out / 'transfer_learning.csv'}, {paths.out}/accuracy_*.png")
 
 
