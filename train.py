@@ -138,11 +138,12 @@ def run(cfg) -> None:
     optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=cfg.LR)
 
     # ---- data: the trunk's output from the cache, unless augmentation makes it random ------------
-    use_cache = bool(cfg.CACHE_TRUNK) and not cfg.AUGMENT
     if cfg.CACHE_TRUNK and cfg.AUGMENT:
-        print("AUGMENT=True makes the trunk's input random: training runs the trunk on every batch (no cache)")
+        print("AUGMENT=True makes the trunk's input random: training runs the trunk on every batch "
+              "(the cache still serves validation)")
     sources = {s: dataloader.feature_source(split, s, model.trunk, trunk_sha256, cfg, paths.cache, device,
-                                            use_cache, augment=cfg.AUGMENT and s == "train")
+                                            use_cache=bool(cfg.CACHE_TRUNK) and not (cfg.AUGMENT and s == "train"),
+                                            augment=bool(cfg.AUGMENT) and s == "train")
                for s in ("train", "val")}
     n_train = len(sources["train"])
     if len(sources["val"]) < 20:
