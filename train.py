@@ -112,6 +112,8 @@ def run(cfg) -> None:
     split = dataloader.prepare_split(cfg, paths, create=True)
 
     last = None
+    if not cfg.RESUME:  # starting over: an old finished last.pth must not vouch for the new best.pth
+        paths.last.unlink(missing_ok=True)
     if paths.last.is_file() and cfg.RESUME:
         last = common.load_checkpoint(paths.last)
         if last.get("finished"):
