@@ -1,0 +1,414 @@
+"""Speed and memory benchmark of the pipeline: one table of figures, ratios and targets.
+
+    .venv/bin/python bench.py                 # everything (about 2 minutes on 2 idle CPU cores)
+    .venv/bin/python bench.py --quick         # about 50 s: skips the 200,000-point memory run and run_all
+    .venv/bin/python bench.py --DEVICE=cpu    # any --KEY=VALUE setting override, as for the other scripts
+
+Reads:  the image folder (DATA_DIR, or the built-in digits) and the settings (configfile.py or --config=FILE).
+Writes: bench_outputs/micro/... and bench_outputs/e2e/... (its own split, checkpoints, trunk cache and
+        outputs, deleted and rebuilt on every run, so a user's run is never touched),
+        bench_outputs/numba/ (numba's compiled UMAP code, kept between benchmark runs),
+        and the figures as JSON to <OUTPUT_DIR>/bench.json (outputs/bench.json by default).
+
+Figures:
+  limit       trunk forward throughput on tensors already on the device (images/s)
+  epoch       one head-training epoch over the train split, trunk features cached vs from images
+  embed       dataloader.compute_trunk_features over every image (decode + trunk) vs the limit
+  distances   fast class-pair distances vs scipy cdist per pair, 20,000 x 128 synthetic points
+  memory      peak RSS of the fast distances on 200,000 x 128 points, in a child process
+  end to end  run_all.run on fresh folders, stage times, and the UMAP fit time on its embeddings
+A missed target is reported as MISS; the exit status is 0 either way.
+"""
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+import compute_average_distances as cad
+
+# backbone and dataloader (torchvision, Pillow) are imported inside the functions that use them, so the
+# peak-memory child process carries only what compute_average_distances.py itself needs.
+
+BENCH_DIR = common.REPO_DIR / "bench_outputs"
+CHILD_FLAG = "--_peak-memory-child"  # hidden: the process whose peak memory is measured
+DIST_POINTS, MEMORY_POINTS, DIMS, CLASSES = 20_000, 200_000, 128, 10
+LIMIT_SECONDS = 5.0  # time the trunk for at least this long, so one slow batch cannot skew the rate
+
+
+# ---- settings and folders ------------------------------------------------------------------------
+
+def split_flags(argv: list[str]) -> tuple[set[str], list[str]]:
+    """bench.py's own flags, and the --KEY=VALUE / --config= arguments that go to load_config."""
+    own = {a for a in argv if a in ("--quick", CHILD_FLAG)}
+    return own, [a for a in argv if a not in own]
+
+
+def bench_config(cfg: types.SimpleNamespace, name: str) -> types.SimpleNamespace:
+    """A copy of the settings whose outputs, checkpoints and caches live in bench_outputs/<name>,
+    emptied first: a benchmark must start from nothing and must never write into a user's folders."""
+    folder = BENCH_DIR / name
+    shutil.rmtree(folder, ignore_errors=True)
+    copy = types.SimpleNamespace(**vars(cfg))
+    copy.OUTPUT_DIR, copy.CHECKPOINT_DIR, copy.CACHE_DIR = (str(folder / sub) for sub in ("outputs", "checkpoints", "cache"))
+    return copy
+
+
+def sync(device: torch.device) -> None:
+    """CUDA runs asynchronously: wait for it before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    """(fn(), seconds)."""
+    sync(device)
+    started = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - started
+
+
+# ---- the limit: the trunk alone ------------------------------------------------------------------
+
+def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """The model as train.py builds it (same weights setting, channels-last trunk), seeded."""
+    import backbone
+    common.set_seed(cfg.SEED)
+    model = backbone.build_model(backbone.architecture_args(num_classes, cfg))
+    backbone.load_trunk_weights(model, cfg.WEIGHTS)
+    model.to(device)
+    if cfg.CHANNELS_LAST:
+        model.trunk.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.inference_mode()
+def measure_limit(trunk: torch.nn.Module, cfg, device: torch.device) -> float:
+    """Images/s of dataloader.run_trunk on one batch already on the device (no decoding, no copying)."""
+    import dataloader
+    images = torch.randn(cfg.BATCH_SIZE, 3, cfg.IMAGE_SIZE, cfg.IMAGE_SIZE, device=device)
+    for _ in range(3):  # warm-up: allocator, cuDNN/oneDNN algorithm choice
+        dataloader.run_trunk(trunk, images, device, cfg)
+    batches, elapsed = 0, 0.0
+    while elapsed < LIMIT_SECONDS or batches < 5:
+        _, seconds = timed(lambda: dataloader.run_trunk(trunk, images, device, cfg), device)
+        batches, elapsed = batches + 1, elapsed + seconds
+    return batches * cfg.BATCH_SIZE / elapsed
+
+
+def measure_layouts(trunk: torch.nn.Module, cfg, device: torch.device) -> dict:
+    """The limit with the trunk in each memory layout (CHANNELS_LAST is on where this says it pays)."""
+    rates = {}
+    for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        trunk.to(memory_format=memory_format)
+        layout_cfg = types.SimpleNamespace(**{**vars(cfg), "CHANNELS_LAST": layout == "channels_last"})
+        rates[layout] = measure_limit(trunk, layout_cfg, device)
+    trunk.to(memory_format=torch.channels_last if cfg.CHANNELS_LAST else torch.contiguous_format)
+    return rates
+
+
+# ---- one training epoch, cached vs uncached ------------------------------------------------------
+
+def train_epoch(model, state: dict, source, batches: list, device: torch.device, cfg) -> float:
+    """Seconds for one epoch of train.py's loop, from the same starting weights and a fresh Adam."""
+    import dataloader
+    model.load_state_dict(state)
+    model.train()
+    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=cfg.LR)
+
+    def epoch() -> None:
+        for features, labels in dataloader.feature_batches(source, batches, model.trunk, device, cfg, seed=cfg.SEED):
+            logits, _ = model.forward_head(features)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss.item()  # train.py reads the loss every batch, which also waits for CUDA
+    return timed(epoch, device)[1]
+
+
+def measure_epoch(model, split, paths, device: torch.device, cfg) -> dict:
+    """One epoch over the train split, trunk features from the disk cache vs from the images."""
+    import dataloader
+    import train  # for epoch_batches: the same shuffled batches train.py uses
+    trunk_sha256 = common.tensors_sha256(model.trunk.state_dict())
+    cached = dataloader.feature_source(split, "train", model.trunk, trunk_sha256, cfg, paths.cache, device,
+                                       use_cache=True)  # fills the cache here, outside the timing
+    uncached = dataloader.feature_source(split, "train", model.trunk, trunk_sha256, cfg, paths.cache, device,
+                                         use_cache=False)
+    batches = train.epoch_batches(len(cached), cfg.BATCH_SIZE, cfg.SEED, 0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    train_epoch(model, state, cached, batches[:3], device, cfg)  # warm-up of the head's kernels
+    seconds_cached = train_epoch(model, state, cached, batches, device, cfg)
+    seconds_uncached = train_epoch(model, state, uncached, batches, device, cfg)
+    model.load_state_dict(state)
+    return dict(images=len(cached), cached_s=seconds_cached, uncached_s=seconds_uncached,
+                ratio=seconds_uncached / seconds_cached)
+
+
+# ---- embed.py's throughput from image files ------------------------------------------------------
+
+def measure_embed(trunk, split, limit: float, device: torch.device, cfg) -> dict:
+    """dataloader.compute_trunk_features over every image (decode, resize, trunk), as the cache fill
+    of embed.py does it, with NUM_WORKERS loader workers."""
+    import dataloader
+    relpaths = list(split.table.relpath)
+    _, seconds = timed(lambda: dataloader.compute_trunk_features(trunk, split.root, relpaths, cfg, device), device)
+    rate = len(relpaths) / seconds
+    return dict(images=len(relpaths), seconds=seconds, images_per_s=rate, ratio_to_limit=rate / limit,
+                workers=common.num_workers(cfg.NUM_WORKERS))
+
+
+# ---- class-pair distances ------------------------------------------------------------------------
+
+def synthetic_embeddings(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n x DIMS points in CLASSES Gaussian clusters (equal sizes, shuffled), away from the origin so
+    that the Euclidean formula's cancellation is exercised."""
+    rng = np.random.default_rng(seed)
+    centres = 5.0 + 2.0 * rng.standard_normal((CLASSES, DIMS))
+    labels = rng.permutation(np.arange(n) % CLASSES)
+    return centres[labels] + rng.standard_normal((n, DIMS)), labels
+
+
+def fast_distances(x: np.ndarray, labels: np.ndarray, device: torch.device) -> dict:
+    """The pipeline's own functions: {metric: (matrix, seconds)}."""
+    euclidean = timed(lambda: cad.average_euclidean_distances(x, labels, CLASSES, device), device)
+    cosine = timed(lambda: cad.average_cosine_distances(x, labels, CLASSES), device)
+    return dict(euclidean=euclidean, cosine=cosine)
+
+
+def max_relative_difference(fast: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.nanmax(np.abs(fast - reference) / np.abs(reference)))
+
+
+def measure_distances(device: torch.device) -> dict:
+    """Fast vs scipy cdist per class pair on DIST_POINTS points, per metric and combined."""
+    x, labels = synthetic_embeddings(DIST_POINTS)
+    fast_distances(x[:2000], labels[:2000], device)  # warm-up: torch's first matmul, thread pool
+    fast = fast_distances(x, labels, device)
+    result = {}
+    for metric in ("euclidean", "cosine"):
+        reference, seconds = timed(lambda: cad.brute_force_average_distances(x, labels, CLASSES, metric), device)
+        matrix, fast_seconds = fast[metric]
+        result[metric] = dict(fast_s=fast_seconds, brute_s=seconds, ratio=seconds / fast_seconds,
+                              max_rel_diff=max_relative_difference(matrix, reference))
+    fast_total = sum(result[m]["fast_s"] for m in ("euclidean", "cosine"))
+    brute_total = sum(result[m]["brute_s"] for m in ("euclidean", "cosine"))
+    result["combined"] = dict(fast_s=fast_total, brute_s=brute_total, ratio=brute_total / fast_total,
+                              max_rel_diff=max(result[m]["max_rel_diff"] for m in ("euclidean", "cosine")))
+    return dict(points=DIST_POINTS, dims=DIMS, classes=CLASSES, **result)
+
+
+# ---- peak memory on 200,000 points, in a child process -------------------------------------------
+
+def rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MiB, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_child(cfg) -> None:
+    """Runs in the child: build the data, note the RSS, run both fast metrics, print the peak as JSON.
+    The peak (VmHWM) covers the whole process: torch, the data and the computation."""
+    device = common.pick_device(cfg.DEVICE)
+    x, labels = synthetic_embeddings(MEMORY_POINTS)
+    baseline = rss_mib("VmRSS")
+    times = {m: seconds for m, (_, seconds) in fast_distances(x, labels, device).items()}
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    print(json.dumps(dict(baseline_mib=baseline, peak_mib=rss_mib("VmHWM"), seconds=times, gpu_peak_mib=gpu)))
+
+
+def measure_peak_memory(cfg_args: list[str]) -> dict:
+    """Peak RSS of a fresh process doing only the fast distances on MEMORY_POINTS points."""
+    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, *cfg_args],
+                           capture_output=True, text=True, cwd=common.REPO_DIR)
+    if child.returncode != 0:
+        raise RuntimeError(f"peak-memory child failed:\n{child.stderr[-2000:]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    return dict(points=MEMORY_POINTS, dims=DIMS, classes=CLASSES, **result)
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+def measure_umap(cfg) -> dict:
+    """fit_umap on the same points dimensionality_reduction.py fits (the run's embeddings, sampled
+    the same way), after a small warm-up fit so numba's compilation is not counted."""
+    import dimensionality_reduction as dr
+    paths = common.output_paths(cfg)
+    frames = [common.read_embeddings(paths.embeddings[s]) for s in dr.SUBSETS]
+    rng = np.random.default_rng(cfg.SEED)
+    columns = common.embedding_columns(frames[0])
+    points = np.concatenate([f[columns].to_numpy()[dr.sample_rows(len(f), cfg.UMAP_SAMPLES, rng)] for f in frames])
+    dr.fit_umap(points[:300], cfg, paths.cache)
+    _, seconds = timed(lambda: dr.fit_umap(points, cfg, paths.cache), torch.device("cpu"))
+    return dict(points=len(points), seconds=seconds)
+
+
+def measure_end_to_end(cfg) -> dict:
+    """run_all.run on fresh folders (training from scratch), then the UMAP fit time on its output."""
+    import run_all
+    e2e = bench_config(cfg, "e2e")
+    stage_times = run_all.run(e2e)
+    return dict(stage_s=stage_times, total_s=stage_times["total"], umap=measure_umap(e2e))
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def cpu_clock() -> tuple[float, float, float]:
+    """(wall s, CPU s busy on the whole machine, CPU s used by this process and its finished children)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    machine = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return time.perf_counter(), machine, own
+
+
+def other_load(start: tuple[float, float, float]) -> float:
+    """Cores kept busy by other processes since `start`, on average: another process on these cores
+    slows torch's thread pool far more than its own share, so the figures are only as good as this is low."""
+    wall, machine, own = (b - a for a, b in zip(start, cpu_clock()))
+    return max(0.0, (machine - own) / wall)
+
+
+def environment(device: torch.device, cfg, quick: bool, other_cores: float) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        model_lines = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")] \
+            if Path("/proc/cpuinfo").is_file() else []
+        name = model_lines[0].split(":", 1)[1].strip() if model_lines else platform.processor() or "cpu"
+    return dict(device=str(device), device_name=name, torch=torch.__version__, cpu_cores=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                python=platform.python_version(), code_version=common.code_version(), quick=quick,
+                other_processes_busy_cores=other_cores, settings=common.config_dict(cfg))
+
+
+def table_rows(f: dict) -> list[tuple]:
+    """(figure, value, target, PASS/MISS or '') for every measured figure."""
+    rows = [("images (seen + unseen)", f"{f['images']}", "", ""),
+            ("trunk forward, contiguous layout", f"{f['trunk_layouts_images_per_s']['contiguous']:.1f} img/s", "", ""),
+            ("trunk forward, channels-last layout", f"{f['trunk_layouts_images_per_s']['channels_last']:.1f} img/s", "", ""),
+            ("trunk forward limit (as configured)", f"{f['limit_images_per_s']:.1f} img/s", "", ""),
+            ("epoch, cached trunk features", f"{f['epoch']['cached_s']:.3f} s", "", ""),
+            ("epoch, trunk on images", f"{f['epoch']['uncached_s']:.3f} s", "", ""),
+            ("epoch ratio uncached/cached", f"{f['epoch']['ratio']:.1f}x", ">= 10x", verdict(f['epoch']['ratio'] >= 10)),
+            ("embed from image files", f"{f['embed']['images_per_s']:.1f} img/s", "", ""),
+            ("embed / limit", f"{f['embed']['ratio_to_limit']:.2f}", ">= 0.8", verdict(f['embed']['ratio_to_limit'] >= 0.8))]
+    d = f["distances"]
+    for metric in ("euclidean", "cosine", "combined"):
+        rows += [(f"distances {metric}: fast / cdist", f"{d[metric]['fast_s']:.3f} s / {d[metric]['brute_s']:.1f} s", "", ""),
+                 (f"distances {metric}: speed ratio", f"{d[metric]['ratio']:.0f}x",
+                  ">= 50x" if metric == "combined" else "", verdict(d[metric]['ratio'] >= 50) if metric == "combined" else "")]
+    rows.append(("distances max relative difference", f"{d['combined']['max_rel_diff']:.1e}", "<= 1e-6",
+                 verdict(d['combined']['max_rel_diff'] <= 1e-6)))
+    return rows + memory_rows(f.get("memory")) + end_to_end_rows(f)
+
+
+def memory_rows(m: dict | None) -> list[tuple]:
+    if m is None:
+        return [("peak memory, 200,000 x 128", "skipped (--quick)", "< 2 GB", "")]
+    rows = [("baseline RSS (torch + data)", f"{m['baseline_mib']:.0f} MiB", "", ""),
+            ("peak memory, 200,000 x 128", f"{m['peak_mib']:.0f} MiB", "< 2 GB", verdict(m['peak_mib'] < 2048)),
+            ("  peak above baseline", f"{m['peak_mib'] - m['baseline_mib']:.0f} MiB", "", ""),
+            ("  its time euclidean + cosine", f"{m['seconds']['euclidean']:.1f} s + {m['seconds']['cosine']:.2f} s", "", "")]
+    if m.get("gpu_peak_mib") is not None:
+        rows.append(("  GPU memory peak", f"{m['gpu_peak_mib']:.0f} MiB", "", ""))
+    return rows
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def end_to_end_rows(f: dict) -> list[tuple]:
+    e = f.get("end_to_end")
+    if e is None:
+        return [("run_all end to end", "skipped (--quick)", "", "")]
+    rows = [(f"  stage {name}", f"{seconds:.1f} s", "", "") for name, seconds in e["stage_s"].items() if name != "total"]
+    bound = e["bound_s"]
+    return rows + [("UMAP fit", f"{e['umap']['seconds']:.1f} s ({e['umap']['points']} points)", "", ""),
+                   ("images/limit + UMAP fit", f"{bound / 2:.1f} s", "", ""),
+                   ("run_all end to end", f"{e['total_s']:.1f} s", f"<= {bound:.1f} s",
+                    verdict(e["total_s"] <= bound)),
+                   ("end to end / (images/limit + UMAP fit)", f"{e['total_s'] / (bound / 2):.1f}x", "<= 2x", "")]
+
+
+def print_table(rows: list[tuple], env: dict) -> None:
+    print(f"\n==== bench.py  {env['date']}  {env['device']} ({env['device_name']})  torch {env['torch']}  "
+          f"{env['cpu_cores']} cores ====")
+    if env["other_processes_busy_cores"] > 0.1:
+        print(f"note: other processes kept {env['other_processes_busy_cores']:.2f} cores busy on average during the "
+              f"benchmark; its figures are distorted — re-run on an idle machine")
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    header = ("figure", "measured", "target", "result")
+    widths = [max(w, len(h)) for w, h in zip(widths, header)]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def run(cfg, quick: bool, cfg_args: list[str]) -> dict:
+    """Measure everything; the figures as one dict."""
+    import dataloader
+    device = common.pick_device(cfg.DEVICE)
+    micro = bench_config(cfg, "micro")
+    paths = common.make_output_dirs(micro)
+    split = dataloader.prepare_split(micro, paths, create=True)
+    model = build_model(micro, len(split.seen_classes), device)
+    layouts = measure_layouts(model.trunk, micro, device)
+    figures = dict(images=len(split.table), trunk_layouts_images_per_s=layouts,
+                   limit_images_per_s=layouts["channels_last" if micro.CHANNELS_LAST else "contiguous"])
+    figures["epoch"] = measure_epoch(model, split, paths, device, micro)
+    figures["embed"] = measure_embed(model.trunk, split, figures["limit_images_per_s"], device, micro)
+    figures["distances"] = measure_distances(device)
+    if not quick:
+        figures["memory"] = measure_peak_memory(cfg_args)
+        e2e = measure_end_to_end(cfg)
+        e2e["bound_s"] = 2.0 * (figures["images"] / figures["limit_images_per_s"] + e2e["umap"]["seconds"])
+        figures["end_to_end"] = e2e
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags, cfg_args = split_flags(sys.argv[1:] if argv is None else argv)
+    clock_start = cpu_clock()
+    try:
+        cfg = common.load_config(cfg_args)
+        # before umap is first imported: keep numba's compiled code between benchmark runs, apart from the user's
+        os.environ.setdefault("NUMBA_CACHE_DIR", str(BENCH_DIR / "numba"))
+        if CHILD_FLAG in flags:
+            return peak_memory_child(cfg)
+        started = time.perf_counter()
+        figures = run(cfg, "--quick" in flags, cfg_args)
+        figures["bench_wall_s"] = time.perf_counter() - started
+    except common.PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    env = environment(common.pick_device(cfg.DEVICE), cfg, "--quick" in flags, other_load(clock_start))
+    rows = table_rows(figures)
+    print_table(rows, env)
+    out = common.output_paths(cfg).out
+    out.mkdir(parents=True, exist_ok=True)  # only this folder: make_output_dirs would also sweep the user's temp files
+    common.save_json(dict(environment=env, figures=figures,
+                          table=[dict(zip(("figure", "measured", "target", "result"), r)) for r in rows]),
+                     out / "bench.json")
+    print(f"-> {out / 'bench.json'}  (benchmark wall time {figures['bench_wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
