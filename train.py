@@ -88,17 +88,18 @@ def plot_history(history: pd.DataFrame, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    best_epoch = history.epoch[history.val_loss.idxmin()]
     for ax, metric, title in ((axes[0], "loss", "Cross-entropy loss"), (axes[1], "acc", "Accuracy")):
         ax.plot(history.epoch, history[f"train_{metric}"], "o-", ms=3, label="train")
         ax.plot(history.epoch, history[f"val_{metric}"], "o-", ms=3, label="validation")
+        ax.axvline(best_epoch, color="grey", ls=":", lw=1, label="best model (lowest validation loss)")
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
     axes[1].set_ylim(min(0.0, float(np.nanmin(history[["train_acc", "val_acc"]].values))), 1.02)
-    fig.suptitle(f"Training: best validation loss {history.val_loss.min():.4f} at epoch "
-                 f"{history.epoch[history.val_loss.idxmin()]:.2f}")
+    fig.suptitle(f"Training: best validation loss {history.val_loss.min():.4f} at epoch {best_epoch:.2f}")
     common.save_figure(fig, path)
 
 
