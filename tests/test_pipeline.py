@@ -300,3 +300,10 @@ def test_a_stage_run_before_its_input_exists_says_what_to_run(tiny_cfg, stage):
     import importlib
     with pytest.raises(common.PipelineError, match="run train.py first"):
         importlib.import_module(stage).run(tiny_cfg)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_rejected_by_path(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 24 * 24 - 1)  # our 24 x 24 images count as "too large"
+    relpaths = ["a/img_000.png"]
+    bad = dataloader.scan_images(tiny_folder, relpaths, tmp_path / "scan.csv")
+    assert list(bad) == relpaths and "decompression-bomb" in bad["a/img_000.png"]
