@@ -154,11 +154,25 @@ def save_json(obj, path: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def save_figure(fig, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def class_ticks(ax, class_names: list[str]) -> None:
+    """Class names on both axes of a class x class matrix; long names slanted so they never overlap."""
+    slant = max(map(len, class_names)) > 3
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45 if slant else 0, ha="right" if slant else "center")
+    ax.set_yticks(range(len(class_names)), class_names)
+
+
+def save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def save_pickle(frame, path: Path) -> None:

@@ -108,9 +108,7 @@ def brute_force_average_distances(x: np.ndarray, labels: np.ndarray, k: int, met
 
 
 def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     k = len(class_names)
     side = max(4.5, 0.75 * k + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
@@ -123,9 +121,7 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path) ->
             value = matrix[i, j]
             ax.text(j, i, "n/a" if not np.isfinite(value) else f"{value:.{digits}f}", ha="center", va="center",
                     fontsize=9 if k <= 10 else 6, color="black" if value > middle else "white")
-    rotate = max(map(len, class_names)) > 3
-    ax.set_xticks(range(k), class_names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
-    ax.set_yticks(range(k), class_names)
+    common.class_ticks(ax, class_names)
     ax.set_xlabel("class")
     ax.set_ylabel("class")
     ax.set_title(title)

@@ -441,3 +441,15 @@ def head_outputs(model, source: FeatureSource, device: torch.device, cfg) -> tup
         logits.append(out.float().cpu().numpy())
         embeddings.append(emb.float().cpu().numpy())
     return np.concatenate(logits), np.concatenate(embeddings)
+
+
+def open_trained_model(cfg, paths, device: torch.device):
+    """(checkpoint, split, model) for the scripts after train.py, with every consistency check:
+    the checkpoint exists and loads safely, the split still matches the images, and both belong
+    to the current settings."""
+    from backbone import model_from_checkpoint
+    from common import check_checkpoint_matches, load_checkpoint
+    checkpoint = load_checkpoint(paths.best)
+    split = prepare_split(cfg, paths, create=False)
+    check_checkpoint_matches(checkpoint, cfg, split.sha256, paths.best)
+    return checkpoint, split, model_from_checkpoint(checkpoint, device, cfg.CHANNELS_LAST)

@@ -74,9 +74,7 @@ def class_colours(seen: list[str], unseen: list[str]) -> dict[str, tuple]:
 
 
 def plot_umap(coords: pd.DataFrame, colours: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 6.2))
     titles = dict(train="Training data (seen classes)", test="Test data (seen classes)", unseen="Unseen classes")
     for ax, subset in zip(axes, SUBSETS):
@@ -107,9 +105,7 @@ def close_and_far(points: np.ndarray, labels: np.ndarray, class_index: int, coun
 
 
 def plot_close_far(frame: pd.DataFrame, rows: list, root, class_name: str, space: str, path, count: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     row_titles = [f"closest to the centre of {class_name}", f"furthest from the centre of {class_name}",
                   f"closest from other classes"]
     fig, axes = plt.subplots(3, count, figsize=(2.1 * count + 1.6, 7.4), squeeze=False)

@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pandas as pd
 
-import backbone
 import common
 import dataloader
 
@@ -31,10 +30,7 @@ def embeddings_frame(embeddings: np.ndarray, labels: np.ndarray, class_names: li
 def run(cfg) -> None:
     paths = common.make_output_dirs(cfg)
     device = common.pick_device(cfg.DEVICE)
-    checkpoint = common.load_checkpoint(paths.best)
-    split = dataloader.prepare_split(cfg, paths, create=False)
-    common.check_checkpoint_matches(checkpoint, cfg, split.sha256, paths.best)
-    model = backbone.model_from_checkpoint(checkpoint, device, cfg.CHANNELS_LAST)
+    checkpoint, split, model = dataloader.open_trained_model(cfg, paths, device)
     checkpoint_sha256 = common.sha256_file(paths.best)
 
     for subset in ("train", "test", "unseen"):

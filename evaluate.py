@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-import backbone
 import common
 import dataloader
 
@@ -36,9 +35,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, k: int) -> np.
 
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], accuracy: float, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     k = len(class_names)
     side = max(4.5, 0.6 * k + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1, side))
@@ -48,9 +45,7 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], accuracy: float, 
         for j in range(k):
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=9 if k <= 12 else 6,
                     color="white" if row_share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), class_names, rotation=45 if max(map(len, class_names)) > 3 else 0, ha="right"
-                  if max(map(len, class_names)) > 3 else "center")
-    ax.set_yticks(range(k), class_names)
+    common.class_ticks(ax, class_names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"Test confusion matrix (counts; colour = share of the true class)\n"
@@ -62,10 +57,7 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], accuracy: float, 
 def run(cfg) -> None:
     paths = common.make_output_dirs(cfg)
     device = common.pick_device(cfg.DEVICE)
-    checkpoint = common.load_checkpoint(paths.best)
-    split = dataloader.prepare_split(cfg, paths, create=False)
-    common.check_checkpoint_matches(checkpoint, cfg, split.sha256, paths.best)
-    model = backbone.model_from_checkpoint(checkpoint, device, cfg.CHANNELS_LAST)
+    checkpoint, split, model = dataloader.open_trained_model(cfg, paths, device)
     print(f"evaluate.py  {paths.best} (epoch {checkpoint['epoch']:.2f}, trunk: {checkpoint['weights_source']})")
 
     source = dataloader.feature_source(split, "test", model.trunk, checkpoint["trunk_sha256"], cfg, paths.cache,

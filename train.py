@@ -85,9 +85,7 @@ def check_resumable(last: dict, cfg, split) -> None:
 
 
 def plot_history(history: pd.DataFrame, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     best_epoch = history.epoch[history.val_loss.idxmin()]
     for ax, metric, title in ((axes[0], "loss", "Cross-entropy loss"), (axes[1], "acc", "Accuracy")):

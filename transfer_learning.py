@@ -101,9 +101,7 @@ def transfer_curves(x: np.ndarray, labels: np.ndarray, cfg, n_jobs: int = -1) ->
 
 
 def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for method in methods:
         stats = results[results.method == method].groupby("n_train").balanced_accuracy.agg(["mean", "min", "max"])
