@@ -75,7 +75,7 @@ def class_colours(seen: list[str], unseen: list[str]) -> dict[str, tuple]:
 
 def plot_umap(coords: pd.DataFrame, colours: dict, path) -> None:
     plt = common.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(18, 6.2))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), sharex=True, sharey=True)  # one fit: one plane
     titles = dict(train="Training data (seen classes)", test="Test data (seen classes)", unseen="Unseen classes")
     for ax, subset in zip(axes, SUBSETS):
         part = coords[coords.subset == subset]
