@@ -33,11 +33,31 @@ def trunk_output_size(image_size: int) -> int:
     return side
 
 
+def build_trunk() -> nn.Sequential:
+    """torchvision's efficientnet_v2_s up to its fourth feature block, randomly initialised as
+    torchvision initialises it. The whole network is laid out on the "meta" device (no memory, no
+    initialisation) and only the kept blocks are materialised: building and initialising all 21M
+    parameters took 0.36 s, three times per pipeline run, for blocks that are thrown away."""
+    with torch.device("meta"):
+        trunk = efficientnet_v2_s(weights=None).features[:TRUNK_BLOCKS]
+    trunk.to_empty(device="cpu")
+    for module in trunk.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            module.reset_running_stats()
+    return trunk
+
+
 class PlanktonNet(nn.Module):
     def __init__(self, num_classes: int, image_size: int = 128, embedding_dim: int = 128,
                  dropout: float = 0.2):
         super().__init__()
-        self.trunk = efficientnet_v2_s(weights=None).features[:TRUNK_BLOCKS]
+        self.trunk = build_trunk()
         for p in self.trunk.parameters():
             p.requires_grad_(False)
         self.head = nn.Sequential(

@@ -36,6 +36,18 @@ def test_other_image_sizes_give_logits_and_128d_embeddings(size):
     assert backbone.trunk_output_size(size) == model.trunk(torch.zeros(1, 3, size, size)).shape[-1]
 
 
+def test_trunk_has_torchvisions_layout_and_initialisation():
+    from torchvision.models import efficientnet_v2_s
+    reference = efficientnet_v2_s(weights=None).features[:4].state_dict()
+    trunk = backbone.build_trunk().state_dict()
+    assert {k: v.shape for k, v in trunk.items()} == {k: v.shape for k, v in reference.items()}
+    for key in trunk:
+        if key.endswith(("running_var", "running_mean", "num_batches_tracked")) or trunk[key].dim() == 1:
+            assert torch.equal(trunk[key], reference[key]), key  # BatchNorm: ones, zeros, fresh statistics
+        else:  # convolutions: kaiming normal (fan out), so the same spread, other draws
+            assert abs(trunk[key].std().item() / reference[key].std().item() - 1) < 0.25, key
+
+
 def test_frozen_trunk_is_unchanged_by_a_training_step():
     torch.manual_seed(0)
     model = backbone.PlanktonNet(num_classes=3, image_size=32)
