@@ -86,8 +86,12 @@ def pick_device(setting: str) -> torch.device:
 
 
 def num_workers(setting) -> int:
+    """DataLoader workers. "auto": none on 2 cores or fewer, where the trunk's threads already keep
+    every core busy and a worker process only competes with them (bench.py on the built-in data:
+    embed at 0.95x the trunk limit with 0 workers, 0.82x with 1); else one per core but one, up to 8."""
     if setting == "auto":
-        return max(0, min(8, (os.cpu_count() or 1) - 1))
+        cores = os.cpu_count() or 1
+        return 0 if cores <= 2 else min(8, cores - 1)
     return int(setting)
 
 

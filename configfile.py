@@ -39,7 +39,7 @@ SEED = 0  # seeds random, numpy and torch; fixes the split, batches, dropout and
 
 # ---- speed ----------------------------------------------------------------------------------
 DEVICE = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:1"
-NUM_WORKERS = "auto"  # DataLoader worker processes; "auto" = min(8, CPU cores - 1), 0 = load in the main process
+NUM_WORKERS = "auto"  # DataLoader worker processes; "auto" = 0 on <= 2 cores, else min(8, CPU cores - 1); 0 = load in the main process
 CACHE_TRUNK = True  # compute the frozen trunk's output once per image and reuse it (disk cache)
 CACHE_DTYPE = "float16"  # "float16" (half the disk) or "float32" (bit-for-bit as uncached)
 MIXED_PRECISION = True  # bfloat16 autocast for the trunk on CUDA only; never used on CPU (slower there)
