@@ -118,6 +118,11 @@ def output_paths(cfg) -> types.SimpleNamespace:
     )
 
 
+def use_numba_cache(paths) -> None:
+    """Keep numba's compiled code in cache/numba; must run before numba is first imported."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str((paths.cache / "numba").resolve()))
+
+
 def make_output_dirs(cfg) -> types.SimpleNamespace:
     """Create the output tree and remove temporary files that a killed run left behind."""
     paths = output_paths(cfg)

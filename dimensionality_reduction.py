@@ -51,7 +51,7 @@ def cache_umap_compilation() -> int:
 
 def fit_umap(points: np.ndarray, cfg, cache_dir) -> np.ndarray:
     """Standardise, then one UMAP fit to 2-d; numba's compiled code is cached on disk."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str((cache_dir / "numba").resolve()))
+    os.environ.setdefault("NUMBA_CACHE_DIR", str((cache_dir / "numba").resolve()))  # before numba is imported
     import umap  # imported here: it compiles with numba on first use
     from sklearn.preprocessing import StandardScaler
     cache_umap_compilation()
