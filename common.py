@@ -39,7 +39,10 @@ def load_config(argv: list[str] | None = None) -> types.SimpleNamespace:
     if not config_path.is_file():
         raise PipelineError(f"no settings file at {config_path}")
     namespace: dict = {}
-    exec(compile(config_path.read_text(), str(config_path), "exec"), namespace)
+    try:
+        exec(compile(config_path.read_text(), str(config_path), "exec"), namespace)
+    except Exception as err:  # a typo in the settings file
+        raise PipelineError(f"cannot read settings file {config_path}: {type(err).__name__}: {err}")
     cfg = {k: v for k, v in namespace.items() if k.isupper()}
     for key, text in overrides:
         if key not in cfg:
@@ -230,7 +233,10 @@ def read_embeddings(path: Path, checkpoint_sha256: str | None = None):
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"no embeddings at {path} — run embed.py first")
-    frame = pd.read_pickle(path)
+    try:
+        frame = pd.read_pickle(path)
+    except Exception as err:  # truncated or not a pickle
+        raise PipelineError(f"cannot read {path} ({type(err).__name__}); re-run embed.py")
     if not isinstance(frame, pd.DataFrame) or list(frame.columns[:3]) != ["label", "class_name", "path"]:
         raise PipelineError(f"{path} is not an embeddings table from embed.py; re-run embed.py")
     made_by = frame.attrs.get("checkpoint_sha256")

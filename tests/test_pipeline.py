@@ -319,3 +319,16 @@ def test_an_image_over_the_decompression_bomb_limit_is_rejected_by_path(tmp_path
     relpaths = ["a/img_000.png"]
     bad = dataloader.scan_images(tiny_folder, relpaths, tmp_path / "scan.csv")
     assert list(bad) == relpaths and "decompression-bomb" in bad["a/img_000.png"]
+
+
+def test_a_damaged_embeddings_file_or_settings_file_is_one_clear_error(tmp_path, tiny_cfg):
+    import transfer_learning
+    run_all.run(tiny_cfg)
+    unseen = common.output_paths(tiny_cfg).embeddings["unseen"]
+    unseen.write_bytes(unseen.read_bytes()[:100])
+    with pytest.raises(common.PipelineError, match="re-run embed.py"):
+        transfer_learning.run(tiny_cfg)
+    settings = tmp_path / "settings.py"
+    settings.write_text("SEED = 0\nLR = 0.001 +\n")
+    with pytest.raises(common.PipelineError, match="cannot read settings file"):
+        common.load_config([f"--config={settings}"])
