@@ -107,7 +107,7 @@ def close_and_far(points: np.ndarray, labels: np.ndarray, class_index: int, coun
 def plot_close_far(frame: pd.DataFrame, rows: list, root, class_name: str, space: str, path, count: int) -> None:
     plt = common.pyplot()
     row_titles = [f"closest to the centre of {class_name}", f"furthest from the centre of {class_name}",
-                  f"closest from other classes"]
+                  "closest from other classes"]
     fig, axes = plt.subplots(3, count, figsize=(2.1 * count + 1.6, 7.4), squeeze=False)
     for r, (indices, distances) in enumerate(rows):
         for c in range(count):

@@ -8,7 +8,6 @@ Writes: outputs/test_metrics.csv (per class and overall), outputs/test_metrics.j
 """
 import numpy as np
 import pandas as pd
-import torch
 
 import common
 import dataloader
