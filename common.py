@@ -121,9 +121,9 @@ def output_paths(cfg) -> types.SimpleNamespace:
     )
 
 
-def use_numba_cache(paths) -> None:
-    """Keep numba's compiled code in cache/numba; must run before numba is first imported."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str((paths.cache / "numba").resolve()))
+def use_numba_cache(cache_dir: Path) -> None:
+    """Keep numba's compiled code in <cache_dir>/numba; must run before numba is first imported."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str((Path(cache_dir) / "numba").resolve()))
 
 
 def make_output_dirs(cfg) -> types.SimpleNamespace:

@@ -166,7 +166,7 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path) ->
 
 def run(cfg) -> None:
     paths = common.make_output_dirs(cfg)
-    common.use_numba_cache(paths)
+    common.use_numba_cache(paths.cache)
     device = common.pick_device(cfg.DEVICE)
     checkpoint_sha256 = common.sha256_file(paths.best) if paths.best.is_file() else None
     if checkpoint_sha256 is None:

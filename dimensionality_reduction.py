@@ -13,7 +13,6 @@ together). Close/far distances are measured to the class centre in the 128-d emb
 training images (CLOSE_FAR_SPACE="embedding"), or in the 2-d UMAP plane as the study did ("umap"),
 where only the sampled training images have coordinates.
 """
-import os
 import time
 
 import numpy as np
@@ -51,7 +50,7 @@ def cache_umap_compilation() -> int:
 
 def fit_umap(points: np.ndarray, cfg, cache_dir) -> np.ndarray:
     """Standardise, then one UMAP fit to 2-d; numba's compiled code is cached on disk."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str((cache_dir / "numba").resolve()))  # before numba is imported
+    common.use_numba_cache(cache_dir)
     import umap  # imported here: it compiles with numba on first use
     from sklearn.preprocessing import StandardScaler
     cache_umap_compilation()
