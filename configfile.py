@@ -2,8 +2,10 @@
 
 Edit this file, or override one value for one run from the command line:
     python train.py --MAX_EPOCHS=5 --DEVICE=cpu
-or point every script at another settings file of the same names:
+or point every script at another settings file that sets only the names it changes:
     python run_all.py --config=my_settings.py
+`python train.py --help` lists every setting with its value and what it accepts; settings.py
+checks every value before a script starts.
 """
 
 # ---- data -----------------------------------------------------------------------------------
@@ -24,6 +26,7 @@ VAL_FRACTION = 0.05  # of each seen class
 TEST_FRACTION = 0.20  # of each seen class
 
 # ---- model ----------------------------------------------------------------------------------
+TRUNK = "efficientnet_v2_s"  # trunk: "efficientnet_v2_s" (the study's), "resnet18", "resnet50", "convnext_tiny"
 WEIGHTS = "auto"  # trunk weights: "auto" (ImageNet if cached or downloadable, else random + warning), "imagenet" (must load), a path to a .pth state dict, or None (random)
 EMBEDDING_DIM = 128  # size of the embedding (second-to-last layer)
 DROPOUT = 0.2  # dropout probability after the embedding layer
@@ -35,7 +38,7 @@ MAX_EPOCHS = 50  # upper limit on epochs
 PATIENCE = 8  # validation passes without a lower validation loss before early stopping
 VAL_PER_EPOCH = 4  # validation passes per epoch (the study validated several times an epoch); 1 = at epoch end
 RESUME = True  # True: continue from checkpoints/last.pth after a kill; False: start training over
-SEED = 0  # seeds random, numpy and torch; fixes the split, batches, dropout and UMAP
+SEED = 0  # seeds random, numpy and torch; fixes the split, batches, dropout and UMAP; None = draw a fresh seed (printed)
 
 # ---- speed ----------------------------------------------------------------------------------
 DEVICE = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:1"

@@ -1,0 +1,393 @@
+"""One owner for the pipeline's settings: what each accepts (SCHEMA), reading them, checking them,
+listing them and comparing them.
+
+    cfg = settings.load_settings()      # reads sys.argv[1:]; common.run_script does this for a script
+    python train.py --help              # every setting with its value, its comment and what it accepts
+
+Where the values come from, a later source winning:
+1. configfile.py, the defaults: every setting has a line there with a trailing comment.
+2. --config=FILE, a Python file. It RUNS AS CODE (exec), so give only files you trust. The
+   upper-case names it sets replace configfile.py's values; the names it leaves out keep them.
+   An upper-case name that is not a setting is an error (lower-case names are free for helper
+   variables). Relative paths in it, as everywhere, are relative to the current folder.
+3. --KEY=VALUE, read with ast.literal_eval (5, 0.1, True, None, ["a", "b"]); anything that is not
+   a Python literal is a string, so --DEVICE=cpu needs no quotes.
+
+Then every value is checked against SCHEMA, and the settings against each other (the three split
+fractions sum to 1, seen and unseen classes are disjoint, OUTPUT_DIR, CHECKPOINT_DIR and CACHE_DIR
+are neither the repository's folder nor a filesystem root). The first failure raises
+common.PipelineError with one line naming the setting, the value and what it accepts:
+`BATCH_SIZE=0: must be an integer >= 1`. Checked values come back normalised: a float setting given
+as an int is a float, a class list is a list, `~` in a path is expanded.
+
+SEED=None means "a fresh seed for this run": load_settings draws one from os.urandom, prints
+`SEED=None: drew seed N ...` once and returns SEED=N, so every consumer gets an int and checkpoints
+record the seed actually used (pass --SEED=N to repeat the run).
+
+--help (or -h) prints help_text(cfg) with the values as given so far and raises SystemExit(0):
+common.run_script lets SystemExit through, so the script exits 0 without running.
+"""
+import ast
+import dataclasses
+import difflib
+import io
+import json
+import os
+import re
+import sys
+import tokenize
+import types
+from pathlib import Path
+
+from common import PipelineError
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULTS_FILE = REPO_DIR / "configfile.py"
+HELP_FLAGS = ("--help", "-h")
+
+
+# ---- what each setting accepts -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    kind: str  # "int", "float", "bool", "str", "path", "classes" or "device"
+    bounds: str = ""  # numbers only, an interval: "[1, inf)" is >= 1, "(0, 1)" is strictly between 0 and 1
+    choices: tuple[str, ...] = ()  # words accepted as they are (the only values of a "str" setting)
+    none_ok: bool = False  # None is accepted too
+
+
+SCHEMA: dict[str, Rule] = {  # in configfile.py's order
+    # data
+    "DATA_DIR": Rule("path", none_ok=True),
+    "SEEN_CLASSES": Rule("classes"),
+    "UNSEEN_CLASSES": Rule("classes"),
+    "BUILTIN_DATA_DIR": Rule("path"),
+    "BAD_IMAGES": Rule("str", choices=("skip", "error")),
+    # images
+    "IMAGE_SIZE": Rule("int", "[16, 2048]"),
+    "RESIZE_MODE": Rule("str", choices=("stretch", "pad")),
+    "AUGMENT": Rule("bool"),
+    # split
+    "TRAIN_FRACTION": Rule("float", "(0, 1)"),
+    "VAL_FRACTION": Rule("float", "(0, 1)"),
+    "TEST_FRACTION": Rule("float", "(0, 1)"),
+    # model
+    "TRUNK": Rule("str", choices=("efficientnet_v2_s", "resnet18", "resnet50", "convnext_tiny")),
+    "WEIGHTS": Rule("path", choices=("auto", "imagenet"), none_ok=True),
+    "EMBEDDING_DIM": Rule("int", "[1, inf)"),
+    "DROPOUT": Rule("float", "[0, 1)"),
+    # training
+    "BATCH_SIZE": Rule("int", "[1, inf)"),
+    "LR": Rule("float", "(0, inf)"),
+    "MAX_EPOCHS": Rule("int", "[1, inf)"),
+    "PATIENCE": Rule("int", "[1, inf)"),
+    "VAL_PER_EPOCH": Rule("int", "[1, inf)"),
+    "RESUME": Rule("bool"),
+    "SEED": Rule("int", "[0, 4294967295]", none_ok=True),  # numpy.random.seed stops at 2**32 - 1
+    # speed
+    "DEVICE": Rule("device", choices=("auto", "cpu", "cuda")),
+    "NUM_WORKERS": Rule("int", "[0, inf)", choices=("auto",)),
+    "CACHE_TRUNK": Rule("bool"),
+    "CACHE_DTYPE": Rule("str", choices=("float16", "float32")),
+    "MIXED_PRECISION": Rule("bool"),
+    "CHANNELS_LAST": Rule("bool"),
+    "DETERMINISTIC": Rule("bool"),
+    # outputs
+    "OUTPUT_DIR": Rule("path"),
+    "CHECKPOINT_DIR": Rule("path"),
+    "CACHE_DIR": Rule("path"),
+    # analysis
+    "UMAP_SAMPLES": Rule("int", "[2, inf)"),
+    "UMAP_NEIGHBORS": Rule("int", "[2, inf)"),
+    "CLOSE_FAR_COUNT": Rule("int", "[1, inf)"),
+    "CLOSE_FAR_SPACE": Rule("str", choices=("embedding", "umap")),
+    "TRANSFER_TEST_FRACTION": Rule("float", "(0, 1)"),
+    "TRANSFER_REPEATS": Rule("int", "[1, inf)"),
+    "KNN_K": Rule("int", "[1, inf)"),
+}
+MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
+SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
+# folders that are created and swept of leftover temporary files: never the repository or a root
+OWN_FOLDERS = ("OUTPUT_DIR", "CHECKPOINT_DIR", "CACHE_DIR")
+KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "path": "a non-empty path",
+              "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
+              "device": "'cuda:N' (N a GPU number)"}
+
+
+def bounds_words(bounds: str) -> str:
+    """"[1, inf)" -> " >= 1"; "(0, 1)" -> " > 0 and < 1"; "[16, 2048]" -> " from 16 to 2048"."""
+    if not bounds:
+        return ""
+    low, high = (end.strip() for end in bounds[1:-1].split(","))
+    if bounds[0] + bounds[-1] == "[]":
+        return f" from {low} to {high}"
+    words = [(">= " if bounds[0] == "[" else "> ") + low]
+    if high != "inf":
+        words.append(("<= " if bounds[-1] == "]" else "< ") + high)
+    return " " + " and ".join(words)
+
+
+def in_bounds(number, bounds: str) -> bool:
+    """NaN is never in bounds; infinity only where an end is a closed "inf]", which no rule has."""
+    if not bounds:
+        return True
+    low, high = (float(end) for end in bounds[1:-1].split(","))
+    above = number >= low if bounds[0] == "[" else number > low
+    below = number <= high if bounds[-1] == "]" else number < high
+    return above and below
+
+
+def accepts(rule: Rule) -> str:
+    """What a rule accepts, in words: "an integer >= 1", "'auto' or an integer >= 0"."""
+    words = [repr(choice) for choice in rule.choices]
+    if rule.kind != "str":
+        words.append(KIND_WORDS[rule.kind] + bounds_words(rule.bounds))
+    if rule.none_ok:
+        words.append("None")
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+# ---- checking one value: each returns the value normalised, or raises ValueError(why or "") -------
+
+def check_number(value, rule: Rule):
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_number = is_int or (rule.kind == "float" and isinstance(value, float))
+    if not is_number or not in_bounds(value, rule.bounds):
+        raise ValueError()
+    return float(value) if rule.kind == "float" else value
+
+
+def check_bool(value, rule: Rule) -> bool:
+    if not isinstance(value, bool):  # "false" would be a non-empty string, hence true
+        raise ValueError("use True or False")
+    return value
+
+
+def check_choice(value, rule: Rule) -> str:
+    close = difflib.get_close_matches(str(value), rule.choices, n=1)
+    raise ValueError(f"must be {accepts(rule)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+def check_path(value, rule: Rule) -> str:
+    value = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ValueError()
+    return os.path.expanduser(value)
+
+
+def check_classes(value, rule: Rule) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) and name for name in value):
+        raise ValueError()
+    repeated = sorted({name for name in value if value.count(name) > 1})
+    if repeated:  # the model would get one output per entry, two of them for one class
+        raise ValueError(f"{', '.join(map(repr, repeated))} listed more than once; name each class once")
+    if len(value) < MIN_CLASSES:
+        raise ValueError()
+    return list(value)
+
+
+def check_device(value, rule: Rule) -> str:
+    if not (isinstance(value, str) and re.fullmatch(r"cuda:[0-9]+", value)):
+        raise ValueError()
+    return value
+
+
+CHECKS = {"int": check_number, "float": check_number, "bool": check_bool, "str": check_choice,
+          "path": check_path, "classes": check_classes, "device": check_device}
+
+
+def check_value(name: str, value, rule: Rule):
+    """The value normalised, or a PipelineError naming the setting, the value and what it accepts."""
+    if value is None and rule.none_ok:
+        return None
+    if isinstance(value, str) and value in rule.choices:
+        return value
+    try:
+        return CHECKS[rule.kind](value, rule)
+    except ValueError as err:
+        raise PipelineError(f"{name}={value!r}: {str(err) or 'must be ' + accepts(rule)}") from None
+
+
+# ---- checking the settings together --------------------------------------------------------------
+
+def check_together(values: dict) -> None:
+    fractions = [values[name] for name in SPLIT_FRACTIONS]
+    if abs(sum(fractions) - 1) > 1e-6:
+        given = ", ".join(f"{name}={values[name]!r}" for name in SPLIT_FRACTIONS)
+        raise PipelineError(f"{given}: must sum to 1 (they sum to {sum(fractions):.6g})")
+    shared = [name for name in values["UNSEEN_CLASSES"] if name in values["SEEN_CLASSES"]]
+    if shared:
+        raise PipelineError(f"UNSEEN_CLASSES={values['UNSEEN_CLASSES']!r}: {', '.join(map(repr, shared))} "
+                            f"also in SEEN_CLASSES; a class is either seen or unseen")
+    for name in OWN_FOLDERS:
+        folder = Path(values[name]).resolve()
+        if folder == REPO_DIR or folder.parent == folder:
+            what = "the repository's own folder" if folder == REPO_DIR else "a filesystem root"
+            raise PipelineError(f"{name}={values[name]!r}: must be a folder the pipeline can own, "
+                                f"not {what} ({folder})")
+
+
+def draw_seed() -> int:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"SEED=None: drew seed {seed}; run with --SEED={seed} to repeat this run")
+    return seed
+
+
+def validate(values: dict) -> dict:
+    """Every setting checked and normalised (see the module docstring); SEED=None becomes a drawn seed.
+    Raises PipelineError at the first failure."""
+    unknown = [name for name in values if name not in SCHEMA]
+    if unknown:
+        raise unknown_name(unknown[0], "settings")
+    missing = [name for name in SCHEMA if name not in values]
+    if missing:
+        raise PipelineError(f"{missing[0]} is not set; configfile.py gives every setting a value")
+    checked = {name: check_value(name, value, SCHEMA[name]) for name, value in values.items()}
+    check_together(checked)
+    if checked["SEED"] is None:
+        checked["SEED"] = draw_seed()
+    return checked
+
+
+# ---- reading --------------------------------------------------------------------------------------
+
+def unknown_name(name: str, where: str) -> PipelineError:
+    close = difflib.get_close_matches(name.upper(), SCHEMA, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return PipelineError(f"{where}: {name} is not a setting{hint} (--help lists them)")
+
+
+def read_settings_file(path: Path) -> dict:
+    """The upper-case names a settings file sets. The file runs as Python code."""
+    if not path.is_file():
+        raise PipelineError(f"no settings file at {path}")
+    namespace: dict = {"__file__": str(path)}
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+    except Exception as err:  # a typo in the settings file
+        raise PipelineError(f"cannot read settings file {path}: {type(err).__name__}: {err}")
+    return {name: value for name, value in namespace.items() if name.isupper() and not name.startswith("_")}
+
+
+def read_defaults() -> dict:
+    """configfile.py's values; it must set exactly the settings SCHEMA describes."""
+    values = read_settings_file(DEFAULTS_FILE)
+    for name in values:
+        if name not in SCHEMA:
+            raise PipelineError(f"{DEFAULTS_FILE} sets {name}, which settings.SCHEMA does not describe; add a rule")
+    for name in SCHEMA:
+        if name not in values:
+            raise PipelineError(f"{DEFAULTS_FILE} lacks {name}; every setting in settings.SCHEMA needs a line there")
+    return values
+
+
+def parse_value(text: str):
+    """A Python literal, or else the text itself: "5" -> 5, "None" -> None, "cpu" -> "cpu"."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def parse_arguments(argv: list[str]) -> tuple[Path | None, dict, bool]:
+    """(--config file or None, {KEY: value} overrides, whether help was asked for)."""
+    config_file, overrides, wants_help = None, {}, False
+    for arg in argv:
+        if arg in HELP_FLAGS:
+            wants_help = True
+        elif arg.startswith("--config="):
+            if config_file is not None:
+                raise PipelineError(f"--config given twice ({config_file} and {arg[9:]}); give one settings file")
+            config_file = Path(os.path.expanduser(arg[9:]))
+        elif arg.startswith("--") and "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            if key not in SCHEMA:
+                raise unknown_name(key, f"--{key}={text}")
+            overrides[key] = parse_value(text)
+        else:
+            raise PipelineError(f"unknown argument {arg!r}: use --config=FILE, --KEY=VALUE or --help")
+    return config_file, overrides, wants_help
+
+
+def load_settings(argv: list[str] | None = None) -> types.SimpleNamespace:
+    """configfile.py, then --config=FILE (runs as Python code), then --KEY=VALUE, all checked.
+    With --help or -h: prints help_text and raises SystemExit(0)."""
+    config_file, overrides, wants_help = parse_arguments(sys.argv[1:] if argv is None else argv)
+    values = read_defaults()
+    if config_file is not None:
+        for name, value in read_settings_file(config_file).items():
+            if name not in SCHEMA:
+                raise unknown_name(name, str(config_file))
+            values[name] = value
+    values.update(overrides)
+    if wants_help:
+        print(help_text(types.SimpleNamespace(**values)))
+        raise SystemExit(0)
+    return types.SimpleNamespace(**validate(values))
+
+
+# ---- listing and comparing ------------------------------------------------------------------------
+
+def setting_docs(path: Path = DEFAULTS_FILE) -> dict[str, tuple[str, str]]:
+    """{NAME: (section, trailing comment)} for each `NAME = value  # comment` of a settings file, in
+    file order; a section is the title of the last `# ---- title ----` line above the setting."""
+    source = path.read_text()
+    trailing, headings = {}, []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type != tokenize.COMMENT:
+            continue
+        text = token.string.lstrip("#").strip()
+        if token.line[:token.start[1]].strip():  # code before it on its line
+            trailing[token.start[0]] = text
+        elif text.startswith("----"):
+            headings.append((token.start[0], text.strip("- ")))
+    docs = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            section = next((title for line, title in reversed(headings) if line < node.lineno), "")
+            comment = trailing.get(node.end_lineno) or trailing.get(node.lineno, "")
+            docs[node.targets[0].id] = (section, comment)
+    return docs
+
+
+def help_text(cfg: types.SimpleNamespace) -> str:
+    """A usage line, where settings come from, then every setting grouped as in configfile.py with
+    its value in cfg, its comment there and what it accepts."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "<script>.py"
+    lines = [f"usage: python {script} [--config=FILE] [--KEY=VALUE ...] [--help]", "",
+             "Settings come from configfile.py, then from --config=FILE (a Python file that runs as code; the",
+             "names it sets replace configfile.py's, the others keep theirs), then from --KEY=VALUE (a Python",
+             "literal such as 5, 0.1, True, None or [\"a\", \"b\"]; a bare word is a string: --DEVICE=cpu)."]
+    docs, section = setting_docs(), None
+    for name, value in vars(cfg).items():
+        here, comment = docs.get(name, ("other", ""))
+        if here != section:
+            lines += ["", f"---- {here} ----"]
+            section = here
+        lines.append(f"  {name} = {value!r}")
+        if comment:
+            lines.append(f"      {comment}")
+        if name in SCHEMA:
+            lines.append(f"      accepts: {accepts(SCHEMA[name])}")
+    return "\n".join(lines)
+
+
+def settings_dict(cfg: types.SimpleNamespace) -> dict:
+    """The settings as plain JSON values (tuples become lists), fit for a weights_only checkpoint."""
+    return json.loads(json.dumps(vars(cfg), default=str))
+
+
+def differences(old: dict, new: dict, keys) -> list[str]:
+    """"KEY: old -> new" for each of keys whose value differs, e.g. "MAX_EPOCHS: 50 -> 2"; a key that
+    one side lacks (an older checkpoint) shows as (not set)."""
+    missing = object()
+
+    def show(value) -> str:
+        return "(not set)" if value is missing else repr(value)
+
+    lines = []
+    for key in keys:
+        before, after = old.get(key, missing), new.get(key, missing)
+        if before != after:
+            lines.append(f"{key}: {show(before)} -> {show(after)}")
+    return lines
