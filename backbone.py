@@ -90,9 +90,16 @@ class PlanktonNet(nn.Module):
         return self.forward_head(trunk_features)
 
 
-def architecture_args(num_classes: int, cfg) -> dict:
-    return dict(num_classes=num_classes, image_size=int(cfg.IMAGE_SIZE),
-                embedding_dim=int(cfg.EMBEDDING_DIM), dropout=float(cfg.DROPOUT))
+DEFAULT_TRUNK = "efficientnet_v2_s"
+
+
+def normalization(trunk):
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def architecture_args(num_classes, image_size, embedding_dim, dropout, trunk) -> dict:
+    return dict(num_classes=num_classes, image_size=int(image_size),
+                embedding_dim=int(embedding_dim), dropout=float(dropout), trunk=trunk)
 
 
 # ---- trunk weights -------------------------------------------------------------------------------
@@ -177,7 +184,7 @@ def _try_download(target: Path) -> str | None:
 
 
 def build_model(arch: dict) -> PlanktonNet:
-    return PlanktonNet(**arch)
+    return PlanktonNet(**{k: v for k, v in arch.items() if k != "trunk"})
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

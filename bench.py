@@ -5,10 +5,9 @@
     .venv/bin/python bench.py --DEVICE=cpu    # any --KEY=VALUE setting override, as for the other scripts
 
 Reads:  the image folder (DATA_DIR, or the built-in digits) and the settings (configfile.py or --config=FILE).
-Writes: bench_outputs/micro/... and bench_outputs/e2e/... (its own split, checkpoints, trunk cache and
-        outputs, deleted and rebuilt on every run, so a user's run is never touched),
-        bench_outputs/numba/ (numba's compiled UMAP code, kept between benchmark runs),
-        and the figures as JSON to <OUTPUT_DIR>/bench.json (outputs/bench.json by default).
+Writes: only under bench_outputs/: micro/ and e2e/ (its own split, checkpoints, trunk cache and
+        outputs, deleted and rebuilt on every run, so a user's run is never touched), numba/
+        (numba's compiled code, kept between benchmark runs), and the figures as bench.json.
 
 Figures:
   limit       trunk forward throughput on tensors already on the device (images/s)
@@ -19,6 +18,7 @@ Figures:
   end to end  run_all.run on fresh folders, stage times, and the UMAP fit time on its embeddings
 A missed target is reported as MISS; the exit status is 0 either way.
 """
+import dataclasses
 import datetime
 import json
 import os
@@ -33,13 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+import artifacts
 import common
 import compute_average_distances as cad
-
-# backbone and dataloader (torchvision, Pillow) are imported inside the functions that use them, so the
-# peak-memory child process carries only what compute_average_distances.py itself needs.
+import dataloader
+import settings
+import training
+from dataloader import Runtime
+from trunk_cache import TrunkCache
 
 BENCH_DIR = common.REPO_DIR / "bench_outputs"
 CHILD_FLAG = "--_peak-memory-child"  # hidden: the process whose peak memory is measured
@@ -50,7 +52,7 @@ LIMIT_SECONDS = 5.0  # time the trunk for at least this long, so one slow batch 
 # ---- settings and folders ------------------------------------------------------------------------
 
 def split_flags(argv: list[str]) -> tuple[set[str], list[str]]:
-    """bench.py's own flags, and the --KEY=VALUE / --config= arguments that go to load_config."""
+    """bench.py's own flags, and the --KEY=VALUE / --config= arguments that go to settings.load_settings."""
     own = {a for a in argv if a in ("--quick", CHILD_FLAG)}
     return own, [a for a in argv if a not in own]
 
@@ -82,77 +84,54 @@ def timed(fn, device: torch.device):
 
 # ---- the limit: the trunk alone ------------------------------------------------------------------
 
-def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """The model as train.py builds it (same weights setting, channels-last trunk), seeded."""
-    import backbone
-    common.set_seed(cfg.SEED)
-    model = backbone.build_model(backbone.architecture_args(num_classes, cfg))
-    backbone.load_trunk_weights(model, cfg.WEIGHTS)
-    model.to(device)
-    if cfg.CHANNELS_LAST:
-        model.trunk.to(memory_format=torch.channels_last)
-    return model
+def with_layout(runtime: Runtime, channels_last: bool) -> Runtime:
+    return dataclasses.replace(runtime, channels_last=channels_last)
 
 
 @torch.inference_mode()
-def measure_limit(trunk: torch.nn.Module, cfg, device: torch.device) -> float:
+def measure_limit(trunk: torch.nn.Module, image_size: int, runtime: Runtime) -> float:
     """Images/s of dataloader.run_trunk on one batch already on the device (no decoding, no copying)."""
-    import dataloader
-    images = torch.randn(cfg.BATCH_SIZE, 3, cfg.IMAGE_SIZE, cfg.IMAGE_SIZE, device=device)
+    images = torch.randn(runtime.batch_size, 3, image_size, image_size, device=runtime.device)
     for _ in range(3):  # warm-up: allocator, cuDNN/oneDNN algorithm choice
-        dataloader.run_trunk(trunk, images, device, cfg)
+        dataloader.run_trunk(trunk, images, runtime)
     batches, elapsed = 0, 0.0
     while elapsed < LIMIT_SECONDS or batches < 5:
-        _, seconds = timed(lambda: dataloader.run_trunk(trunk, images, device, cfg), device)
+        _, seconds = timed(lambda: dataloader.run_trunk(trunk, images, runtime), runtime.device)
         batches, elapsed = batches + 1, elapsed + seconds
-    return batches * cfg.BATCH_SIZE / elapsed
+    return batches * runtime.batch_size / elapsed
 
 
-def measure_layouts(trunk: torch.nn.Module, cfg, device: torch.device) -> dict:
+def measure_layouts(trunk: torch.nn.Module, image_size: int, runtime: Runtime) -> dict:
     """The limit with the trunk in each memory layout (CHANNELS_LAST is on where this says it pays)."""
     rates = {}
     for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
         trunk.to(memory_format=memory_format)
-        layout_cfg = types.SimpleNamespace(**{**vars(cfg), "CHANNELS_LAST": layout == "channels_last"})
-        rates[layout] = measure_limit(trunk, layout_cfg, device)
-    trunk.to(memory_format=torch.channels_last if cfg.CHANNELS_LAST else torch.contiguous_format)
+        rates[layout] = measure_limit(trunk, image_size, with_layout(runtime, layout == "channels_last"))
+    trunk.to(memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
     return rates
 
 
 # ---- one training epoch, cached vs uncached ------------------------------------------------------
 
-def train_epoch(model, state: dict, source, batches: list, device: torch.device, cfg) -> float:
-    """Seconds for one epoch of train.py's loop, from the same starting weights and a fresh Adam."""
-    import dataloader
+def train_epoch(model, state: dict, source, batches: list, runtime: Runtime, lr: float, seed: int) -> float:
+    """Seconds for one epoch of train.py's loop (training.train_one_epoch), from the same starting
+    weights and a fresh Adam, with no validation passes."""
     model.load_state_dict(state)
-    model.train()
-    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=cfg.LR)
-
-    def epoch() -> None:
-        for features, labels in dataloader.feature_batches(source, batches, model.trunk, device, cfg, seed=cfg.SEED):
-            logits, _ = model.forward_head(features)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss.item()  # train.py reads the loss every batch, which also waits for CUDA
-    return timed(epoch, device)[1]
+    optimizer = torch.optim.Adam(training.trainable_parameters(model), lr=lr)
+    return timed(lambda: training.train_one_epoch(model, optimizer, source, batches, runtime, set(), None, seed=seed),
+                 runtime.device)[1]
 
 
-def measure_epoch(model, split, paths, device: torch.device, cfg) -> dict:
+def measure_epoch(model, split, preprocess, cache, runtime: Runtime, cfg) -> dict:
     """One epoch over the train split, trunk features from the disk cache vs from the images."""
-    import dataloader
-    import train  # for epoch_batches: the same shuffled batches train.py uses
-    trunk_sha256 = common.tensors_sha256(model.trunk.state_dict())
-    cached = dataloader.feature_source(split, "train", model.trunk, trunk_sha256, cfg, paths.cache, device,
-                                       use_cache=True)  # fills the cache here, outside the timing
-    uncached = dataloader.feature_source(split, "train", model.trunk, trunk_sha256, cfg, paths.cache, device,
-                                         use_cache=False)
-    batches = train.epoch_batches(len(cached), cfg.BATCH_SIZE, cfg.SEED, 0)
+    relpaths, labels = split.subset("train")
+    cached = dataloader.feature_source(split.root, relpaths, labels, preprocess, cache)  # fills the cache, untimed
+    uncached = dataloader.feature_source(split.root, relpaths, labels, preprocess)
+    batches = training.epoch_batches(len(cached), cfg.BATCH_SIZE, cfg.SEED, 0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    train_epoch(model, state, cached, batches[:3], device, cfg)  # warm-up of the head's kernels
-    seconds_cached = train_epoch(model, state, cached, batches, device, cfg)
-    seconds_uncached = train_epoch(model, state, uncached, batches, device, cfg)
+    train_epoch(model, state, cached, batches[:3], runtime, cfg.LR, cfg.SEED)  # warm-up of the head's kernels
+    seconds_cached = train_epoch(model, state, cached, batches, runtime, cfg.LR, cfg.SEED)
+    seconds_uncached = train_epoch(model, state, uncached, batches, runtime, cfg.LR, cfg.SEED)
     model.load_state_dict(state)
     return dict(images=len(cached), cached_s=seconds_cached, uncached_s=seconds_uncached,
                 ratio=seconds_uncached / seconds_cached)
@@ -160,15 +139,15 @@ def measure_epoch(model, split, paths, device: torch.device, cfg) -> dict:
 
 # ---- embed.py's throughput from image files ------------------------------------------------------
 
-def measure_embed(trunk, split, limit: float, device: torch.device, cfg) -> dict:
+def measure_embed(trunk, split, preprocess, limit: float, runtime: Runtime) -> dict:
     """dataloader.compute_trunk_features over every image (decode, resize, trunk), as the cache fill
     of embed.py does it, with NUM_WORKERS loader workers."""
-    import dataloader
     relpaths = list(split.table.relpath)
-    _, seconds = timed(lambda: dataloader.compute_trunk_features(trunk, split.root, relpaths, cfg, device), device)
+    _, seconds = timed(lambda: dataloader.compute_trunk_features(trunk, split.root, relpaths, preprocess, runtime),
+                       runtime.device)
     rate = len(relpaths) / seconds
     return dict(images=len(relpaths), seconds=seconds, images_per_s=rate, ratio_to_limit=rate / limit,
-                workers=common.num_workers(cfg.NUM_WORKERS))
+                workers=runtime.workers)
 
 
 # ---- class-pair distances ------------------------------------------------------------------------
@@ -250,16 +229,14 @@ def measure_peak_memory(cfg_args: list[str]) -> dict:
 # ---- end to end ----------------------------------------------------------------------------------
 
 def measure_umap(cfg) -> dict:
-    """fit_umap on the same points dimensionality_reduction.py fits (the run's embeddings, sampled
-    the same way), after a small warm-up fit so numba's compilation is not counted."""
+    """fit_umap on the points dimensionality_reduction.py fits (the run's embeddings, sampled the
+    same way), after a small warm-up fit so numba's compilation is not counted."""
     import dimensionality_reduction as dr
-    paths = common.output_paths(cfg)
-    frames = [common.read_embeddings(paths.embeddings[s]) for s in dr.SUBSETS]
-    rng = np.random.default_rng(cfg.SEED)
-    columns = common.embedding_columns(frames[0])
-    points = np.concatenate([f[columns].to_numpy()[dr.sample_rows(len(f), cfg.UMAP_SAMPLES, rng)] for f in frames])
-    dr.fit_umap(points[:300], cfg, paths.cache)
-    _, seconds = timed(lambda: dr.fit_umap(points, cfg, paths.cache), torch.device("cpu"))
+    paths = artifacts.Paths.from_settings(cfg)
+    frames = {s: artifacts.open_embeddings(paths, s) for s in dr.SUBSETS}
+    points, _ = dr.plotted_points(frames, cfg.UMAP_SAMPLES, cfg.SEED)
+    dr.fit_umap(points[:300], cfg.UMAP_NEIGHBORS, cfg.SEED)
+    _, seconds = timed(lambda: dr.fit_umap(points, cfg.UMAP_NEIGHBORS, cfg.SEED), torch.device("cpu"))
     return dict(points=len(points), seconds=seconds)
 
 
@@ -299,7 +276,7 @@ def environment(device: torch.device, cfg, quick: bool, other_cores: float) -> d
     return dict(device=str(device), device_name=name, torch=torch.__version__, cpu_cores=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 python=platform.python_version(), code_version=common.code_version(), quick=quick,
-                other_processes_busy_cores=other_cores, settings=common.config_dict(cfg))
+                other_processes_busy_cores=other_cores, settings=settings.settings_dict(cfg))
 
 
 def table_rows(f: dict) -> list[tuple]:
@@ -369,18 +346,23 @@ def print_table(rows: list[tuple], env: dict) -> None:
 
 def run(cfg, quick: bool, cfg_args: list[str]) -> dict:
     """Measure everything; the figures as one dict."""
-    import dataloader
-    device = common.pick_device(cfg.DEVICE)
+    import train
     micro = bench_config(cfg, "micro")
-    paths = common.make_output_dirs(micro)
-    split = dataloader.prepare_split(micro, paths, create=True)
-    model = build_model(micro, len(split.seen_classes), device)
-    layouts = measure_layouts(model.trunk, micro, device)
+    runtime = dataloader.runtime_from_settings(micro)
+    paths = artifacts.prepare_output_dirs(micro)
+    split = artifacts.split_from_settings(micro, paths, create=True)
+    common.set_seed(micro.SEED)
+    model, arch, _ = train.new_model(micro, len(split.seen_classes))
+    training.place_model(model, runtime)
+    preprocess = dataloader.Preprocess.for_trunk(arch["trunk"], micro.IMAGE_SIZE, micro.RESIZE_MODE)
+    cache = TrunkCache(paths.cache, model.trunk, common.tensors_sha256(model.trunk.state_dict()), preprocess, runtime,
+                       micro.CACHE_DTYPE)
+    layouts = measure_layouts(model.trunk, micro.IMAGE_SIZE, runtime)
     figures = dict(images=len(split.table), trunk_layouts_images_per_s=layouts,
-                   limit_images_per_s=layouts["channels_last" if micro.CHANNELS_LAST else "contiguous"])
-    figures["epoch"] = measure_epoch(model, split, paths, device, micro)
-    figures["embed"] = measure_embed(model.trunk, split, figures["limit_images_per_s"], device, micro)
-    figures["distances"] = measure_distances(device)
+                   limit_images_per_s=layouts["channels_last" if runtime.channels_last else "contiguous"])
+    figures["epoch"] = measure_epoch(model, split, preprocess, cache, runtime, micro)
+    figures["embed"] = measure_embed(model.trunk, split, preprocess, figures["limit_images_per_s"], runtime)
+    figures["distances"] = measure_distances(runtime.device)
     if not quick:
         figures["memory"] = measure_peak_memory(cfg_args)
         e2e = measure_end_to_end(cfg)
@@ -389,30 +371,30 @@ def run(cfg, quick: bool, cfg_args: list[str]) -> dict:
     return figures
 
 
+def report(cfg, figures: dict, quick: bool, clock_start) -> None:
+    env = environment(common.pick_device(cfg.DEVICE), cfg, quick, other_load(clock_start))
+    rows = table_rows(figures)
+    print_table(rows, env)
+    BENCH_DIR.mkdir(exist_ok=True)
+    common.save_json(dict(environment=env, figures=figures,
+                          table=[dict(zip(("figure", "measured", "target", "result"), r)) for r in rows]),
+                     BENCH_DIR / "bench.json")
+    print(f"-> {BENCH_DIR / 'bench.json'}  (benchmark wall time {figures['bench_wall_s']:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     flags, cfg_args = split_flags(sys.argv[1:] if argv is None else argv)
-    clock_start = cpu_clock()
-    try:
-        cfg = common.load_config(cfg_args)
-        # before umap is first imported: keep numba's compiled code between benchmark runs, apart from the user's
-        os.environ.setdefault("NUMBA_CACHE_DIR", str(BENCH_DIR / "numba"))
+    quick, clock_start = "--quick" in flags, cpu_clock()
+
+    def bench(cfg) -> None:
         if CHILD_FLAG in flags:
             return peak_memory_child(cfg)
         started = time.perf_counter()
-        figures = run(cfg, "--quick" in flags, cfg_args)
+        figures = run(cfg, quick, cfg_args)
         figures["bench_wall_s"] = time.perf_counter() - started
-    except common.PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    env = environment(common.pick_device(cfg.DEVICE), cfg, "--quick" in flags, other_load(clock_start))
-    rows = table_rows(figures)
-    print_table(rows, env)
-    out = common.output_paths(cfg).out
-    out.mkdir(parents=True, exist_ok=True)  # only this folder: make_output_dirs would also sweep the user's temp files
-    common.save_json(dict(environment=env, figures=figures,
-                          table=[dict(zip(("figure", "measured", "target", "result"), r)) for r in rows]),
-                     out / "bench.json")
-    print(f"-> {out / 'bench.json'}  (benchmark wall time {figures['bench_wall_s']:.0f} s)")
+        report(cfg, figures, quick, clock_start)
+    # numba's compiled code is kept between benchmark runs, apart from the user's
+    common.run_script(bench, cfg_args, numba_cache=BENCH_DIR / "numba")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Shared plumbing for the pipeline's scripts: settings, errors, seeds, devices, safe file writes,
-checkpoints and provenance. Model code lives in backbone.py, image code in dataloader.py."""
-import ast
+"""Shared plumbing for the pipeline's scripts: running one, errors, seeds, devices, atomic file writes,
+figures and hashes. The artifacts themselves (split, checkpoint, embeddings, provenance) are
+artifacts.py's; the model is backbone.py's; images are images.py's."""
 import contextlib
 import hashlib
 import json
@@ -8,7 +8,6 @@ import os
 import random
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -22,53 +21,30 @@ class PipelineError(Exception):
     """An error the user can fix (wrong path, missing step, stale artifact): printed as one line."""
 
 
-# ---- settings -----------------------------------------------------------------------------------
+# ---- running a script ----------------------------------------------------------------------
 
-def load_config(argv: list[str] | None = None) -> types.SimpleNamespace:
-    """Read configfile.py (or --config=FILE), then apply --KEY=VALUE overrides from argv."""
-    argv = sys.argv[1:] if argv is None else argv
-    config_path = REPO_DIR / "configfile.py"
-    overrides = []
-    for arg in argv:
-        if arg.startswith("--config="):
-            config_path = Path(arg.split("=", 1)[1])
-        elif arg.startswith("--") and "=" in arg:
-            overrides.append(arg[2:].split("=", 1))
-        else:
-            raise PipelineError(f"unknown argument {arg!r}: use --config=FILE or --KEY=VALUE")
-    if not config_path.is_file():
-        raise PipelineError(f"no settings file at {config_path}")
-    namespace: dict = {}
+def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = None) -> None:
+    """Run a script's run(cfg); a PipelineError ends in one line on stderr and exit status 1.
+
+    numba keeps compiled code (umap-learn's, the distance pass) in <CACHE_DIR>/numba, or in
+    `numba_cache`: set here, once, before anything imports numba."""
+    import settings  # settings.py raises PipelineError: imported here, not at the top
     try:
-        exec(compile(config_path.read_text(), str(config_path), "exec"), namespace)
-    except Exception as err:  # a typo in the settings file
-        raise PipelineError(f"cannot read settings file {config_path}: {type(err).__name__}: {err}")
-    cfg = {k: v for k, v in namespace.items() if k.isupper()}
-    for key, text in overrides:
-        if key not in cfg:
-            raise PipelineError(f"--{key}: no such setting in {config_path.name} (names are upper case)")
-        try:
-            cfg[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            cfg[key] = text  # a bare word is a string: --DEVICE=cpu
-    return types.SimpleNamespace(**cfg)
-
-
-def config_dict(cfg: types.SimpleNamespace) -> dict:
-    """The settings as plain Python values, fit for a weights_only checkpoint and JSON."""
-    return json.loads(json.dumps(vars(cfg), default=str))
-
-
-def run_script(run, argv: list[str] | None = None) -> None:
-    """Run a script's run(cfg); a PipelineError ends in one line on stderr and exit status 1."""
-    try:
-        run(load_config(argv))
+        cfg = settings.load_settings(argv)
+        use_numba_cache(numba_cache or Path(cfg.CACHE_DIR) / "numba")
+        run(cfg)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def use_numba_cache(folder: Path) -> None:
+    """Keep numba's compiled code in `folder`; only takes effect before numba is first imported.
+    A NUMBA_CACHE_DIR set by the caller's environment wins."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(folder).resolve()))
 
 
 # ---- reproducibility and devices -----------------------------------------------------------------
@@ -107,35 +83,7 @@ def code_version() -> str:
         return "unknown"
 
 
-# ---- output folders and atomic writes ------------------------------------------------------------
-
-def output_paths(cfg) -> types.SimpleNamespace:
-    """Every artifact's fixed location, derived from the settings (nothing is created here)."""
-    out, ckpt, cache = Path(cfg.OUTPUT_DIR), Path(cfg.CHECKPOINT_DIR), Path(cfg.CACHE_DIR)
-    return types.SimpleNamespace(
-        out=out, checkpoints=ckpt, cache=cache,
-        split=out / "split.csv", bad_images=out / "bad_images.csv",
-        best=ckpt / "best.pth", last=ckpt / "last.pth",
-        history=out / "training_history.csv", training_plot=out / "training_plot.png",
-        embeddings={s: out / f"embeddings_{s}.pkl" for s in ("train", "test", "unseen")},
-    )
-
-
-def use_numba_cache(cache_dir: Path) -> None:
-    """Keep numba's compiled code in <cache_dir>/numba; must run before numba is first imported."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str((Path(cache_dir) / "numba").resolve()))
-
-
-def make_output_dirs(cfg) -> types.SimpleNamespace:
-    """Create the output tree and remove temporary files that a killed run left behind."""
-    paths = output_paths(cfg)
-    for folder in (paths.out, paths.checkpoints, paths.cache):
-        folder.mkdir(parents=True, exist_ok=True)
-        for leftover in folder.rglob(f"*{TMP_MARK}*"):
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
-    return paths
-
+# ---- atomic writes -----------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
@@ -213,58 +161,3 @@ def tensors_sha256(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: Path, step_hint: str = "run train.py first") -> dict:
-    """Load a checkpoint safely (tensors and plain values only) onto the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"no checkpoint at {path} — {step_hint}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a refused pickle, a truncated file, not a checkpoint at all
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PipelineError(f"cannot load {path} safely ({first_line}); delete it and re-run train.py")
-
-
-def read_embeddings(path: Path, checkpoint_sha256: str | None = None):
-    """Read a pickled embeddings frame written by embed.py, checking its columns and provenance.
-
-    Pickles run code when read, so only files inside the pipeline's own output folder are read."""
-    import pandas as pd
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"no embeddings at {path} — run embed.py first")
-    try:
-        frame = pd.read_pickle(path)
-    except Exception as err:  # truncated or not a pickle
-        raise PipelineError(f"cannot read {path} ({type(err).__name__}); re-run embed.py")
-    if not isinstance(frame, pd.DataFrame) or list(frame.columns[:3]) != ["label", "class_name", "path"]:
-        raise PipelineError(f"{path} is not an embeddings table from embed.py; re-run embed.py")
-    made_by = frame.attrs.get("checkpoint_sha256")
-    if checkpoint_sha256 is not None and made_by != checkpoint_sha256:
-        raise PipelineError(f"{path} was made from another checkpoint than the current "
-                            f"checkpoints/best.pth — re-run embed.py")
-    return frame
-
-
-def save_provenance(paths, stage: str, inputs: list[Path], outputs: list[str]) -> None:
-    """outputs/provenance_<stage>.json: the SHA-256 of each input a stage's tables and figures came from."""
-    save_json(dict(stage=stage, code_version=code_version(), outputs=outputs,
-                   inputs={str(p): sha256_file(p) for p in inputs}), paths.out / f"provenance_{stage}.json")
-
-
-def embedding_columns(frame) -> list[str]:
-    return [c for c in frame.columns if str(c).startswith("e") and str(c)[1:].isdigit()]
-
-
-def check_checkpoint_matches(checkpoint: dict, cfg, split_sha256: str, path) -> None:
-    """The checkpoint must belong to this configuration and to the split on disk."""
-    if list(checkpoint["class_names"]) != list(cfg.SEEN_CLASSES):
-        raise PipelineError(f"{path} was trained on classes {checkpoint['class_names']}, but SEEN_CLASSES is "
-                            f"{list(cfg.SEEN_CLASSES)}; restore SEEN_CLASSES or re-run train.py --RESUME=False")
-    if checkpoint["image_size"] != cfg.IMAGE_SIZE or checkpoint["resize_mode"] != cfg.RESIZE_MODE:
-        raise PipelineError(f"{path} was trained on {checkpoint['image_size']}px images ({checkpoint['resize_mode']}),"
-                            f" but the settings say {cfg.IMAGE_SIZE}px ({cfg.RESIZE_MODE}); restore them or "
-                            f"re-run train.py --RESUME=False")
-    if checkpoint["split_sha256"] != split_sha256:
-        raise PipelineError(f"{path} was trained on another split.csv than the one in {cfg.OUTPUT_DIR}; "
-                            f"re-run train.py --RESUME=False")

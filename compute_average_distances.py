@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import artifacts
 import common
 
 
@@ -165,16 +166,12 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path) ->
 
 
 def run(cfg) -> None:
-    paths = common.make_output_dirs(cfg)
-    common.use_numba_cache(paths.cache)
+    paths = artifacts.prepare_output_dirs(cfg)
     device = common.pick_device(cfg.DEVICE)
-    checkpoint_sha256 = common.sha256_file(paths.best) if paths.best.is_file() else None
-    if checkpoint_sha256 is None:
-        raise common.PipelineError(f"no checkpoint at {paths.best} — run train.py first")
     for subset in ("test", "unseen"):
-        frame = common.read_embeddings(paths.embeddings[subset], checkpoint_sha256)
+        frame = artifacts.open_embeddings(paths, subset)
         names = list(frame.attrs["class_names"])
-        x, labels = frame[common.embedding_columns(frame)].to_numpy(), frame.label.to_numpy()
+        x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
         counts = np.bincount(labels, minlength=len(names))
         for kind, matrix in (("euclidean", average_euclidean_distances(x, labels, len(names), device)),
                              ("angular", average_cosine_distances(x, labels, len(names)))):
@@ -191,8 +188,8 @@ def run(cfg) -> None:
                 print(f"note: class {name} has {n} {subset} sample(s): its diagonal entry is undefined (n/a)")
             elif n < 10:
                 print(f"note: class {name} has only {n} {subset} samples: its distances rest on very few images")
-    common.save_provenance(paths, "compute_average_distances", [paths.best] + [paths.embeddings[s] for s in
-                           ("test", "unseen")], ["average_*_distances_*.csv", "average_*_distances_*.png"])
+    artifacts.save_provenance(paths, "compute_average_distances", [paths.best] + [paths.embeddings(s) for s in
+                              ("test", "unseen")], ["average_*_distances_*.csv", "average_*_distances_*.png"])
     print(f"\n-> {paths.out}/average_*_distances_*.csv and .png")
 
 

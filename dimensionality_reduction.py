@@ -14,12 +14,14 @@ training images (CLOSE_FAR_SPACE="embedding"), or in the 2-d UMAP plane as the s
 where only the sampled training images have coordinates.
 """
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+import artifacts
 import common
-import dataloader
+import images
 
 SUBSETS = ("train", "test", "unseen")
 
@@ -48,18 +50,28 @@ def cache_umap_compilation() -> int:
     return switched
 
 
-def fit_umap(points: np.ndarray, cfg, cache_dir) -> np.ndarray:
-    """Standardise, then one UMAP fit to 2-d; numba's compiled code is cached on disk."""
-    common.use_numba_cache(cache_dir)
+def fit_umap(points: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
+    """Standardise, then one UMAP fit to 2-d (numba's compiled code cached on disk)."""
     import umap  # imported here: it compiles with numba on first use
     from sklearn.preprocessing import StandardScaler
     cache_umap_compilation()
     scaled = StandardScaler().fit_transform(points)
-    neighbours = max(2, min(cfg.UMAP_NEIGHBORS, len(points) - 1))
-    # a seed makes UMAP reproducible but single-threaded; SEED=None lets it use every core
-    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=cfg.SEED,
-                        n_jobs=1 if cfg.SEED is not None else -1, init="spectral" if len(points) > 10 else "random")
+    neighbours = max(2, min(n_neighbors, len(points) - 1))
+    # a seed makes UMAP reproducible (and single-threaded)
+    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=seed, n_jobs=1,
+                        init="spectral" if len(points) > 10 else "random")
     return reducer.fit_transform(scaled)
+
+
+def plotted_points(frames: dict, limit: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """The points UMAP is fitted on (up to `limit` random rows of each subset) and their
+    label, class_name, path and subset, in the same order."""
+    rng = np.random.default_rng(seed)
+    picked = {s: sample_rows(len(frames[s]), limit, rng) for s in SUBSETS}
+    points = np.concatenate([artifacts.embedding_matrix(frames[s])[picked[s]] for s in SUBSETS])
+    rows = pd.concat([frames[s].iloc[picked[s]][["label", "class_name", "path"]].assign(subset=s)
+                      for s in SUBSETS], ignore_index=True)
+    return points, rows
 
 
 def class_colours(seen: list[str], unseen: list[str]) -> dict[str, tuple]:
@@ -117,7 +129,7 @@ def plot_close_far(frame: pd.DataFrame, rows: list, root, class_name: str, space
                 ax.axis("off")
                 continue
             item = frame.iloc[indices[c]]
-            ax.imshow(dataloader.load_rgb(root / item.path), interpolation="nearest")
+            ax.imshow(images.load_rgb(root / item.path), interpolation="nearest")
             caption = f"d={distances[c]:.2f}"
             if r == 2:
                 caption = f"class {item.class_name}\n{caption}"
@@ -129,51 +141,44 @@ def plot_close_far(frame: pd.DataFrame, rows: list, root, class_name: str, space
     common.save_figure(fig, path)
 
 
-def run(cfg) -> None:
-    paths = common.make_output_dirs(cfg)
-    if not paths.best.is_file():
-        raise common.PipelineError(f"no checkpoint at {paths.best} — run train.py first")
-    checkpoint_sha256 = common.sha256_file(paths.best)
-    frames = {s: common.read_embeddings(paths.embeddings[s], checkpoint_sha256) for s in SUBSETS}
-    if cfg.CLOSE_FAR_SPACE not in ("embedding", "umap"):
-        raise common.PipelineError(f"CLOSE_FAR_SPACE={cfg.CLOSE_FAR_SPACE!r}; use 'embedding' or 'umap'")
-    rng = np.random.default_rng(cfg.SEED)
-    picked = {s: sample_rows(len(f), cfg.UMAP_SAMPLES, rng) for s, f in frames.items()}
+def close_far_figures(coords: pd.DataFrame, train: pd.DataFrame, seen: list[str], root, space: str,
+                      count: int, out) -> None:
+    """For each seen class, its closest and furthest training images and the closest of other
+    classes, measured in the embedding space or in the UMAP plane (sampled training points only)."""
+    if space == "umap":
+        in_plane = coords[coords.subset == "train"]
+        train = train.set_index("path").loc[in_plane.path].reset_index()[train.columns]
+        space_points = in_plane[["x", "y"]].to_numpy()
+    else:
+        space_points = artifacts.embedding_matrix(train)
+    labels = train.label.to_numpy()
+    for i, name in enumerate(seen):
+        members = int((labels == i).sum())
+        if not members:
+            print(f"note: no training images of class {name} in the {space} space; figure skipped")
+            continue
+        closest, furthest, closest_other, centre = close_and_far(space_points, labels, i, count)
+        rows = [(idx, np.linalg.norm(space_points[idx] - centre, axis=1)) for idx in (closest, furthest, closest_other)]
+        if members < 2 * count:
+            print(f"note: class {name} has {members} training images: its closest and furthest rows overlap")
+        plot_close_far(train, rows, root, name, space, out / f"close_faraway_closeotherclass_class_{i}.png", count)
 
-    # ---- UMAP: one fit on everything that is plotted ---------------------------------------------
-    columns = common.embedding_columns(frames["train"])
-    points = np.concatenate([frames[s][columns].to_numpy()[picked[s]] for s in SUBSETS])
+
+def run(cfg) -> None:
+    paths = artifacts.prepare_output_dirs(cfg)
+    frames = {s: artifacts.open_embeddings(paths, s) for s in SUBSETS}
+    points, coords = plotted_points(frames, cfg.UMAP_SAMPLES, cfg.SEED)
     started = time.time()
-    xy = fit_umap(points, cfg, paths.cache)
+    xy = fit_umap(points, cfg.UMAP_NEIGHBORS, cfg.SEED)
     print(f"UMAP fit on {len(points)} points in {time.time() - started:.1f}s")
-    coords = pd.concat([frames[s].iloc[picked[s]][["label", "class_name", "path"]].assign(subset=s)
-                        for s in SUBSETS], ignore_index=True)
     coords["x"], coords["y"] = xy[:, 0], xy[:, 1]
     common.save_csv(coords, paths.out / "umap_coordinates.csv", index=False)
     seen, unseen = frames["train"].attrs["class_names"], frames["unseen"].attrs["class_names"]
     plot_umap(coords, class_colours(seen, unseen), paths.out / "umap_embeddings.png")
-
-    # ---- closest and furthest training images per class ------------------------------------------
-    train = frames["train"]
-    if cfg.CLOSE_FAR_SPACE == "umap":
-        train = train.iloc[picked["train"]].reset_index(drop=True)
-        space_points = coords.loc[coords.subset == "train", ["x", "y"]].to_numpy()
-    else:
-        space_points = train[columns].to_numpy()
-    labels = train.label.to_numpy()
-    root = dataloader.data_dir(cfg)
-    for i, name in enumerate(seen):
-        if not (labels == i).any():
-            print(f"note: no training images of class {name} in the {cfg.CLOSE_FAR_SPACE} space; figure skipped")
-            continue
-        closest, furthest, closest_other, centre = close_and_far(space_points, labels, i, cfg.CLOSE_FAR_COUNT)
-        rows = [(idx, np.linalg.norm(space_points[idx] - centre, axis=1)) for idx in (closest, furthest, closest_other)]
-        if (labels == i).sum() < 2 * cfg.CLOSE_FAR_COUNT:
-            print(f"note: class {name} has {(labels == i).sum()} training images: its closest and furthest rows overlap")
-        plot_close_far(train, rows, root, name, cfg.CLOSE_FAR_SPACE,
-                       paths.out / f"close_faraway_closeotherclass_class_{i}.png", cfg.CLOSE_FAR_COUNT)
-    common.save_provenance(paths, "dimensionality_reduction", [paths.best] + [paths.embeddings[s] for s in SUBSETS],
-                           ["umap_embeddings.png", "umap_coordinates.csv", "close_faraway_closeotherclass_class_*.png"])
+    root = Path(frames["train"].attrs["data_dir"])
+    close_far_figures(coords, frames["train"], seen, root, cfg.CLOSE_FAR_SPACE, cfg.CLOSE_FAR_COUNT, paths.out)
+    artifacts.save_provenance(paths, "dimensionality_reduction", [paths.best] + [paths.embeddings(s) for s in SUBSETS],
+                              ["umap_embeddings.png", "umap_coordinates.csv", "close_faraway_closeotherclass_class_*.png"])
     print(f"-> {paths.out / 'umap_embeddings.png'}, {paths.out}/close_faraway_closeotherclass_class_*.png")
 
 

@@ -10,42 +10,32 @@ Writes: outputs/embeddings_train.pkl, outputs/embeddings_test.pkl, outputs/embed
 """
 import time
 
-import numpy as np
-import pandas as pd
-
+import artifacts
 import common
 import dataloader
-
-
-def embeddings_frame(embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     relpaths: list[str], attrs: dict) -> pd.DataFrame:
-    frame = pd.DataFrame(embeddings.astype(np.float32), columns=[f"e{i}" for i in range(embeddings.shape[1])])
-    frame.insert(0, "path", relpaths)
-    frame.insert(0, "class_name", [class_names[i] for i in labels])
-    frame.insert(0, "label", labels.astype(np.int64))
-    frame.attrs.update(attrs)
-    return frame
+import training
+import trunk_cache
 
 
 def run(cfg) -> None:
-    paths = common.make_output_dirs(cfg)
-    device = common.pick_device(cfg.DEVICE)
-    checkpoint, split, model = dataloader.open_trained_model(cfg, paths, device)
-    checkpoint_sha256 = common.sha256_file(paths.best)
-
-    for subset in ("train", "test", "unseen"):
+    paths = artifacts.prepare_output_dirs(cfg)
+    runtime = dataloader.runtime_from_settings(cfg)
+    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    checkpoint, split = trained.checkpoint, trained.split
+    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
+                                      trained.preprocess, runtime)
+    for subset in artifacts.EMBEDDED_SUBSETS:
         started = time.time()
+        source = trained.source(subset, cache)
+        _, embeddings = training.head_outputs(trained.model, source, runtime)
         relpaths, labels = split.subset(subset)
-        source = dataloader.feature_source(split, subset, model.trunk, checkpoint["trunk_sha256"], cfg,
-                                           paths.cache, device, use_cache=bool(cfg.CACHE_TRUNK))
-        _, embeddings = dataloader.head_outputs(model, source, device, cfg)
-        names = split.unseen_classes if subset == "unseen" else split.seen_classes
-        frame = embeddings_frame(embeddings, labels, names, relpaths, dict(
-            checkpoint_sha256=checkpoint_sha256, split_sha256=split.sha256, subset=subset, class_names=names,
+        names = split.classes(subset)
+        frame = artifacts.embeddings_frame(embeddings, labels, names, relpaths, dict(
+            checkpoint_sha256=trained.sha256, split_sha256=split.sha256, subset=subset, class_names=names,
             data_dir=str(split.root), weights_source=checkpoint["weights_source"]))
-        common.save_pickle(frame, paths.embeddings[subset])
+        artifacts.save_embeddings(frame, paths.embeddings(subset))
         print(f"{subset}: {len(frame)} embeddings of size {embeddings.shape[1]} in {time.time() - started:.1f}s "
-              f"-> {paths.embeddings[subset]}")
+              f"-> {paths.embeddings(subset)}")
 
 
 def main(argv=None):

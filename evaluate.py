@@ -8,29 +8,35 @@ Writes: outputs/test_metrics.csv (per class and overall), outputs/test_metrics.j
 """
 import numpy as np
 import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
 
+import artifacts
 import common
 import dataloader
+import training
+import trunk_cache
 
 FEW = 20  # a per-class figure resting on fewer test images than this is flagged
 
-
-def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    rows = []
-    for i, name in enumerate(class_names):
-        mask = labels == i
-        n = int(mask.sum())
-        rows.append(dict(class_name=name, n_test=n, correct=int((predictions[mask] == i).sum()),
-                         accuracy=float((predictions[mask] == i).mean()) if n else float("nan")))
-    rows.append(dict(class_name="overall", n_test=len(labels), correct=int((predictions == labels).sum()),
-                     accuracy=float((predictions == labels).mean())))
-    return pd.DataFrame(rows)
+# Each metric: (per-class values, overall value) from true and predicted label indices. Adding a
+# metric to the table is one entry here.
+METRICS = {
+    "accuracy": lambda y, p, k: (recall_score(y, p, labels=range(k), average=None, zero_division=np.nan),
+                                 accuracy_score(y, p)),
+}
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, k: int) -> np.ndarray:
-    matrix = np.zeros((k, k), dtype=np.int64)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix
+def metrics_table(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """One row per class and an "overall" row: test images, correct predictions, every metric."""
+    k = len(class_names)
+    counts = np.bincount(labels, minlength=k)
+    hits = np.bincount(labels[predictions == labels], minlength=k)
+    table = pd.DataFrame(dict(class_name=class_names + ["overall"], n_test=list(counts) + [len(labels)],
+                              correct=list(hits) + [int(hits.sum())]))
+    for name, metric in METRICS.items():
+        per_class, overall = metric(labels, predictions, k)
+        table[name] = list(np.asarray(per_class, dtype=float)) + [float(overall)]
+    return table
 
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], accuracy: float, path) -> None:
@@ -53,30 +59,34 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], accuracy: float, 
     common.save_figure(fig, path)
 
 
-def run(cfg) -> None:
-    paths = common.make_output_dirs(cfg)
-    device = common.pick_device(cfg.DEVICE)
-    checkpoint, split, model = dataloader.open_trained_model(cfg, paths, device)
-    print(f"evaluate.py  {paths.best} (epoch {checkpoint['epoch']:.2f}, trunk: {checkpoint['weights_source']})")
-
-    source = dataloader.feature_source(split, "test", model.trunk, checkpoint["trunk_sha256"], cfg, paths.cache,
-                                       device, use_cache=bool(cfg.CACHE_TRUNK))
-    logits, _ = dataloader.head_outputs(model, source, device, cfg)
-    labels, predictions = source.labels.numpy(), logits.argmax(1)
-    names = list(checkpoint["class_names"])
-    table = per_class_accuracy(labels, predictions, names)
-
+def print_table(table: pd.DataFrame) -> None:
     print("Test accuracy for each class:")
     for row in table.itertuples():
         flag = f"  (only {row.n_test} test images: a rough figure)" if row.n_test < FEW else ""
         label = "Total test accuracy" if row.class_name == "overall" else f"  {row.class_name}"
         print(f"{label}: {100 * row.accuracy:.2f}% ({row.correct}/{row.n_test}){flag}")
+
+
+def run(cfg) -> None:
+    paths = artifacts.prepare_output_dirs(cfg)
+    runtime = dataloader.runtime_from_settings(cfg)
+    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    checkpoint = trained.checkpoint
+    print(f"evaluate.py  {paths.best} (epoch {checkpoint['epoch']:.2f}, trunk: {checkpoint['weights_source']})")
+    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
+                                      trained.preprocess, runtime)
+    source = trained.source("test", cache)
+    logits, _ = training.head_outputs(trained.model, source, runtime)
+    labels, predictions = source.labels.numpy(), logits.argmax(1)
+    names = list(checkpoint["class_names"])
+    table = metrics_table(labels, predictions, names)
+    print_table(table)
     common.save_csv(table, paths.out / "test_metrics.csv", index=False)
-    common.save_json(dict(checkpoint_sha256=common.sha256_file(paths.best), split_sha256=split.sha256,
+    common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
                           weights_source=checkpoint["weights_source"], per_class=table.to_dict("records")),
                      paths.out / "test_metrics.json")
-    plot_confusion(confusion_matrix(labels, predictions, len(names)), names, float(table.accuracy.iloc[-1]),
-                   paths.out / "confusion_matrix.png")
+    plot_confusion(confusion_matrix(labels, predictions, labels=range(len(names))), names,
+                   float(table.accuracy.iloc[-1]), paths.out / "confusion_matrix.png")
     print(f"-> {paths.out / 'test_metrics.csv'}, {paths.out / 'confusion_matrix.png'}")
 
 

@@ -9,6 +9,7 @@ outputs/stage_times.json. A finished training run is not repeated (train.py says
 """
 import time
 
+import artifacts
 import common
 import compute_average_distances
 import dimensionality_reduction
@@ -33,7 +34,7 @@ def run(cfg) -> dict:
     print("\n======== stage wall times ========")
     for name, seconds in times.items():
         print(f"{name:>28}: {seconds:7.1f} s")
-    common.save_json(times, common.output_paths(cfg).out / "stage_times.json")
+    common.save_json(times, artifacts.Paths.from_settings(cfg).out / "stage_times.json")
     return times
 
 

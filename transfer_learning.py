@@ -24,9 +24,17 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+import artifacts
 import common
 
-METHODS = ("SVC", "Linear", "kNN")
+# The probes fitted on the embeddings: name -> (training labels, KNN_K, seed) -> an unfitted
+# scikit-learn classifier. Adding a probe is one entry here; its own plot and its line in the
+# all-probes plot follow.
+PROBES = {
+    "SVC": lambda y, k, seed: make_pipeline(StandardScaler(), SVC(kernel="rbf", random_state=seed)),
+    "Linear": lambda y, k, seed: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
+    "kNN": lambda y, k, seed: KNeighborsClassifier(n_neighbors=knn_k(y, k)),
+}
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,34 +77,26 @@ def knn_k(y_train: np.ndarray, k: int) -> int:
     return max(1, min(k, int(np.bincount(y_train)[np.unique(y_train)].min())))
 
 
-def make_classifier(method: str, y_train: np.ndarray, k: int, seed: int):
-    if method == "SVC":
-        return make_pipeline(StandardScaler(), SVC(kernel="rbf", random_state=seed))
-    if method == "Linear":
-        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    return KNeighborsClassifier(n_neighbors=knn_k(y_train, k))
-
-
 def fit_and_score(method, x_train, y_train, x_test, y_test, k, seed) -> float:
-    model = make_classifier(method, y_train, k, seed).fit(x_train, y_train)
+    model = PROBES[method](y_train, k, seed).fit(x_train, y_train)
     return balanced_accuracy_score(y_test, model.predict(x_test))
 
 
-def transfer_curves(x: np.ndarray, labels: np.ndarray, cfg, n_jobs: int = -1) -> pd.DataFrame:
-    """Balanced accuracy on the fixed test part for each method, training size and repeat."""
-    train, test = stratified_split(labels, cfg.TRANSFER_TEST_FRACTION, cfg.SEED)
+def transfer_curves(x: np.ndarray, labels: np.ndarray, test_fraction: float, repeats: int, k: int, seed: int,
+                    n_jobs: int = -1) -> pd.DataFrame:
+    """Balanced accuracy on the fixed test part for each probe, training size and repeat."""
+    train, test = stratified_split(labels, test_fraction, seed)
     n_classes = len(np.unique(labels))
     jobs = []
     for size in training_sizes(len(train), n_classes):
-        for repeat in range(cfg.TRANSFER_REPEATS if size < len(train) else 1):
-            subset = train[stratified_subset(labels[train], size, cfg.SEED * 1000 + repeat)]
-            for method in METHODS:
-                jobs.append((method, size, repeat, subset))
+        for repeat in range(repeats if size < len(train) else 1):
+            subset = train[stratified_subset(labels[train], size, seed * 1000 + repeat)]
+            jobs += [(method, size, repeat, subset) for method in PROBES]
     # threads: the fits are small and release the GIL; worker processes took longer to start (2.8 s vs 0.5 s)
     scores = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(fit_and_score)(m, x[s], labels[s], x[test], labels[test],
-                                                            cfg.KNN_K, cfg.SEED) for m, _, _, s in jobs)
+                                                            k, seed) for m, _, _, s in jobs)
     return pd.DataFrame([dict(method=m, n_train=size, repeat=r, n_test=len(test), balanced_accuracy=score,
-                              k=knn_k(labels[s], cfg.KNN_K) if m == "kNN" else np.nan)
+                              k=knn_k(labels[s], k) if m == "kNN" else np.nan)
                          for (m, size, r, s), score in zip(jobs, scores)])
 
 
@@ -123,10 +123,8 @@ def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path)
 
 
 def run(cfg) -> None:
-    paths = common.make_output_dirs(cfg)
-    if not paths.best.is_file():
-        raise common.PipelineError(f"no checkpoint at {paths.best} — run train.py first")
-    frame = common.read_embeddings(paths.embeddings["unseen"], common.sha256_file(paths.best))
+    paths = artifacts.prepare_output_dirs(cfg)
+    frame = artifacts.open_embeddings(paths, "unseen")
     names = list(frame.attrs["class_names"])
     counts = frame.class_name.value_counts()
     too_few = [c for c in names if counts.get(c, 0) < 2]
@@ -135,23 +133,23 @@ def run(cfg) -> None:
         frame = frame[~frame.class_name.isin(too_few)]
     if frame.class_name.nunique() < 2:
         raise common.PipelineError("transfer learning needs at least two unseen classes with 2 or more images each")
-    x, labels = frame[common.embedding_columns(frame)].to_numpy(), frame.label.to_numpy()
-    results = transfer_curves(x, labels, cfg)
+    x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
+    results = transfer_curves(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.TRANSFER_REPEATS, cfg.KNN_K, cfg.SEED)
     common.save_csv(results, paths.out / "transfer_learning.csv", index=False)
 
     n_classes, n_test = frame.class_name.nunique(), int(results.n_test.iloc[0])
-    summary = results.groupby(["n_train", "method"]).balanced_accuracy.mean().unstack()[list(METHODS)]
+    summary = results.groupby(["n_train", "method"]).balanced_accuracy.mean().unstack()[list(PROBES)]
     print(f"Balanced accuracy on {n_test} held-out unseen images ({n_classes} classes), mean over draws:")
     print(summary.round(4).to_string())
     if n_test < 10 * n_classes:
         print(f"note: the test part has only {n_test} images: each accuracy moves by {1 / n_test:.2f} per image")
     chance = 1.0 / n_classes
     where = f"{n_classes} unseen classes, {n_test} test images"
-    for method in METHODS:
+    for method in PROBES:
         plot_curves(results, [method], chance, f"{method} on the embeddings: {where}", paths.out / f"accuracy_{method}.png")
-    plot_curves(results, METHODS, chance, f"All classifiers: {where}", paths.out / "accuracy_all.png")
-    common.save_provenance(paths, "transfer_learning", [paths.best, paths.embeddings["unseen"]],
-                           ["transfer_learning.csv", "accuracy_*.png"])
+    plot_curves(results, list(PROBES), chance, f"All classifiers: {where}", paths.out / "accuracy_all.png")
+    artifacts.save_provenance(paths, "transfer_learning", [paths.best, paths.embeddings("unseen")],
+                              ["transfer_learning.csv", "accuracy_*.png"])
     print(f"-> {paths.out / 'transfer_learning.csv'}, {paths.out}/accuracy_*.png")
 
 

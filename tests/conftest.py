@@ -1,10 +1,14 @@
-"""Tiny image folders and settings for fast CPU tests; every test works in its own temporary folder."""
+"""Tiny image folders and settings for fast CPU tests; every test works in its own temporary folder.
+Shared helpers for tests that run the scripts as processes."""
+import builtins
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -12,7 +16,9 @@ sys.path.insert(0, str(REPO))
 # one numba cache for the whole session, so UMAP compiles once, not once per test
 os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
 
+import artifacts  # noqa: E402
 import common  # noqa: E402
+import settings  # noqa: E402
 
 
 def make_image_folder(root: Path, classes: dict[str, int], size: int = 24, seed: int = 0) -> Path:
@@ -34,7 +40,7 @@ def make_image_folder(root: Path, classes: dict[str, int], size: int = 24, seed:
 
 def tiny_config(tmp_path: Path, data_dir: Path | None = None, **overrides):
     """The project's settings with every folder inside tmp_path and everything made small."""
-    cfg = common.load_config([])
+    cfg = settings.load_settings([])
     cfg.DATA_DIR = str(data_dir) if data_dir is not None else None
     cfg.BUILTIN_DATA_DIR = str(tmp_path / "digits")
     cfg.OUTPUT_DIR, cfg.CHECKPOINT_DIR = str(tmp_path / "outputs"), str(tmp_path / "checkpoints")
@@ -57,3 +63,55 @@ def tiny_folder(tmp_path):
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_folder):
     return tiny_config(tmp_path, tiny_folder)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+PYTHON = sys.executable
+
+
+def env() -> dict:
+    variables = dict(os.environ)
+    variables.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
+    variables["PYTHONUNBUFFERED"] = "1"
+    variables["OMP_NUM_THREADS"] = "1"  # 2 cores, up to 3 processes at once: threads would only fight
+    return variables
+
+
+def script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, name, *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def dir_args(tmp: Path) -> list[str]:
+    """Every folder a script writes to, inside tmp (never the repository's own outputs/ or cache/)."""
+    return [f"--OUTPUT_DIR={tmp / 'outputs'}", f"--CHECKPOINT_DIR={tmp / 'checkpoints'}",
+            f"--CACHE_DIR={tmp / 'cache'}"]
+
+
+def settings_file(path: Path, **settings) -> Path:
+    """configfile.py with the given settings appended (later assignments win)."""
+    text = (REPO / "configfile.py").read_text() + "\n# ---- test overrides ----\n"
+    text += "".join(f"{key} = {value!r}\n" for key, value in settings.items())
+    path.write_text(text)
+    return path
+
+
+def model_tensors(path: Path) -> dict:
+    return artifacts.open_checkpoint(path)["model"]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+class Exploit:
+    """Unpickling this runs code: it creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({self.marker!r}, 'w').close()",)

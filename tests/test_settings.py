@@ -38,14 +38,6 @@ def test_default_configfile_validates_to_its_own_values():
     assert vars(settings.load_settings([])) == configfile_values()
 
 
-def test_defaults_are_what_common_load_config_gave_plus_trunk():
-    if not hasattr(common, "load_config"):
-        pytest.skip("common.load_config has been retired in favour of settings.load_settings")
-    expected = vars(common.load_config([]))
-    expected.setdefault("TRUNK", "efficientnet_v2_s")
-    assert vars(settings.load_settings([])) == expected
-
-
 # ---- hostile values -------------------------------------------------------------------------------
 
 HOSTILE = [

@@ -1,0 +1,275 @@
+"""The hand-offs between scripts, each with one owner: where every artifact lives (Paths), the
+persisted split, the self-describing checkpoint, the embeddings tables and the provenance records.
+Each is written, opened and checked here and nowhere else.
+
+    split.csv                 relpath, class_name, subset (train/val/test/unseen); drawn once
+    checkpoints/best.pth      model + everything needed to rebuild and trust it (see checkpoint_record)
+    embeddings_<subset>.pkl   pickled DataFrame: label, class_name, path, e0..e<d-1>; attrs = provenance
+    provenance_<stage>.json   SHA-256 of the inputs a stage's tables and figures came from
+"""
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import backbone
+import images
+from common import PipelineError, TMP_MARK, code_version, save_csv, save_json, save_pickle, sha256_file
+from dataloader import FeatureSource, Preprocess, feature_source
+
+SUBSETS = ("train", "val", "test")
+EMBEDDED_SUBSETS = ("train", "test", "unseen")
+META_COLUMNS = ["label", "class_name", "path"]
+EMBEDDING_PREFIX = "e"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every artifact's fixed location (nothing is created by building this)."""
+    out: Path
+    checkpoints: Path
+    cache: Path
+
+    @classmethod
+    def from_settings(cls, cfg) -> "Paths":
+        return cls(Path(cfg.OUTPUT_DIR), Path(cfg.CHECKPOINT_DIR), Path(cfg.CACHE_DIR))
+
+    split = property(lambda self: self.out / "split.csv")
+    bad_images = property(lambda self: self.out / "bad_images.csv")
+    best = property(lambda self: self.checkpoints / "best.pth")
+    last = property(lambda self: self.checkpoints / "last.pth")
+    history = property(lambda self: self.out / "training_history.csv")
+    training_plot = property(lambda self: self.out / "training_plot.png")
+
+    def embeddings(self, subset: str) -> Path:
+        return self.out / f"embeddings_{subset}.pkl"
+
+    def scan_cache(self, root: Path) -> Path:
+        import hashlib
+        return self.cache / f"scan_{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.csv"
+
+
+def prepare_output_dirs(cfg) -> Paths:
+    """Create the output tree and remove temporary files that a killed run left behind."""
+    paths = Paths.from_settings(cfg)
+    for folder in (paths.out, paths.checkpoints, paths.cache):
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.rglob(f"*{TMP_MARK}*"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+    return paths
+
+
+# ---- the split -----------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    root: Path
+    table: pd.DataFrame  # relpath, class_name, subset
+    seen_classes: list[str]
+    unseen_classes: list[str]
+    sha256: str
+
+    def subset(self, name: str) -> tuple[list[str], np.ndarray]:
+        """Relative paths and label indices of train/val/test (seen) or unseen."""
+        part = self.table[self.table.subset == name]
+        classes = self.unseen_classes if name == "unseen" else self.seen_classes
+        index = {c: i for i, c in enumerate(classes)}
+        return list(part.relpath), np.array([index[c] for c in part.class_name], dtype=np.int64)
+
+    def classes(self, name: str) -> list[str]:
+        return self.unseen_classes if name == "unseen" else self.seen_classes
+
+
+def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], create: bool,
+                  bad_images: str = "skip", val_fraction: float = 0.05, test_fraction: float = 0.2,
+                  seed: int = 0) -> Split:
+    """Find and check the images, then draw the split (create=True) or verify the persisted one.
+
+    A split that no longer matches the usable images on disk stops the run: re-drawing it
+    silently could move test images into training."""
+    seen, unseen = list(seen), list(unseen)
+    usable = images.usable_images(root, seen, unseen, paths.scan_cache(root), paths.bad_images, bad_images)
+    if create:  # train.py reports the data; later scripts only check it
+        images.print_class_counts("Seen classes", seen, {c: len(usable[c]) for c in seen})
+        images.print_class_counts("Unseen classes", unseen, {c: len(usable[c]) for c in unseen})
+    if paths.split.is_file():
+        table = pd.read_csv(paths.split, dtype=str, keep_default_na=False)
+        _check_split_matches(table, usable, seen, unseen, paths.split)
+    elif not create:
+        raise PipelineError(f"no split file at {paths.split} — run train.py first")
+    else:
+        table = images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen},
+                                  val_fraction, test_fraction, seed)
+        save_csv(table, paths.split, index=False)
+        print(f"split drawn and saved to {paths.split}")
+    counts = table.subset.value_counts()
+    print("split: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in SUBSETS + ("unseen",)) + " images")
+    return Split(root, table, seen, unseen, sha256_file(paths.split))
+
+
+def split_from_settings(cfg, paths: Paths, create: bool) -> Split:
+    """The split for the settings' data folder and classes (train.py)."""
+    root = images.data_dir(cfg.DATA_DIR, cfg.BUILTIN_DATA_DIR)
+    return prepare_split(paths, root, cfg.SEEN_CLASSES, cfg.UNSEEN_CLASSES, create, cfg.BAD_IMAGES,
+                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED)
+
+
+def _check_split_matches(table, usable, seen_names, unseen_names, split_path) -> None:
+    fix = (f"set OUTPUT_DIR and CHECKPOINT_DIR to new folders for a new run, or delete {split_path} "
+           f"and checkpoints to re-split and retrain")
+    split_seen = list(dict.fromkeys(table.class_name[table.subset != "unseen"]))
+    split_unseen = list(dict.fromkeys(table.class_name[table.subset == "unseen"]))
+    if split_seen != seen_names or split_unseen != unseen_names:
+        raise PipelineError(f"{split_path} was drawn for seen {split_seen} / unseen {split_unseen}, "
+                            f"but the settings now say {seen_names} / {unseen_names}; {fix}")
+    on_disk = {f for files in usable.values() for f in files}
+    in_split = set(table.relpath)
+    added, removed = on_disk - in_split, in_split - on_disk
+    if added or removed:
+        example = sorted(added or removed)[0]
+        raise PipelineError(f"the images changed since {split_path} was drawn ({len(added)} added, "
+                            f"{len(removed)} removed or unreadable, e.g. {example}); {fix}")
+
+
+# ---- the checkpoint ------------------------------------------------------------------------------
+
+def checkpoint_record(model: torch.nn.Module, arch: dict, preprocess: Preprocess, split: Split,
+                      weights_source: str, trunk_sha256: str, settings: dict, **extra) -> dict:
+    """A self-describing checkpoint: what a later script needs to rebuild and trust the model.
+    Only tensors and plain values, so that it loads with torch.load(weights_only=True)."""
+    return dict(model={k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                arch=arch, class_names=list(split.seen_classes), unseen_classes=list(split.unseen_classes),
+                image_size=preprocess.image_size, resize_mode=preprocess.resize_mode,
+                normalization=dict(mean=list(preprocess.mean), std=list(preprocess.std)),
+                weights_source=weights_source, trunk_sha256=trunk_sha256, split_sha256=split.sha256,
+                data_dir=str(split.root), config=settings, code_version=code_version(), **extra)
+
+
+def open_checkpoint(path: Path, step_hint: str = "run train.py first") -> dict:
+    """Load a checkpoint safely (tensors and plain values only) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"no checkpoint at {path} — {step_hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a refused pickle, a truncated file, not a checkpoint at all
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"cannot load {path} safely ({first_line}); delete it and re-run train.py")
+
+
+def check_checkpoint(checkpoint: dict, cfg, path: Path) -> None:
+    """The checkpoint must belong to the current settings: same classes, images and data folder."""
+    redo = "restore them or re-run train.py --RESUME=False"
+    trained = (list(checkpoint["class_names"]), list(checkpoint.get("unseen_classes", cfg.UNSEEN_CLASSES)))
+    if trained != (list(cfg.SEEN_CLASSES), list(cfg.UNSEEN_CLASSES)):
+        raise PipelineError(f"{path} was trained with seen classes {trained[0]} / unseen {trained[1]}, but the "
+                            f"settings say {list(cfg.SEEN_CLASSES)} / {list(cfg.UNSEEN_CLASSES)}; {redo}")
+    if checkpoint["image_size"] != cfg.IMAGE_SIZE or checkpoint["resize_mode"] != cfg.RESIZE_MODE:
+        raise PipelineError(f"{path} was trained on {checkpoint['image_size']}px images ({checkpoint['resize_mode']}),"
+                            f" but the settings say {cfg.IMAGE_SIZE}px ({cfg.RESIZE_MODE}); {redo}")
+    trunk = checkpoint["arch"].get("trunk", backbone.DEFAULT_TRUNK)
+    if trunk != getattr(cfg, "TRUNK", backbone.DEFAULT_TRUNK):
+        raise PipelineError(f"{path} was trained with TRUNK={trunk!r}, but the settings say {cfg.TRUNK!r}; {redo}")
+    root = images.data_dir(cfg.DATA_DIR, cfg.BUILTIN_DATA_DIR)
+    if str(root) != checkpoint["data_dir"]:
+        raise PipelineError(f"{path} was trained on images in {checkpoint['data_dir']}, but DATA_DIR is now "
+                            f"{root}; {redo}")
+
+
+@dataclass
+class TrainedModel:
+    """The trained model with the checkpoint it came from and the split it was trained on."""
+    checkpoint: dict
+    sha256: str  # of the checkpoint file
+    split: Split
+    model: torch.nn.Module
+    preprocess: Preprocess
+
+    def source(self, subset: str, cache=None) -> FeatureSource:
+        """A subset's trunk features (through `cache`, a trunk_cache.TrunkCache, if given)."""
+        relpaths, labels = self.split.subset(subset)
+        return feature_source(self.split.root, relpaths, labels, self.preprocess, cache)
+
+
+def open_trained_model(cfg, paths: Paths, device: torch.device, channels_last: bool = True) -> TrainedModel:
+    """best.pth rebuilt on `device`, after every check: it exists and loads safely, it belongs to the
+    current settings, and the split on disk is the one it was trained on and still matches the
+    images. Image size, normalisation, classes and data folder come from the checkpoint."""
+    checkpoint = open_checkpoint(paths.best)
+    check_checkpoint(checkpoint, cfg, paths.best)
+    split = prepare_split(paths, Path(checkpoint["data_dir"]), checkpoint["class_names"],
+                          checkpoint["unseen_classes"], create=False)
+    if checkpoint["split_sha256"] != split.sha256:
+        raise PipelineError(f"{paths.best} was trained on another split.csv than the one in {paths.out}; "
+                            f"re-run train.py --RESUME=False")
+    model = backbone.model_from_checkpoint(checkpoint, device, channels_last)
+    return TrainedModel(checkpoint, file_sha256(paths.best), split, model, Preprocess.from_checkpoint(checkpoint))
+
+
+# ---- embeddings ----------------------------------------------------------------------------------
+
+def embeddings_frame(embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
+                     relpaths: list[str], attrs: dict) -> pd.DataFrame:
+    """label, class_name, path, e0..e<d-1> (float32); attrs record where the numbers came from."""
+    columns = [f"{EMBEDDING_PREFIX}{i}" for i in range(embeddings.shape[1])]
+    frame = pd.DataFrame(embeddings.astype(np.float32), columns=columns)
+    frame.insert(0, "path", relpaths)
+    frame.insert(0, "class_name", [class_names[i] for i in labels])
+    frame.insert(0, "label", labels.astype(np.int64))
+    frame.attrs.update(attrs)
+    return frame
+
+
+def save_embeddings(frame: pd.DataFrame, path: Path) -> None:
+    save_pickle(frame, path)
+
+
+def embedding_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if str(c).startswith(EMBEDDING_PREFIX) and str(c)[1:].isdigit()]
+
+
+def embedding_matrix(frame: pd.DataFrame) -> np.ndarray:
+    return frame[embedding_columns(frame)].to_numpy()
+
+
+def open_embeddings(paths: Paths, subset: str) -> pd.DataFrame:
+    """One subset's embeddings, refused unless they were made from the current best.pth."""
+    if not paths.best.is_file():
+        raise PipelineError(f"no checkpoint at {paths.best} — run train.py first")
+    path = paths.embeddings(subset)
+    if not path.is_file():
+        raise PipelineError(f"no embeddings at {path} — run embed.py first")
+    try:
+        frame = pd.read_pickle(path)
+    except Exception as err:  # truncated or not a pickle
+        raise PipelineError(f"cannot read {path} ({type(err).__name__}); re-run embed.py")
+    if not isinstance(frame, pd.DataFrame) or list(frame.columns[:3]) != META_COLUMNS:
+        raise PipelineError(f"{path} is not an embeddings table from embed.py; re-run embed.py")
+    if frame.attrs.get("checkpoint_sha256") != file_sha256(paths.best):
+        raise PipelineError(f"{path} was made from another checkpoint than the current {paths.best} — "
+                            f"re-run embed.py")
+    return frame
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per process for each (path, size, modification time)."""
+    st = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def save_provenance(paths: Paths, stage: str, inputs: list[Path], outputs: list[str]) -> None:
+    """provenance_<stage>.json: the SHA-256 of each input a stage's tables and figures came from."""
+    save_json(dict(stage=stage, code_version=code_version(), outputs=outputs,
+                   inputs={str(p): sha256_file(p) for p in inputs}), paths.out / f"provenance_{stage}.json")

@@ -1,0 +1,51 @@
+"""Class-pair distances and transfer learning against brute-force references."""
+import numpy as np
+import pytest
+
+import compute_average_distances as cad
+import transfer_learning
+
+
+@pytest.mark.parametrize("block", [3, 512])
+def test_average_distances_equal_brute_force(block):
+    rng = np.random.default_rng(0)
+    sizes = [1, 2, 17, 40, 9]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(labels)
+    x = rng.normal(size=(len(labels), 16)) * 0.2 + rng.normal(size=(len(sizes), 16))[labels] + 30.0
+    euclid = cad.average_euclidean_distances(x, labels, len(sizes), block=block)
+    cosine = cad.average_cosine_distances(x, labels, len(sizes))
+    for fast, metric in ((euclid, "euclidean"), (cosine, "cosine")):
+        slow = cad.brute_force_average_distances(x, labels, len(sizes), metric)
+        assert np.isnan(fast[0, 0]) and np.isnan(slow[0, 0])  # one sample: no distinct pairs
+        mask = ~np.isnan(slow)
+        np.testing.assert_allclose(fast[mask], slow[mask], rtol=1e-6)
+        np.testing.assert_allclose(fast, fast.T, rtol=1e-12)
+
+
+def test_cosine_distance_treats_a_zero_vector_as_orthogonal():
+    x = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    matrix = cad.average_cosine_distances(x, np.array([0, 0, 1]), 2)
+    assert matrix[0, 0] == pytest.approx(1.0)  # cos(u, 0) counts as 0
+    assert matrix[0, 1] == pytest.approx(1 - (np.sqrt(0.5) + 0) / 2)
+
+
+def test_transfer_learning_learns_well_separated_embeddings():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 60)
+    x = rng.normal(size=(180, 128)) + 6.0 * np.eye(3, 128)[labels] * 3
+    results = transfer_learning.transfer_curves(x, labels, test_fraction=0.3, repeats=2, k=10, seed=0, n_jobs=1)
+    full = results[results.n_train == results.n_train.max()].groupby("method").balanced_accuracy.mean()
+    assert set(full.index) == set(transfer_learning.PROBES) and (full > 0.95).all()
+    assert results.n_train.min() == 3  # one per class
+    shuffled = transfer_learning.transfer_curves(x, rng.permutation(labels), 0.3, 2, 10, 0, n_jobs=1)
+    assert shuffled[shuffled.n_train == shuffled.n_train.max()].balanced_accuracy.mean() < 0.6
+
+
+def test_stratified_subset_has_every_class_and_the_size_asked():
+    labels = np.array([0] * 50 + [1] * 5 + [2] * 45)
+    for size in (3, 10, 37, 100):
+        picked = transfer_learning.stratified_subset(labels, size, seed=0)
+        assert len(picked) == size and len(set(picked)) == size
+        assert set(labels[picked]) == {0, 1, 2}
+

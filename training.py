@@ -1,0 +1,136 @@
+"""Reusable pieces of training and inference: placing a model on its device, the epoch's batches,
+one training epoch with validation passes, the state that is saved and restored to resume, and
+running the head over a subset. train.py strings them into the study's recipe; bench.py times them."""
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataloader import FeatureSource, Runtime, feature_batches, in_order
+
+
+def place_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """Move the model to the runtime's device; the trunk in channels-last layout if asked."""
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.trunk.to(memory_format=torch.channels_last)
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """A shuffled order for one epoch that depends only on (seed, epoch): resumable, device-free."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def validation_points(n_batches: int, per_epoch: int) -> set[int]:
+    """Indices of the batches after which to validate: evenly spread, the last batch always."""
+    passes = max(1, min(per_epoch, n_batches))
+    return {int(round((k + 1) * n_batches / passes)) - 1 for k in range(passes)}
+
+
+# ---- the state that survives a kill --------------------------------------------------------------
+
+@dataclass
+class TrainingState:
+    """Where training stands; with the model, optimizer and RNG it is what last.pth holds."""
+    epoch: int = -1  # last completed epoch (-1: none yet)
+    history: list = field(default_factory=list)  # one dict per validation pass
+    best_val_loss: float = float("inf")
+    best_epoch: float = 0.0
+    bad_passes: int = 0  # validation passes since the best one
+    finished: bool = False
+    stop_reason: str = ""
+
+    def record(self, model, optimizer) -> dict:
+        """The resumable part of last.pth: this state, the optimizer and the RNG states."""
+        return dict(asdict(self), optimizer=optimizer.state_dict(), rng=rng_states())
+
+    @classmethod
+    def restore(cls, last: dict, model, optimizer) -> "TrainingState":
+        """Load a last.pth's model, optimizer and RNG states; return its training state."""
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        restore_rng(last["rng"])
+        names = cls.__dataclass_fields__
+        return cls(**{k: (list(v) if k == "history" else v) for k, v in last.items() if k in names})
+
+    def improved(self, val_loss: float, position: float) -> bool:
+        """Count a validation pass; True when it is the best so far."""
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_epoch, self.bad_passes = val_loss, position, 0
+            return True
+        self.bad_passes += 1
+        return False
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- one epoch -----------------------------------------------------------------------------------
+
+def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runtime: Runtime, checks: set,
+                    on_check, seed: int = 0, desc: str = "") -> bool:
+    """Train the head over `batches`; after each batch in `checks` call on_check(b, train_loss,
+    train_acc) with the running figures since the last check. Return True if on_check asked to stop."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(feature_batches(source, batches, model.trunk, runtime, seed=seed), total=len(batches),
+               desc=desc, leave=False, disable=None)
+    try:
+        for b, (features, labels) in enumerate(bar):
+            logits, _ = model.forward_head(features)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(labels)  # .item() also waits for CUDA, every batch
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            if b in checks:
+                stop = on_check(b, loss_sum / seen, correct / seen)
+                model.train()
+                loss_sum, correct, seen = 0.0, 0, 0
+                if stop:
+                    return True
+        return False
+    finally:
+        bar.close()
+
+
+@torch.no_grad()
+def evaluate_loss(model, source: FeatureSource, runtime: Runtime) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the model on a FeatureSource (eval mode)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for features, labels in feature_batches(source, in_order(len(source), runtime.batch_size), model.trunk, runtime):
+        logits, _ = model.forward_head(features)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+    return loss_sum / len(source), correct / len(source)
+
+
+@torch.inference_mode()
+def head_outputs(model, source: FeatureSource, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embeddings) of every item of a FeatureSource, in order, model in eval mode."""
+    model.eval()
+    logits, embeddings = [], []
+    for features, _ in feature_batches(source, in_order(len(source), runtime.batch_size), model.trunk, runtime):
+        out, emb = model.forward_head(features)
+        logits.append(out.float().cpu().numpy())
+        embeddings.append(emb.float().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(embeddings)
