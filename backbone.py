@@ -1,74 +1,180 @@
-"""The classifier: a frozen, ImageNet-pretrained EfficientNetV2-S trunk cut after its first four
-feature blocks, and a small trainable head whose second-to-last layer is the embedding.
+"""The classifier: a frozen, ImageNet-pretrained torchvision trunk cut after its stride-8 stage, and a
+small trainable head whose second-to-last layer is the embedding.
 
-    trunk (frozen):  stem + 3 stages of torchvision's efficientnet_v2_s  -> 64 x S/8 x S/8
-    head:            2 x (Conv 3x3 64->64, BatchNorm, ReLU), MaxPool 2, Flatten
+    trunk (frozen):  the first blocks of a torchvision model (TRUNKS)     -> C x S/8 x S/8
+    head:            Conv 3x3 C->64, BatchNorm, ReLU, Conv 3x3 64->64, BatchNorm, ReLU, MaxPool 2, Flatten
     embed:           Linear(-> EMBEDDING_DIM), ReLU, Dropout
     classifier:      Linear(EMBEDDING_DIM -> classes)
+
+The study's trunk is efficientnet_v2_s (C = 64); TRUNKS lists the others. Adding one is one entry
+there (and its parameter-count test in tests/test_backbone.py).
 """
+import copy
+import functools
 import hashlib
 import os
 import socket
 import sys
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
-from torchvision.models import EfficientNet_V2_S_Weights, efficientnet_v2_s
+from torchvision.models import (ConvNeXt_Tiny_Weights, EfficientNet_V2_S_Weights, ResNet18_Weights,
+                                ResNet50_Weights, WeightsEnum, convnext_tiny, efficientnet_v2_s, resnet18,
+                                resnet50)
+from torchvision.models.convnext import CNBlock
 
 from common import PipelineError
 
-TRUNK_BLOCKS = 4  # stem + three stages
-TRUNK_CHANNELS = 64
-IMAGENET_WEIGHTS = EfficientNet_V2_S_Weights.IMAGENET1K_V1
-IMAGENET_MEAN = list(IMAGENET_WEIGHTS.transforms().mean)  # the normalisation these weights expect
-IMAGENET_STD = list(IMAGENET_WEIGHTS.transforms().std)
+DEFAULT_TRUNK = "efficientnet_v2_s"  # the study's; also what a checkpoint without arch["trunk"] used
+HEAD_CHANNELS = 64  # the head's convolutions, whatever the trunk gives them
+CONVNEXT_LAYER_SCALE = 1e-6  # torchvision's ConvNeXt default for every block's layer_scale
 
 
-def trunk_output_size(image_size: int) -> int:
-    """Side of the trunk's feature map: three stride-2 convolutions with padding 1."""
-    side = image_size
-    for _ in range(3):
-        side = (side - 1) // 2 + 1
-    return side
+# ---- the trunk table -----------------------------------------------------------------------------
 
-
-def build_trunk() -> nn.Sequential:
-    """torchvision's efficientnet_v2_s up to its fourth feature block, randomly initialised as
-    torchvision initialises it. The whole network is laid out on the "meta" device (no memory, no
-    initialisation) and only the kept blocks are materialised: building and initialising all 21M
-    parameters took 0.36 s, three times per pipeline run, for blocks that are thrown away."""
-    with torch.device("meta"):
-        trunk = efficientnet_v2_s(weights=None).features[:TRUNK_BLOCKS]
-    trunk.to_empty(device="cpu")
-    for module in trunk.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
+def _init_kaiming_fan_out(module: nn.Module) -> None:
+    """torchvision's EfficientNet and ResNet initialisation loops, for the layers their trunks hold
+    (ResNet's nonlinearity="relu" has the same gain, sqrt(2), as the default: the same draws)."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out")
+        if module.bias is not None:
             nn.init.zeros_(module.bias)
-            module.reset_running_stats()
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+        module.reset_running_stats()
+
+
+def _init_convnext(module: nn.Module) -> None:
+    """torchvision's ConvNeXt: truncated normal (std 0.02) for convolutions and linear layers; the
+    LayerNorms keep PyTorch's defaults, and layer_scale is set by CNBlock's constructor, which a
+    meta-device build never ran on real memory."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        module.reset_parameters()
+    elif isinstance(module, CNBlock):
+        nn.init.constant_(module.layer_scale, CONVNEXT_LAYER_SCALE)
+
+
+def _first_features(blocks: int) -> Callable[[nn.Module], nn.Sequential]:
+    """Cut for EfficientNet and ConvNeXt: the first `blocks` children of model.features."""
+    return lambda model: model.features[:blocks]
+
+
+def _resnet_to_layer2(model: nn.Module) -> nn.Sequential:
+    """Cut for ResNet: stem and layer1-2 under torchvision's own names, so the keys need no prefix."""
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2")
+    return nn.Sequential(OrderedDict((name, getattr(model, name)) for name in names))
+
+
+@dataclass(frozen=True)
+class TrunkSpec:
+    builder: Callable[..., nn.Module]  # torchvision's constructor of the full model
+    weights: WeightsEnum  # its ImageNet weights: the URL, the cached file's name, the normalisation
+    cut: Callable[[nn.Module], nn.Sequential]  # full model -> the kept blocks (the Sequential's children)
+    prefix: str  # a full model's state-dict key is prefix + the trunk's key
+    channels: int  # of the trunk's output
+    init_module: Callable[[nn.Module], None]  # torchvision's initialisation, applied to each module
+
+
+TRUNKS: dict[str, TrunkSpec] = {
+    # stem + 3 stages, stride 8: the study's trunk
+    "efficientnet_v2_s": TrunkSpec(efficientnet_v2_s, EfficientNet_V2_S_Weights.IMAGENET1K_V1,
+                                   _first_features(4), "features.", 64, _init_kaiming_fan_out),
+    "resnet18": TrunkSpec(resnet18, ResNet18_Weights.IMAGENET1K_V1, _resnet_to_layer2, "", 128,
+                          _init_kaiming_fan_out),
+    # IMAGENET1K_V2: torchvision's better recipe (80.9% vs 76.1% top-1), same layers
+    "resnet50": TrunkSpec(resnet50, ResNet50_Weights.IMAGENET1K_V2, _resnet_to_layer2, "", 512,
+                          _init_kaiming_fan_out),
+    # stem (stride 4), stage 1, downsampling, stage 2
+    "convnext_tiny": TrunkSpec(convnext_tiny, ConvNeXt_Tiny_Weights.IMAGENET1K_V1, _first_features(4),
+                               "features.", 192, _init_convnext),
+}
+
+
+def trunk_spec(trunk_name: str) -> TrunkSpec:
+    if trunk_name not in TRUNKS:
+        raise PipelineError(f"TRUNK={trunk_name!r} is not a known trunk; choose one of: {', '.join(TRUNKS)}")
+    return TRUNKS[trunk_name]
+
+
+def normalization(trunk_name: str) -> tuple[list[float], list[float]]:
+    """(mean, std) per RGB channel that the trunk's ImageNet weights expect of a [0, 1] image."""
+    transforms = trunk_spec(trunk_name).weights.transforms()
+    return [float(m) for m in transforms.mean], [float(s) for s in transforms.std]
+
+
+IMAGENET_MEAN, IMAGENET_STD = normalization(DEFAULT_TRUNK)  # for code that predates the table
+
+
+@functools.cache
+def _meta_trunk(trunk_name: str) -> nn.Sequential:
+    """The trunk's layout on the "meta" device, in eval mode: no memory, no initialisation, no
+    random draws. Shared, so never materialised or changed itself; build_trunk copies it."""
+    spec = trunk_spec(trunk_name)
+    with torch.device("meta"):
+        return spec.cut(spec.builder(weights=None)).eval()
+
+
+def trunk_output_shape(trunk_name: str, image_size: int) -> tuple[int, int, int]:
+    """(channels, height, width) of the trunk's output for a square image: a forward pass on the
+    meta device computes the shapes only, so no arithmetic has to follow the layers by hand."""
+    trunk = _meta_trunk(trunk_name)
+    try:
+        with torch.no_grad():
+            out = trunk(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except RuntimeError:  # a kernel larger than what is left of the image
+        raise PipelineError(f"IMAGE_SIZE={image_size} is too small for the {trunk_name} trunk; use 16 or more")
+    channels, height, width = out.shape[1:]
+    return int(channels), int(height), int(width)
+
+
+def trunk_output_size(image_size: int, trunk_name: str = DEFAULT_TRUNK) -> int:
+    """Side of the trunk's square feature map (older name; trunk_output_shape gives all three)."""
+    return trunk_output_shape(trunk_name, image_size)[1]
+
+
+def build_trunk(trunk_name: str = DEFAULT_TRUNK) -> nn.Sequential:
+    """The trunk's blocks, randomly initialised as torchvision initialises them, in eval mode.
+    Only the kept blocks get memory: building and initialising a whole ResNet-50 or
+    EfficientNetV2-S (21-26M parameters) for the 0.7-1.4M kept ones took most of a model build.
+    efficientnet_v2_s draws exactly what it drew before the table (a test checks), so a seed
+    still gives the study's model."""
+    spec = trunk_spec(trunk_name)
+    trunk = copy.deepcopy(_meta_trunk(trunk_name))
+    trunk.to_empty(device="cpu")  # uninitialised memory: init_module must set every tensor (a test checks)
+    for module in trunk.modules():
+        spec.init_module(module)
     return trunk
 
 
+# ---- the model -----------------------------------------------------------------------------------
+
 class PlanktonNet(nn.Module):
     def __init__(self, num_classes: int, image_size: int = 128, embedding_dim: int = 128,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, trunk: str = DEFAULT_TRUNK):
         super().__init__()
-        self.trunk = build_trunk()
+        channels, height, width = trunk_output_shape(trunk, image_size)  # checks the name and the size
+        pooled = (height // 2) * (width // 2)
+        if pooled < 1:
+            raise PipelineError(f"IMAGE_SIZE={image_size} is too small for the {trunk} trunk; use 16 or more")
+        self.trunk_name = trunk
+        self.trunk = build_trunk(trunk)
         for p in self.trunk.parameters():
             p.requires_grad_(False)
         self.head = nn.Sequential(
-            nn.Conv2d(TRUNK_CHANNELS, TRUNK_CHANNELS, 3, padding=1), nn.BatchNorm2d(TRUNK_CHANNELS), nn.ReLU(),
-            nn.Conv2d(TRUNK_CHANNELS, TRUNK_CHANNELS, 3, padding=1), nn.BatchNorm2d(TRUNK_CHANNELS), nn.ReLU(),
+            nn.Conv2d(channels, HEAD_CHANNELS, 3, padding=1), nn.BatchNorm2d(HEAD_CHANNELS), nn.ReLU(),
+            nn.Conv2d(HEAD_CHANNELS, HEAD_CHANNELS, 3, padding=1), nn.BatchNorm2d(HEAD_CHANNELS), nn.ReLU(),
             nn.MaxPool2d(2), nn.Flatten(),
         )
-        pooled = trunk_output_size(image_size) // 2
-        if pooled < 1:
-            raise PipelineError(f"IMAGE_SIZE={image_size} is too small for this trunk; use 16 or more")
-        self.embed = nn.Sequential(nn.Linear(TRUNK_CHANNELS * pooled * pooled, embedding_dim), nn.ReLU(),
+        self.embed = nn.Sequential(nn.Linear(HEAD_CHANNELS * pooled, embedding_dim), nn.ReLU(),
                                    nn.Dropout(dropout))
         self.classifier = nn.Linear(embedding_dim, num_classes)
         self.trunk.eval()
@@ -90,50 +196,80 @@ class PlanktonNet(nn.Module):
         return self.forward_head(trunk_features)
 
 
-DEFAULT_TRUNK = "efficientnet_v2_s"
+def architecture_args(num_classes: int, image_size: int, embedding_dim: int = 128, dropout: float = 0.2,
+                      trunk: str = DEFAULT_TRUNK) -> dict:
+    """What a checkpoint stores as "arch", and build_model rebuilds from."""
+    trunk_spec(trunk)  # an unknown name fails here, before anything is built or written
+    return dict(num_classes=int(num_classes), image_size=int(image_size), embedding_dim=int(embedding_dim),
+                dropout=float(dropout), trunk=str(trunk))
 
 
-def normalization(trunk):
-    return IMAGENET_MEAN, IMAGENET_STD
+def build_model(arch: dict) -> PlanktonNet:
+    """Checkpoints made before the trunk table have no "trunk": they all used the study's."""
+    return PlanktonNet(**{"trunk": DEFAULT_TRUNK, **arch})
 
 
-def architecture_args(num_classes, image_size, embedding_dim, dropout, trunk) -> dict:
-    return dict(num_classes=num_classes, image_size=int(image_size),
-                embedding_dim=int(embedding_dim), dropout=float(dropout), trunk=trunk)
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def model_from_checkpoint(checkpoint: dict, device: torch.device, channels_last: bool = True) -> PlanktonNet:
+    """Rebuild the trained model from what the checkpoint says, in eval mode on `device`."""
+    model = build_model(checkpoint["arch"])
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    if channels_last:
+        model.trunk.to(memory_format=torch.channels_last)
+    return model
 
 
 # ---- trunk weights -------------------------------------------------------------------------------
 
-def imagenet_weights_path() -> Path:
-    """Where torchvision looks for the ImageNet file: $TORCH_HOME/hub/checkpoints/<name>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(IMAGENET_WEIGHTS.url)
+def imagenet_weights_path(trunk_name: str = DEFAULT_TRUNK) -> Path:
+    """Where torchvision looks for the trunk's ImageNet file: $TORCH_HOME/hub/checkpoints/<name>."""
+    url = trunk_spec(trunk_name).weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def check_published_hash(path: Path) -> None:
+def check_published_hash(path: Path, url: str) -> None:
     """torchvision's file names end in the first hex digits of the file's SHA-256."""
     prefix = path.stem.rsplit("-", 1)[-1]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if not digest.startswith(prefix):
         raise PipelineError(f"{path} is corrupt or incomplete (SHA-256 {digest[:8]}…, the name says {prefix}); "
-                            f"delete it and download {IMAGENET_WEIGHTS.url} again")
+                            f"delete it and download {url} again")
 
 
-def _load_trunk_state(model: PlanktonNet, state: dict, source: str) -> None:
-    """Accept a full efficientnet_v2_s state dict ("features.N...") or a trunk-only one."""
-    for prefix in ("trunk.", "features."):  # a PlanktonNet checkpoint, or a full torchvision model
-        if any(k.startswith(prefix) for k in state):
+def _not_a(trunk_name: str) -> str:
+    return f"is not {'an' if trunk_name[0] in 'aeiou' else 'a'} {trunk_name} state dict"
+
+
+def _load_trunk_state(model: PlanktonNet, state, source: str) -> None:
+    """Accept a full torchvision state dict (keys spec.prefix + trunk key), a trunk-only one, or a
+    PlanktonNet's ("trunk." + trunk key). Nothing is loaded unless every tensor fits."""
+    name = model.trunk_name
+    if not isinstance(state, dict):
+        raise PipelineError(f"{source} {_not_a(name)} (it holds a {type(state).__name__})")
+    for prefix in ("trunk.", TRUNKS[name].prefix):
+        if prefix and any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    wanted = model.trunk.state_dict().keys()
+    wanted = model.trunk.state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
-        raise PipelineError(f"{source} is not an efficientnet_v2_s state dict (missing {missing[0]} and "
-                            f"{len(missing) - 1} more)")
+        raise PipelineError(f"{source} {_not_a(name)} (missing {missing[0]} and {len(missing) - 1} more)")
+    for key, tensor in wanted.items():
+        shape = getattr(state[key], "shape", None)
+        if shape != tensor.shape:  # same names, other sizes: e.g. resnet50's file for a resnet18 trunk
+            found = list(shape) if shape is not None else type(state[key]).__name__
+            raise PipelineError(f"{source} {_not_a(name)} ({key}: {found}, expected shape {list(tensor.shape)})")
     model.trunk.load_state_dict({k: state[k] for k in wanted})
 
 
 def _load_file(model: PlanktonNet, path: Path, check_hash: bool) -> None:
     if check_hash:
-        check_published_hash(path)
+        check_published_hash(path, TRUNKS[model.trunk_name].weights.url)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -151,53 +287,34 @@ def load_trunk_weights(model: PlanktonNet, setting) -> str:
             raise PipelineError(f"WEIGHTS={setting!r}: no such file")
         _load_file(model, path, check_hash=False)
         return f"local file {path}"
-    cached = imagenet_weights_path()
+    url = TRUNKS[model.trunk_name].weights.url
+    cached = imagenet_weights_path(model.trunk_name)
     if cached.is_file():
         _load_file(model, cached, check_hash=True)
         return f"ImageNet ({cached.name})"
     if setting == "auto":
-        reason = _try_download(cached)
+        reason = _try_download(url, cached)
         if reason is None:
             _load_file(model, cached, check_hash=True)
             return f"ImageNet ({cached.name}, downloaded)"
-        print(f"{'!' * 78}\nWARNING: ImageNet weights unavailable ({reason}).\nThe trunk is RANDOMLY "
-              f"INITIALISED: embeddings and accuracy will be far below the study's.\nPut "
+        print(f"{'!' * 78}\nWARNING: ImageNet weights for {model.trunk_name} unavailable ({reason}).\nThe trunk "
+              f"is RANDOMLY INITIALISED: embeddings and accuracy will be far below the study's.\nPut "
               f"{cached.name} in {cached.parent} for pretrained weights.\n{'!' * 78}", file=sys.stderr)
         return f"random initialisation (ImageNet weights unavailable: {reason})"
-    raise PipelineError(f"WEIGHTS='imagenet' but {cached} does not exist; download {IMAGENET_WEIGHTS.url} "
+    raise PipelineError(f"WEIGHTS='imagenet' but {cached} does not exist; download {url} "
                         f"on a machine with internet and copy it there (or set TORCH_HOME)")
 
 
-def _try_download(target: Path) -> str | None:
+def _try_download(url: str, target: Path) -> str | None:
     """Download the ImageNet file into torch's cache; return why not, or None on success."""
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(IMAGENET_WEIGHTS.url, str(target), hash_prefix=None, progress=False)
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=None, progress=False)
         return None
     except Exception as err:
         target.unlink(missing_ok=True)
         return f"download failed: {type(err).__name__}"
     finally:
         socket.setdefaulttimeout(old_timeout)
-
-
-def build_model(arch: dict) -> PlanktonNet:
-    return PlanktonNet(**{k: v for k, v in arch.items() if k != "trunk"})
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
-
-
-def model_from_checkpoint(checkpoint: dict, device: torch.device, channels_last: bool = True) -> PlanktonNet:
-    """Rebuild the trained model from what the checkpoint says, in eval mode on `device`."""
-    model = build_model(checkpoint["arch"])
-    model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
-    if channels_last:
-        model.trunk.to(memory_format=torch.channels_last)
-    return model
