@@ -281,3 +281,28 @@ def test_a_checkpoint_rebuilds_its_own_trunk_and_an_old_one_the_studys():
     old_model = backbone.PlanktonNet(**old_arch)
     rebuilt = backbone.model_from_checkpoint(dict(arch=old_arch, model=old_model.state_dict()), torch.device("cpu"))
     assert rebuilt.trunk_name == "efficientnet_v2_s"
+
+
+def test_the_study_model_has_the_studys_parameter_counts():
+    from torchinfo import summary
+    model = backbone.PlanktonNet(num_classes=6, image_size=128)
+    stats = summary(model, input_size=(1, 3, 128, 128), verbose=0)
+    assert (stats.total_params, stats.trainable_params) == (1_503_198, 599_302)
+    assert backbone.parameter_counts(model) == (1_503_198, 599_302)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_v2_s", "resnet18"])
+def test_frozen_trunk_is_unchanged_by_a_training_step(name):
+    torch.manual_seed(0)
+    model = backbone.PlanktonNet(num_classes=3, image_size=32, trunk=name)
+    before = {k: v.clone() for k, v in model.trunk.state_dict().items()}
+    head_before = model.head[0].weight.clone()
+    model.train()
+    assert not model.trunk.training, "the trunk must stay in eval mode (BatchNorm statistics frozen)"
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    logits, _ = model(torch.randn(8, 3, 32, 32) * 3 + 1)  # inputs far from BN's running stats
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])).backward()
+    optimizer.step()
+    after = model.trunk.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running stats
+    assert not torch.equal(head_before, model.head[0].weight)  # while the head did learn

@@ -185,6 +185,8 @@ def test_cli_errors_are_one_line(tmp_path, tiny_folder):
                      "--UNSEEN_CLASSES=['u','v']", *dir_args(tmp_path / "m")],
         "unknown_setting": [PYTHON, "train.py", "--MAX_EPOCH=3", *dir_args(tmp_path / "k")],
         "no_settings_file": [PYTHON, "embed.py", f"--config={tmp_path / 'missing.py'}"],
+        "bad_boolean": [PYTHON, "train.py", "--AUGMENT=false", *dir_args(tmp_path / "b")],
+        "help": [PYTHON, "evaluate.py", "--help"],
     }
     running = {name: subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True) for name, args in jobs.items()}
@@ -200,9 +202,13 @@ def test_cli_errors_are_one_line(tmp_path, tiny_folder):
     line = _assert_one_error_line(done["misspelt"])
     assert "'bb'" in line and "a (16), b (16), c (16), u (12), v (12)" in line
     line = _assert_one_error_line(done["unknown_setting"])
-    assert "--MAX_EPOCH" in line and "no such setting" in line
+    assert "--MAX_EPOCH=3" in line and "did you mean MAX_EPOCHS?" in line
     line = _assert_one_error_line(done["no_settings_file"])
     assert str(tmp_path / "missing.py") in line
+    line = _assert_one_error_line(done["bad_boolean"])
+    assert "AUGMENT='false'" in line and "True or False" in line
+    assert not (tmp_path / "b").exists()  # refused before any folder is made
+    assert done["help"].returncode == 0 and "MAX_EPOCHS" in done["help"].stdout and "TRUNK" in done["help"].stdout
     assert not (tmp_path / "t" / "outputs" / "split.csv").exists()
     assert not (tmp_path / "m" / "outputs" / "split.csv").exists()
 
