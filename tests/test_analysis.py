@@ -49,3 +49,15 @@ def test_stratified_subset_has_every_class_and_the_size_asked():
         assert len(picked) == size and len(set(picked)) == size
         assert set(labels[picked]) == {0, 1, 2}
 
+
+
+def test_exact_neighbours_equal_sklearns_and_start_with_the_point_itself():
+    from sklearn.neighbors import NearestNeighbors
+    import dimensionality_reduction
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(700, 16)).astype(np.float32)
+    indices, distances = dimensionality_reduction.exact_neighbours(x, 7, block=256)  # blocks of uneven size
+    ref_distances, ref_indices = NearestNeighbors(n_neighbors=7).fit(x).kneighbors(x)
+    assert (indices[:, 0] == np.arange(700)).all() and (distances[:, 0] == 0).all()
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(distances, ref_distances, rtol=1e-4, atol=1e-4)
