@@ -100,6 +100,9 @@ def fit(model, optimizer, state, sources, runtime, cfg, save_best, save_last) ->
         def validate(b: int, train_loss: float, train_acc: float) -> bool:
             val_loss, val_acc = training.evaluate_loss(model, sources["val"], runtime)
             position = epoch + (b + 1) / len(batches)
+            if not np.isfinite(val_loss) or not np.isfinite(train_loss):
+                raise PipelineError(f"training diverged at epoch {position:.2f} (train loss {train_loss}, validation "
+                                    f"loss {val_loss}); lower LR (now {cfg.LR}) and run train.py --RESUME=False")
             state.history.append(dict(epoch=position, train_loss=train_loss, train_acc=train_acc,
                                       val_loss=val_loss, val_acc=val_acc))
             if state.improved(val_loss, position):

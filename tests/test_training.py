@@ -124,3 +124,11 @@ def test_a_finished_run_with_other_settings_says_what_differs(tmp_path, tiny_fol
                                                    r".*--RESUME=False"):
         train.run(tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=3))
     assert artifacts.Paths.from_settings(cfg).best.read_bytes() == best
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_finished_last_checkpoint(tmp_path, tiny_folder):
+    cfg = tiny_config(tmp_path, tiny_folder, LR=1e30)  # Adam with this step size overflows at once
+    with pytest.raises(common.PipelineError, match="training diverged .* lower LR"):
+        train.run(cfg)
+    paths = artifacts.Paths.from_settings(cfg)
+    assert not paths.best.exists() and not paths.last.exists()
