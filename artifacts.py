@@ -5,8 +5,10 @@ Each is written, opened and checked here and nowhere else.
     split.csv                 relpath, class_name, subset (train/val/test/unseen); drawn once
     checkpoints/best.pth      model + everything needed to rebuild and trust it (see checkpoint_record)
     embeddings_<subset>.pkl   pickled DataFrame: label, class_name, path, e0..e<d-1>; attrs = provenance
-    provenance_<stage>.json   SHA-256 of the inputs a stage's tables and figures came from
+    provenance_<stage>.json   SHA-256 of every file a stage wrote and of its inputs; written last, so a
+                              stage's outputs without it are incomplete (see start_stage, stale_outputs)
 """
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,7 +20,9 @@ import torch
 
 import backbone
 import images
-from common import PipelineError, TMP_MARK, code_version, save_csv, save_json, save_pickle, sha256_file
+import safepickle
+from common import (PipelineError, atomic_path, code_version, remove_abandoned_temporaries, save_csv, save_json,
+                    sha256_file)
 from dataloader import FeatureSource, Preprocess, feature_source
 
 SUBSETS = ("train", "val", "test")
@@ -54,13 +58,11 @@ class Paths:
 
 
 def prepare_output_dirs(cfg) -> Paths:
-    """Create the output tree and remove temporary files that a killed run left behind."""
+    """Create the output tree and remove the temporary files of killed runs (never a running one's)."""
     paths = Paths.from_settings(cfg)
     for folder in (paths.out, paths.checkpoints, paths.cache):
         folder.mkdir(parents=True, exist_ok=True)
-        for leftover in folder.rglob(f"*{TMP_MARK}*"):
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
+        remove_abandoned_temporaries(folder)
     return paths
 
 
@@ -226,7 +228,8 @@ def embeddings_frame(embeddings: np.ndarray, labels: np.ndarray, class_names: li
 
 
 def save_embeddings(frame: pd.DataFrame, path: Path) -> None:
-    save_pickle(frame, path)
+    with atomic_path(path) as tmp:
+        safepickle.save_dataframe(frame, tmp)  # in the form safepickle.load_dataframe reads back
 
 
 def embedding_columns(frame: pd.DataFrame) -> list[str]:
@@ -245,9 +248,9 @@ def open_embeddings(paths: Paths, subset: str) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"no embeddings at {path} — run embed.py first")
     try:
-        frame = pd.read_pickle(path)
-    except Exception as err:  # truncated or not a pickle
-        raise PipelineError(f"cannot read {path} ({type(err).__name__}); re-run embed.py")
+        frame = safepickle.load_dataframe(path)  # never runs code from the file
+    except safepickle.UnsafePickle as err:  # crafted, truncated or not a pickle; the message names the file
+        raise PipelineError(f"refused to read {err}; re-run embed.py")
     if not isinstance(frame, pd.DataFrame) or list(frame.columns[:3]) != META_COLUMNS:
         raise PipelineError(f"{path} is not an embeddings table from embed.py; re-run embed.py")
     if frame.attrs.get("checkpoint_sha256") != file_sha256(paths.best):
@@ -259,17 +262,77 @@ def open_embeddings(paths: Paths, subset: str) -> pd.DataFrame:
 # ---- provenance ----------------------------------------------------------------------------------
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, computed once per process for each (path, size, modification time)."""
+    """SHA-256 of a file, computed once per process for each (path, inode, size, modification times)."""
     st = os.stat(path)
-    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return _sha256_of(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @lru_cache(maxsize=64)
-def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
     return sha256_file(Path(path))
 
 
-def save_provenance(paths: Paths, stage: str, inputs: list[Path], outputs: list[str]) -> None:
-    """provenance_<stage>.json: the SHA-256 of each input a stage's tables and figures came from."""
-    save_json(dict(stage=stage, code_version=code_version(), outputs=outputs,
-                   inputs={str(p): sha256_file(p) for p in inputs}), paths.out / f"provenance_{stage}.json")
+# Each stage's output files in paths.out, as patterns: what start_stage and stale_outputs look for
+# when a stage left no provenance record.
+STAGE_OUTPUTS = {
+    "evaluate": ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png"],
+    "embed": [f"embeddings_{s}.pkl" for s in EMBEDDED_SUBSETS],
+    "compute_average_distances": ["average_*_distances_*.csv", "average_*_distances_*.png"],
+    "dimensionality_reduction": ["umap_embeddings.png", "umap_coordinates.csv",
+                                 "close_faraway_closeotherclass_class_*.png"],
+    "transfer_learning": ["transfer_learning.csv", "accuracy_*.png"],
+}
+
+
+def provenance_path(paths: Paths, stage: str) -> Path:
+    return paths.out / f"provenance_{stage}.json"
+
+
+def start_stage(paths: Paths, stage: str, inputs: list[Path]) -> dict[str, str]:
+    """Call after a stage's inputs are checked, before it writes anything: deletes its provenance
+    record (the stage's outputs count as incomplete until save_provenance writes a new one), says so
+    when earlier outputs are replaced, and returns the inputs' SHA-256 as they are now."""
+    record = provenance_path(paths, stage)
+    if not record.is_file() and _existing_outputs(paths, stage):
+        print(f"note: {stage} outputs in {paths.out} have no {record.name} (an earlier run stopped part-way): "
+              f"replacing them")
+    try:
+        record.unlink(missing_ok=True)
+    except OSError as err:  # a read-only output folder
+        raise PipelineError(f"cannot remove {record}: {err.strerror or err}") from err
+    return {str(p): file_sha256(p) for p in inputs}
+
+
+def save_provenance(paths: Paths, stage: str, inputs: dict[str, str], outputs: list[Path]) -> None:
+    """provenance_<stage>.json, the stage's last write: the SHA-256 of each input (as start_stage
+    found them; an input replaced while the stage ran is an error) and of each file it wrote."""
+    for name, sha256 in inputs.items():
+        if not Path(name).is_file() or file_sha256(name) != sha256:
+            raise PipelineError(f"{name} changed while {stage} ran (another run beside this one?); "
+                                f"re-run {stage}.py")
+    save_json(dict(stage=stage, code_version=code_version(), inputs=inputs,
+                   outputs={Path(p).name: file_sha256(p) for p in outputs}), provenance_path(paths, stage))
+    left_over = stale_outputs(paths, stage)
+    if left_over:
+        print(f"note: {len(left_over)} older {stage} output(s) were not written by this run, e.g. {left_over[0]}")
+
+
+def stale_outputs(paths: Paths, stage: str) -> list[str]:
+    """The stage's output files that its provenance does not vouch for: all of them when the record
+    is missing or unreadable or an input has changed since; otherwise each file missing, changed, or
+    not written by the run that made the record."""
+    on_disk = _existing_outputs(paths, stage)
+    try:
+        record = json.loads(provenance_path(paths, stage).read_text())
+        inputs, outputs = dict(record["inputs"]), dict(record["outputs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(str(paths.out / name) for name in on_disk)
+    if any(not Path(p).is_file() or file_sha256(p) != sha256 for p, sha256 in inputs.items()):
+        return sorted(str(paths.out / name) for name in on_disk | set(outputs))
+    return sorted(str(paths.out / name) for name in on_disk | set(outputs)
+                  if name not in outputs or not (paths.out / name).is_file()
+                  or file_sha256(paths.out / name) != outputs[name])
+
+
+def _existing_outputs(paths: Paths, stage: str) -> set[str]:
+    return {p.name for pattern in STAGE_OUTPUTS[stage] for p in paths.out.glob(pattern) if p.is_file()}

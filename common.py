@@ -2,10 +2,13 @@
 figures and hashes. The artifacts themselves (split, checkpoint, embeddings, provenance) are
 artifacts.py's; the model is backbone.py's; images are images.py's."""
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
+import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,12 @@ import numpy as np
 import torch
 
 REPO_DIR = Path(__file__).resolve().parent
-TMP_MARK = ".tmp-"  # temporary files are named "<name>.tmp-<pid>" beside their target
+# temporary files are named "<name>.tmp-plankton-<pid>-<8 hex digits>" beside their target; only
+# names of exactly this form, of processes no longer alive, are ever cleaned up
+TMP_MARK = ".tmp-plankton-"
+TMP_NAME = re.compile(r".+\.tmp-plankton-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+# what the file system says when it is full, read-only or not ours: the user's to fix, not a bug
+FILE_SYSTEM_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
 class PipelineError(Exception):
@@ -35,6 +43,12 @@ def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = No
         run(cfg)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # a full, read-only or foreign folder outside the atomic writers (mkdir, reads)
+        if err.errno not in FILE_SYSTEM_FAULTS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -89,19 +103,55 @@ def code_version() -> str:
 def atomic_path(path: Path):
     """Yield a temporary path beside `path`; on success move it into place with os.replace.
 
-    A kill at any moment leaves either the old file or the new one, never half of one."""
+    A kill at any moment leaves either the old file or the new one, never half of one. A full,
+    read-only or foreign folder ends in a PipelineError naming `path` (the temporary is removed)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        raise PipelineError(f"cannot write {path}: {err.strerror or err}") from err
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def remove_abandoned_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries under `folder` that atomic_path made in processes no longer alive
+    (a killed run's). A live process's temporary, and every other file, is left alone: a pid
+    reused since only keeps a leftover for one more run."""
+    removed = []
+    for leftover in Path(folder).rglob(f"*{TMP_MARK}*"):
+        match = TMP_NAME.fullmatch(leftover.name)
+        if match and leftover.is_file() and not _process_alive(int(match["pid"])):
+            with contextlib.suppress(OSError):  # a read-only folder: the write that follows says so
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # never one of ours: os.kill(0, ...) would mean the process group
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or no pid at all: leave it
+        return True
+    return True
 
 
 def save_torch(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk as "enforce fail ..."
+            if "enforce fail" not in str(err) and "PytorchStreamWriter" not in str(err):
+                raise
+            reason = str(err).strip().splitlines()[0][:200]
+            raise PipelineError(f"cannot write {path}: the write failed, is the disk full? ({reason})") from err
 
 
 def save_csv(frame, path: Path, **kwargs) -> None:
@@ -133,11 +183,6 @@ def save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     pyplot().close(fig)
-
-
-def save_pickle(frame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_pickle(tmp, compression=None)
 
 
 # ---- provenance ----------------------------------------------------------------------------------

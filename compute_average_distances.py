@@ -4,7 +4,8 @@ set (seen classes) and for the unseen classes.
     python compute_average_distances.py
 
 Reads:  outputs/embeddings_test.pkl, outputs/embeddings_unseen.pkl (checked against checkpoints/best.pth).
-Writes: outputs/average_{euclidean,angular}_distances_{test,unseen}.csv and .png.
+Writes: outputs/average_{euclidean,angular}_distances_{test,unseen}.csv and .png, and last
+        outputs/provenance_compute_average_distances.json (see artifacts.py).
 
 Entry (a, b) is the mean distance over all pairs of one sample of class a and one of class b; the
 diagonal is the mean over pairs of *distinct* samples of a class. Angular distance is 1 - cos.
@@ -168,8 +169,11 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path) ->
 def run(cfg) -> None:
     paths = artifacts.prepare_output_dirs(cfg)
     device = common.pick_device(cfg.DEVICE)
-    for subset in ("test", "unseen"):
-        frame = artifacts.open_embeddings(paths, subset)
+    frames = {subset: artifacts.open_embeddings(paths, subset) for subset in ("test", "unseen")}
+    inputs = artifacts.start_stage(paths, "compute_average_distances",
+                                   [paths.best] + [paths.embeddings(s) for s in frames])
+    outputs = []
+    for subset, frame in frames.items():
         names = list(frame.attrs["class_names"])
         x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
         counts = np.bincount(labels, minlength=len(names))
@@ -178,6 +182,7 @@ def run(cfg) -> None:
             table = pd.DataFrame(matrix, index=names, columns=names)
             print(f"\nAverage {kind} distances, {subset} ({len(frame)} samples):\n{table.round(4).to_string()}")
             stem = paths.out / f"average_{kind}_distances_{subset}"
+            outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
             common.save_csv(table, stem.with_suffix(".csv"))
             what = "test data (seen classes)" if subset == "test" else "unseen classes"
             plot_matrix(matrix, names, f"Average {kind.replace('euclidean', 'Euclidean')} distance{' (1 - cos)' if kind == 'angular' else ''}, "
@@ -188,8 +193,7 @@ def run(cfg) -> None:
                 print(f"note: class {name} has {n} {subset} sample(s): its diagonal entry is undefined (n/a)")
             elif n < 10:
                 print(f"note: class {name} has only {n} {subset} samples: its distances rest on very few images")
-    artifacts.save_provenance(paths, "compute_average_distances", [paths.best] + [paths.embeddings(s) for s in
-                              ("test", "unseen")], ["average_*_distances_*.csv", "average_*_distances_*.png"])
+    artifacts.save_provenance(paths, "compute_average_distances", inputs, outputs)
     print(f"\n-> {paths.out}/average_*_distances_*.csv and .png")
 
 

@@ -6,7 +6,8 @@ centre, with the closest images of other classes.
 Reads:  outputs/embeddings_{train,test,unseen}.pkl (checked against checkpoints/best.pth), the images.
 Writes: outputs/umap_embeddings.png (train, test, unseen panels, coloured by class),
         outputs/umap_coordinates.csv,
-        outputs/close_faraway_closeotherclass_class_<i>.png for each seen class i.
+        outputs/close_faraway_closeotherclass_class_<i>.png for each seen class i,
+        and last outputs/provenance_dimensionality_reduction.json (see artifacts.py).
 
 UMAP is fitted once, on all the points plotted (up to UMAP_SAMPLES from each set, standardised
 together). Close/far distances are measured to the class centre in the 128-d embedding space of the
@@ -143,7 +144,8 @@ def close_and_far(points: np.ndarray, labels: np.ndarray, class_index: int, coun
     return closest, furthest, closest_other, centre
 
 
-def plot_close_far(frame: pd.DataFrame, rows: list, root, class_name: str, space: str, path, count: int) -> None:
+def plot_close_far(frame: pd.DataFrame, rows: list, pictures: dict, class_name: str, space: str, path,
+                   count: int) -> None:
     plt = common.pyplot()
     row_titles = [f"closest to the centre of {class_name}", f"furthest from the centre of {class_name}",
                   "closest from other classes"]
@@ -157,7 +159,7 @@ def plot_close_far(frame: pd.DataFrame, rows: list, root, class_name: str, space
                 ax.axis("off")
                 continue
             item = frame.iloc[indices[c]]
-            ax.imshow(images.load_rgb(root / item.path), interpolation="nearest")
+            ax.imshow(pictures[item.path], interpolation="nearest")
             caption = f"d={distances[c]:.2f}"
             if r == 2:
                 caption = f"class {item.class_name}\n{caption}"
@@ -169,10 +171,11 @@ def plot_close_far(frame: pd.DataFrame, rows: list, root, class_name: str, space
     common.save_figure(fig, path)
 
 
-def close_far_figures(coords: pd.DataFrame, train: pd.DataFrame, seen: list[str], root, space: str,
-                      count: int, out) -> None:
-    """For each seen class, its closest and furthest training images and the closest of other
-    classes, measured in the embedding space or in the UMAP plane (sampled training points only)."""
+def close_far_selections(coords: pd.DataFrame, train: pd.DataFrame, seen: list[str], space: str,
+                         count: int) -> tuple[pd.DataFrame, list]:
+    """For each seen class with training images, its closest and furthest training images and the
+    closest of other classes, measured in the embedding space or in the UMAP plane (sampled
+    training points only): the training rows used and (class index, name, rows of indices and distances)."""
     if space == "umap":
         in_plane = coords[coords.subset == "train"]
         train = train.set_index("path").loc[in_plane.path].reset_index()[train.columns]
@@ -180,6 +183,7 @@ def close_far_figures(coords: pd.DataFrame, train: pd.DataFrame, seen: list[str]
     else:
         space_points = artifacts.embedding_matrix(train)
     labels = train.label.to_numpy()
+    selections = []
     for i, name in enumerate(seen):
         members = int((labels == i).sum())
         if not members:
@@ -189,7 +193,27 @@ def close_far_figures(coords: pd.DataFrame, train: pd.DataFrame, seen: list[str]
         rows = [(idx, np.linalg.norm(space_points[idx] - centre, axis=1)) for idx in (closest, furthest, closest_other)]
         if members < 2 * count:
             print(f"note: class {name} has {members} training images: its closest and furthest rows overlap")
-        plot_close_far(train, rows, root, name, space, out / f"close_faraway_closeotherclass_class_{i}.png", count)
+        selections.append((i, name, rows))
+    return train, selections
+
+
+def load_shown_images(train: pd.DataFrame, selections: list, root: Path) -> dict:
+    """Every image the close/far figures show, by relative path, loaded before anything is written:
+    one that is gone or unreadable since embed.py is one error line."""
+    shown = sorted({train.path.iloc[j] for _, _, rows in selections for idx, _ in rows for j in idx})
+    missing = [p for p in shown if not (root / p).is_file()]
+    if missing:
+        raise common.PipelineError(f"{root / missing[0]} no longer exists ({len(missing)} of the {len(shown)} "
+                                   f"images the close/far figures show are gone) — restore them, or re-run embed.py")
+    pictures = {}
+    for relpath in shown:
+        try:
+            pictures[relpath] = images.load_rgb(root / relpath)
+        except Exception as err:  # truncated, or replaced by something that is not an image
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+            raise common.PipelineError(f"cannot read {root / relpath}, shown in a close/far figure ({reason}); "
+                                       f"restore it, or re-run embed.py")
+    return pictures
 
 
 def run(cfg) -> None:
@@ -200,13 +224,20 @@ def run(cfg) -> None:
     xy = fit_umap(points, cfg.UMAP_NEIGHBORS, cfg.SEED)
     print(f"UMAP fit on {len(points)} points in {time.time() - started:.1f}s")
     coords["x"], coords["y"] = xy[:, 0], xy[:, 1]
-    common.save_csv(coords, paths.out / "umap_coordinates.csv", index=False)
     seen, unseen = frames["train"].attrs["class_names"], frames["unseen"].attrs["class_names"]
-    plot_umap(coords, class_colours(seen, unseen), paths.out / "umap_embeddings.png")
     root = Path(frames["train"].attrs["data_dir"])
-    close_far_figures(coords, frames["train"], seen, root, cfg.CLOSE_FAR_SPACE, cfg.CLOSE_FAR_COUNT, paths.out)
-    artifacts.save_provenance(paths, "dimensionality_reduction", [paths.best] + [paths.embeddings(s) for s in SUBSETS],
-                              ["umap_embeddings.png", "umap_coordinates.csv", "close_faraway_closeotherclass_class_*.png"])
+    train, selections = close_far_selections(coords, frames["train"], seen, cfg.CLOSE_FAR_SPACE, cfg.CLOSE_FAR_COUNT)
+    pictures = load_shown_images(train, selections, root)
+    inputs = artifacts.start_stage(paths, "dimensionality_reduction",
+                                   [paths.best] + [paths.embeddings(s) for s in SUBSETS])
+
+    outputs = [paths.out / "umap_coordinates.csv", paths.out / "umap_embeddings.png"]
+    common.save_csv(coords, outputs[0], index=False)
+    plot_umap(coords, class_colours(seen, unseen), outputs[1])
+    for i, name, rows in selections:
+        outputs.append(paths.out / f"close_faraway_closeotherclass_class_{i}.png")
+        plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT)
+    artifacts.save_provenance(paths, "dimensionality_reduction", inputs, outputs)
     print(f"-> {paths.out / 'umap_embeddings.png'}, {paths.out}/close_faraway_closeotherclass_class_*.png")
 
 

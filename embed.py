@@ -7,6 +7,7 @@ Reads:  checkpoints/best.pth, outputs/split.csv, the images (through the trunk c
 Writes: outputs/embeddings_train.pkl, outputs/embeddings_test.pkl, outputs/embeddings_unseen.pkl:
         pickled pandas DataFrames with columns label, class_name, path, e0 … e127; frame.attrs
         records the checkpoint's SHA-256, the split's SHA-256, the subset and the class list.
+        Last, outputs/provenance_embed.json (see artifacts.py).
 """
 import time
 
@@ -22,6 +23,7 @@ def run(cfg) -> None:
     runtime = dataloader.runtime_from_settings(cfg)
     trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     checkpoint, split = trained.checkpoint, trained.split
+    inputs = artifacts.start_stage(paths, "embed", [paths.best, paths.split])
     cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
                                       trained.preprocess, runtime)
     for subset in artifacts.EMBEDDED_SUBSETS:
@@ -36,6 +38,7 @@ def run(cfg) -> None:
         artifacts.save_embeddings(frame, paths.embeddings(subset))
         print(f"{subset}: {len(frame)} embeddings of size {embeddings.shape[1]} in {time.time() - started:.1f}s "
               f"-> {paths.embeddings(subset)}")
+    artifacts.save_provenance(paths, "embed", inputs, [paths.embeddings(s) for s in artifacts.EMBEDDED_SUBSETS])
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@
 
 Reads:  checkpoints/best.pth, outputs/split.csv, the test images (through the trunk cache).
 Writes: outputs/test_metrics.csv (per class and overall), outputs/test_metrics.json,
-        outputs/confusion_matrix.png.
+        outputs/confusion_matrix.png, and last outputs/provenance_evaluate.json (see artifacts.py).
 """
 import numpy as np
 import pandas as pd
@@ -71,6 +71,7 @@ def run(cfg) -> None:
     paths = artifacts.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
     trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    inputs = artifacts.start_stage(paths, "evaluate", [paths.best, paths.split])
     checkpoint = trained.checkpoint
     print(f"evaluate.py  {paths.best} (epoch {checkpoint['epoch']:.2f}, trunk: {checkpoint['weights_source']})")
     cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
@@ -81,12 +82,14 @@ def run(cfg) -> None:
     names = list(checkpoint["class_names"])
     table = metrics_table(labels, predictions, names)
     print_table(table)
-    common.save_csv(table, paths.out / "test_metrics.csv", index=False)
+    outputs = [paths.out / name for name in ("test_metrics.csv", "test_metrics.json", "confusion_matrix.png")]
+    common.save_csv(table, outputs[0], index=False)
     common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
                           weights_source=checkpoint["weights_source"], per_class=table.to_dict("records")),
-                     paths.out / "test_metrics.json")
+                     outputs[1])
     plot_confusion(confusion_matrix(labels, predictions, labels=range(len(names))), names,
-                   float(table.accuracy.iloc[-1]), paths.out / "confusion_matrix.png")
+                   float(table.accuracy.iloc[-1]), outputs[2])
+    artifacts.save_provenance(paths, "evaluate", inputs, outputs)
     print(f"-> {paths.out / 'test_metrics.csv'}, {paths.out / 'confusion_matrix.png'}")
 
 

@@ -6,7 +6,7 @@ SVC, a linear classifier and a kNN classifier are fitted and scored by balanced 
 
 Reads:  outputs/embeddings_unseen.pkl (checked against checkpoints/best.pth).
 Writes: outputs/transfer_learning.csv (every fit), outputs/accuracy_SVC.png, outputs/accuracy_Linear.png,
-        outputs/accuracy_kNN.png, outputs/accuracy_all.png.
+        outputs/accuracy_kNN.png, outputs/accuracy_all.png, and last outputs/provenance_transfer_learning.json.
 
 Each training subset is stratified and drawn TRANSFER_REPEATS times per size with different seeds;
 the plots show the mean and the spread (min to max) over those draws. SVC (RBF kernel) and the
@@ -133,9 +133,11 @@ def run(cfg) -> None:
         frame = frame[~frame.class_name.isin(too_few)]
     if frame.class_name.nunique() < 2:
         raise common.PipelineError("transfer learning needs at least two unseen classes with 2 or more images each")
+    inputs = artifacts.start_stage(paths, "transfer_learning", [paths.best, paths.embeddings("unseen")])
     x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
     results = transfer_curves(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.TRANSFER_REPEATS, cfg.KNN_K, cfg.SEED)
-    common.save_csv(results, paths.out / "transfer_learning.csv", index=False)
+    outputs = [paths.out / "transfer_learning.csv"]
+    common.save_csv(results, outputs[0], index=False)
 
     n_classes, n_test = frame.class_name.nunique(), int(results.n_test.iloc[0])
     summary = results.groupby(["n_train", "method"]).balanced_accuracy.mean().unstack()[list(PROBES)]
@@ -146,10 +148,11 @@ def run(cfg) -> None:
     chance = 1.0 / n_classes
     where = f"{n_classes} unseen classes, {n_test} test images"
     for method in PROBES:
-        plot_curves(results, [method], chance, f"{method} on the embeddings: {where}", paths.out / f"accuracy_{method}.png")
-    plot_curves(results, list(PROBES), chance, f"All classifiers: {where}", paths.out / "accuracy_all.png")
-    artifacts.save_provenance(paths, "transfer_learning", [paths.best, paths.embeddings("unseen")],
-                              ["transfer_learning.csv", "accuracy_*.png"])
+        outputs.append(paths.out / f"accuracy_{method}.png")
+        plot_curves(results, [method], chance, f"{method} on the embeddings: {where}", outputs[-1])
+    outputs.append(paths.out / "accuracy_all.png")
+    plot_curves(results, list(PROBES), chance, f"All classifiers: {where}", outputs[-1])
+    artifacts.save_provenance(paths, "transfer_learning", inputs, outputs)
     print(f"-> {paths.out / 'transfer_learning.csv'}, {paths.out}/accuracy_*.png")
 
 
