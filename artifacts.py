@@ -2,7 +2,7 @@
 persisted split, the self-describing checkpoint, the embeddings tables and the provenance records.
 Each is written, opened and checked here and nowhere else.
 
-    split.csv                 relpath, class_name, subset (train/val/test/unseen); drawn once
+    split.csv                 relpath, class_name, subset (train/val/test/unseen), sha256; drawn once
     checkpoints/best.pth      model + everything needed to rebuild and trust it (see checkpoint_record)
     embeddings_<subset>.pkl   pickled DataFrame: label, class_name, path, e0..e<d-1>; attrs = provenance
     provenance_<stage>.json   SHA-256 of every file a stage wrote and of its inputs; written last, so a
@@ -71,7 +71,7 @@ def prepare_output_dirs(cfg) -> Paths:
 @dataclass
 class Split:
     root: Path
-    table: pd.DataFrame  # relpath, class_name, subset
+    table: pd.DataFrame  # relpath, class_name, subset, sha256 (of the image file)
     seen_classes: list[str]
     unseen_classes: list[str]
     sha256: str
@@ -83,6 +83,10 @@ class Split:
         index = {c: i for i, c in enumerate(classes)}
         return list(part.relpath), np.array([index[c] for c in part.class_name], dtype=np.int64)
 
+    def hashes(self, name: str) -> list[str]:
+        """SHA-256 of each image file of a subset, in the order of subset(name)."""
+        return list(self.table[self.table.subset == name].sha256)
+
     def classes(self, name: str) -> list[str]:
         return self.unseen_classes if name == "unseen" else self.seen_classes
 
@@ -92,20 +96,25 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
                   seed: int = 0) -> Split:
     """Find and check the images, then draw the split (create=True) or verify the persisted one.
 
-    A split that no longer matches the usable images on disk stops the run: re-drawing it
-    silently could move test images into training."""
+    A split that no longer matches the usable images on disk (added, removed or modified, by
+    content) stops the run: re-drawing it silently could move test images into training."""
     seen, unseen = list(seen), list(unseen)
-    usable = images.usable_images(root, seen, unseen, paths.scan_cache(root), paths.bad_images, bad_images)
+    usable, hashes = images.usable_images(root, seen, unseen, paths.scan_cache(root), paths.bad_images,
+                                          bad_images)
     if create:  # train.py reports the data; later scripts only check it
         images.print_class_counts("Seen classes", seen, {c: len(usable[c]) for c in seen})
         images.print_class_counts("Unseen classes", unseen, {c: len(usable[c]) for c in unseen})
     if paths.split.is_file():
-        table = pd.read_csv(paths.split, dtype=str, keep_default_na=False)
-        _check_split_matches(table, usable, seen, unseen, paths.split)
+        try:
+            table = pd.read_csv(paths.split, dtype=str, keep_default_na=False).fillna("")
+        except ValueError as err:  # not CSV, not UTF-8, empty, ragged rows
+            raise PipelineError(f"cannot read {paths.split} ({str(err).strip().splitlines()[0]}); restore it, "
+                                f"or delete it and the checkpoints to re-split and retrain")
+        _check_split_matches(table, usable, hashes, seen, unseen, paths.split)
     elif not create:
         raise PipelineError(f"no split file at {paths.split} — run train.py first")
     else:
-        table = images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen},
+        table = images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen}, hashes,
                                   val_fraction, test_fraction, seed)
         save_csv(table, paths.split, index=False)
         print(f"split drawn and saved to {paths.split}")
@@ -121,21 +130,49 @@ def split_from_settings(cfg, paths: Paths, create: bool) -> Split:
                          cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED)
 
 
-def _check_split_matches(table, usable, seen_names, unseen_names, split_path) -> None:
+def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_path) -> None:
+    """split.csv is checked before it is trusted (columns, subsets, one row per image, classes),
+    then against the usable images on disk: none added, removed or modified (by SHA-256)."""
     fix = (f"set OUTPUT_DIR and CHECKPOINT_DIR to new folders for a new run, or delete {split_path} "
            f"and checkpoints to re-split and retrain")
+    restore = f"restore {split_path}, or delete it and the checkpoints to re-split and retrain"
+    if list(table.columns) == images.SPLIT_COLUMNS[:-1]:
+        raise PipelineError(f"{split_path} predates content fingerprints (no sha256 column), so a replaced image "
+                            f"would go unnoticed; {fix}")
+    if list(table.columns) != images.SPLIT_COLUMNS:
+        raise PipelineError(f"{split_path} has columns {list(table.columns)}, not {images.SPLIT_COLUMNS}; {restore}")
+    folder = table.relpath.map(lambda p: (Path(p).parts or ("",))[0])
+    row_checks = [
+        (~table.subset.isin(SUBSETS + ("unseen",)), lambda r: f"subset {r.subset!r} is not train, val, test or unseen"),
+        (table.relpath.duplicated(), lambda r: "the image is listed a second time"),
+        (table.class_name != folder, lambda r: f"class_name {r.class_name!r} is not the image's folder"),
+        (~table.sha256.str.fullmatch("[0-9a-f]{64}"), lambda r: f"sha256 {r.sha256!r} is not a SHA-256"),
+        (table.class_name.isin(table.class_name[table.subset == "unseen"]) & (table.subset != "unseen"),
+         lambda r: f"class {r.class_name!r} is also in 'unseen'; an unseen class has only 'unseen' images")]
+    for failed, problem in row_checks:
+        if failed.any():
+            i = int(np.flatnonzero(failed.to_numpy())[0])
+            row = table.iloc[i]
+            raise PipelineError(f"{split_path} line {i + 2} ({row.relpath!r}): {problem(row)}; {restore}")
     split_seen = list(dict.fromkeys(table.class_name[table.subset != "unseen"]))
     split_unseen = list(dict.fromkeys(table.class_name[table.subset == "unseen"]))
+    subsets_of = table.groupby("class_name", sort=False).subset.agg(set)
+    for name in split_seen:
+        missing = [s for s in SUBSETS if s not in subsets_of[name]]
+        if missing:
+            raise PipelineError(f"{split_path}: seen class {name!r} has no {'/'.join(missing)} image; {restore}")
     if split_seen != seen_names or split_unseen != unseen_names:
         raise PipelineError(f"{split_path} was drawn for seen {split_seen} / unseen {split_unseen}, "
                             f"but the settings now say {seen_names} / {unseen_names}; {fix}")
     on_disk = {f for files in usable.values() for f in files}
-    in_split = set(table.relpath)
-    added, removed = on_disk - in_split, in_split - on_disk
-    if added or removed:
-        example = sorted(added or removed)[0]
+    in_split = dict(zip(table.relpath, table.sha256))
+    added, removed = sorted(on_disk - in_split.keys()), sorted(in_split.keys() - on_disk)
+    modified = sorted(f for f in on_disk & in_split.keys() if hashes[f] != in_split[f])
+    if added or removed or modified:
+        example = next(f"{files[0]!r} ({kind})" for files, kind in
+                       ((modified, "modified"), (added, "added"), (removed, "removed")) if files)
         raise PipelineError(f"the images changed since {split_path} was drawn ({len(added)} added, "
-                            f"{len(removed)} removed or unreadable, e.g. {example}); {fix}")
+                            f"{len(removed)} removed or unreadable, {len(modified)} modified, e.g. {example}); {fix}")
 
 
 # ---- the checkpoint ------------------------------------------------------------------------------

@@ -1,18 +1,21 @@
 """Image files: the built-in digits, finding and checking a folder's images, decoding them to RGB,
 resizing, and drawing the stratified split. Nothing here knows about models or saved artifacts."""
+import errno
 import os
+import stat
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common import PipelineError, atomic_path, save_csv
+from common import PipelineError, atomic_path, save_csv, sha256_file
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}  # GIF, WebP: first frame
 
 
 # ---- the built-in dataset ------------------------------------------------------------------------
@@ -46,21 +49,65 @@ def data_dir(data_dir_setting: str | None, builtin_dir: str) -> Path:
 
 # ---- finding images ------------------------------------------------------------------------------
 
+HIDDEN_FOLDERS = {"__MACOSX", "__pycache__"}  # archive and Python leftovers, never images
+
+
 def is_hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("__")
+    return name.startswith(".") or name in HIDDEN_FOLDERS
+
+
+def printable(name: str) -> str:
+    """A file name as text that any CSV writer or terminal accepts: bytes that are not valid UTF-8
+    (kept by Python as lone surrogates) are written as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def is_valid_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+class ClassFiles(NamedTuple):
+    images: list[str]  # relative paths of files with an image extension, sorted
+    ignored: list[str]  # relative paths of other files
+    linked_folders: list[str]  # symbolic links to folders, never followed (they may loop)
+
+
+def list_class_files(root: Path) -> dict[str, ClassFiles]:
+    """{class folder: its files}, hidden files and folders (.*, __MACOSX, __pycache__) left out."""
+    classes = {}
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)):
+        images, ignored, linked = [], [], []
+        for dirpath, dirnames, filenames in os.walk(class_dir):  # followlinks=False: a linked folder may loop
+            linked += [os.path.relpath(os.path.join(dirpath, d), root) for d in dirnames
+                       if os.path.islink(os.path.join(dirpath, d)) and not is_hidden(d)]
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+            for f in filenames:
+                if not is_hidden(f):
+                    is_image = os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                    (images if is_image else ignored).append(os.path.relpath(os.path.join(dirpath, f), root))
+        classes[class_dir.name] = ClassFiles(sorted(images), sorted(ignored), sorted(linked))
+    return classes
 
 
 def list_class_images(root: Path) -> dict[str, list[str]]:
     """{class folder: sorted relative paths of its image files}, hidden files and folders ignored."""
-    classes = {}
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-            files += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames
-                      if not is_hidden(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-        classes[class_dir.name] = sorted(files)
-    return classes
+    return {name: files.images for name, files in list_class_files(root).items()}
+
+
+def print_ignored_files(class_name: str, files: ClassFiles) -> None:
+    """One note per class for the files that are not taken as images, so none is dropped silently."""
+    if files.ignored:
+        extensions = sorted({printable(os.path.splitext(f)[1].lower()) or "(none)" for f in files.ignored})
+        count = f"{len(files.ignored)} file{'s' if len(files.ignored) > 1 else ''}"
+        print(f"note: class {printable(class_name)}: {count} ignored (not images by extension: "
+              f"{', '.join(extensions)})", file=sys.stderr)
+    if files.linked_folders:
+        print(f"note: class {printable(class_name)}: {len(files.linked_folders)} linked folder(s) not followed "
+              f"(a link may loop), e.g. {printable(files.linked_folders[0])}", file=sys.stderr)
 
 
 def check_classes(found: dict[str, list[str]], seen: list[str], unseen: list[str], root: Path) -> None:
@@ -72,7 +119,7 @@ def check_classes(found: dict[str, list[str]], seen: list[str], unseen: list[str
         raise PipelineError("SEEN_CLASSES needs at least two classes to train a classifier")
     for name in list(seen) + list(unseen):
         if name not in found:
-            existing = ", ".join(f"{c} ({len(f)})" for c, f in found.items()) or "none"
+            existing = ", ".join(f"{printable(c)} ({len(f)})" for c, f in found.items()) or "none"
             raise PipelineError(f"class {name!r} is not a sub-folder of {root}; sub-folders (images): {existing}")
         if not found[name]:
             raise PipelineError(f"class folder {root / name} holds no images "
@@ -90,14 +137,17 @@ def print_class_counts(title: str, classes: list[str], counts: dict[str, int]) -
 # ---- decoding and resizing -----------------------------------------------------------------------
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully and return it as 8-bit RGB.
+    """Decode an image fully (a GIF's or WebP's first frame), turn it upright as its EXIF
+    orientation says, and return it as 8-bit RGB.
 
     16-bit and float images are scaled to 8 bits (Pillow's convert would clip them); transparent
-    images are composited onto white; CMYK, palette and grayscale go through Pillow's conversion."""
+    images are composited onto white; CMYK, palette and grayscale go through Pillow's conversion.
+    Images over Pillow's decompression-bomb limit raise Image.DecompressionBombWarning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 array = np.asarray(img, dtype=np.float64)
                 scale = 255.0 / 65535.0 if img.mode != "F" and array.max() > 255 else 1.0
@@ -113,82 +163,133 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 def resize(img: Image.Image, size: int, mode: str) -> Image.Image:
-    """"stretch" to size x size, or "pad" to a square with the border's median colour first."""
-    if mode == "pad":
-        w, h = img.size
-        side = max(w, h)
-        array = np.asarray(img)
-        border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-        fill = tuple(int(v) for v in np.median(border, axis=0))
-        square = Image.new("RGB", (side, side), fill)
-        square.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = square
-    elif mode != "stretch":
+    """"stretch" to size x size, or "pad": shrink or enlarge so the longer side is `size` (aspect
+    kept, at least 1 pixel), then centre on a size x size square of the border's median colour.
+    Padding after resizing keeps memory at size x size whatever the image's shape."""
+    if mode == "stretch":
+        return img.resize((size, size), Image.BILINEAR)
+    if mode != "pad":
         raise PipelineError(f"RESIZE_MODE={mode!r}; use 'stretch' or 'pad'")
-    return img.resize((size, size), Image.BILINEAR)
+    w, h = img.size
+    scale = size / max(w, h)
+    fitted = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    array = np.asarray(fitted)
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    square = Image.new("RGB", (size, size), fill)
+    square.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
+    return square
 
 
 # ---- checking every image once -------------------------------------------------------------------
 
-def scan_images(root: Path, relpaths: list[str], cache_file: Path) -> dict[str, str]:
-    """Decode every image once; return {relative path: reason} for the ones that cannot be used.
+SCAN_COLUMNS = ["relpath", "size", "mtime_ns", "ctime_ns", "inode", "reason", "sha256"]
 
-    The result is cached by (path, size, modification time), so a second run decodes nothing."""
-    cached = {}
-    if cache_file.is_file():
-        old = pd.read_csv(cache_file, dtype={"relpath": str, "reason": str}, keep_default_na=False)
-        cached = {(r.relpath, r.size, r.mtime_ns): r.reason for r in old.itertuples()}
-    rows, todo = [], []
+
+def scan_images(root: Path, relpaths: list[str], cache_file: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Decode every image once and hash its bytes. Returns ({relative path: reason} for the files
+    that cannot be used, {relative path: SHA-256 of the file} for every file that could be read).
+
+    Verdict and hash are cached by (path, size, modification time, change time, inode): a file
+    rewritten with its old size and modification time restored (cp -p, rsync -a, unzip) still has
+    a new change time, which no user can set, so it is decoded and hashed again."""
+    cached = _read_scan_cache(cache_file)
+    rows, todo, bad = [], [], {}
     for rel in relpaths:
-        st = os.stat(root / rel)
-        key = (rel, st.st_size, st.st_mtime_ns)
-        (rows.append(key + (cached[key],)) if key in cached else todo.append(key))
+        if not is_valid_utf8(rel):  # no CSV (split, cache, report) could hold the name
+            bad[rel] = "file name is not valid UTF-8; rename it"
+            continue
+        try:
+            st = os.stat(root / rel)
+        except OSError as err:
+            bad[rel] = _why_not_found(root / rel, err)
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.png would block or never end
+            bad[rel] = "not a regular file"
+            continue
+        key = (rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        (rows.append(key + cached[key]) if key in cached else todo.append(key))
     for key in tqdm(todo, desc="checking images", disable=None if len(todo) >= 200 else True):
-        rows.append(key + (_why_unusable(root / key[0], key[1]),))
+        rows.append(key + _check_image(root / key[0], key[1]))
     if todo or len(rows) != len(cached):
-        save_csv(pd.DataFrame(rows, columns=["relpath", "size", "mtime_ns", "reason"]), cache_file, index=False)
-    return {rel: reason for rel, _, _, reason in rows if reason}
+        save_csv(pd.DataFrame(rows, columns=SCAN_COLUMNS), cache_file, index=False)
+    bad.update({row[0]: row[5] for row in rows if row[5]})
+    return bad, {row[0]: row[6] for row in rows if row[6]}
 
 
-def _why_unusable(path: Path, size: int) -> str:
+def _read_scan_cache(cache_file: Path) -> dict[tuple, tuple[str, str]]:
+    """{(relpath, size, mtime_ns, ctime_ns, inode): (reason, sha256)}; empty if the file is missing,
+    unreadable or from an older version (its verdicts are then simply computed again)."""
+    try:
+        old = pd.read_csv(cache_file, dtype={"relpath": str, "reason": str, "sha256": str}, keep_default_na=False)
+        if list(old.columns) != SCAN_COLUMNS:
+            return {}
+        return {(r.relpath, int(r.size), int(r.mtime_ns), int(r.ctime_ns), int(r.inode)): (r.reason, r.sha256)
+                for r in old.itertuples()}
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return {}
+
+
+def _why_not_found(path: Path, err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "symbolic link that loops (points to itself or to a link back to it)"
+    if os.path.islink(path):
+        return f"broken symbolic link (to {printable(os.readlink(path))})"
+    return f"cannot read: {err.strerror}"
+
+
+def _check_image(path: Path, size: int) -> tuple[str, str]:
+    """(reason it cannot be used or "", SHA-256 of its bytes or "" if they cannot be read)."""
+    try:
+        sha256 = sha256_file(path)
+    except OSError as err:
+        return f"cannot read: {err.strerror}", ""
     if size == 0:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", sha256
     try:
         load_rgb(path)
-        return ""
+        return "", sha256
     except Image.DecompressionBombWarning as err:
-        return f"too large (decompression-bomb limit): {err}"
+        return f"too large (decompression-bomb limit): {err}", sha256
     except Exception as err:  # truncated, not an image, unsupported
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}", sha256
 
 
 def usable_images(root: Path, seen: list[str], unseen: list[str], scan_cache: Path, bad_report: Path,
-                  bad_images: str) -> dict[str, list[str]]:
-    """{class: readable images} for every configured class. Unreadable files are listed in
-    `bad_report` and left out (bad_images="skip") or stop the run ("error")."""
-    found = list_class_images(root)
-    check_classes(found, seen, unseen, root)
-    wanted = [f for c in seen + unseen for f in found[c]]
-    bad = scan_images(root, wanted, scan_cache)
+                  bad_images: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({class: readable images} for every configured class, {relative path: SHA-256} of those
+    images). Unusable files are listed in `bad_report` and left out (bad_images="skip") or stop
+    the run ("error"); files without an image extension are named in one note per class."""
+    found = list_class_files(root)
+    check_classes({c: f.images for c, f in found.items()}, seen, unseen, root)
+    for c in seen + unseen:
+        print_ignored_files(c, found[c])
+    wanted = [f for c in seen + unseen for f in found[c].images]
+    bad, hashes = scan_images(root, wanted, scan_cache)
     if bad:
-        save_csv(pd.DataFrame(sorted(bad.items()), columns=["relpath", "reason"]), bad_report, index=False)
+        report = sorted((printable(rel), reason) for rel, reason in bad.items())
+        save_csv(pd.DataFrame(report, columns=["relpath", "reason"]), bad_report, index=False)
         if bad_images == "error":
             raise PipelineError(f"{len(bad)} unreadable image(s), listed in {bad_report} "
                                 f"(BAD_IMAGES='error'); remove or fix them")
         print(f"warning: {len(bad)} unreadable image(s) left out; see {bad_report}", file=sys.stderr)
-    usable = {c: [f for f in found[c] if f not in bad] for c in seen + unseen}
+    usable = {c: [f for f in found[c].images if f not in bad] for c in seen + unseen}
     for c, files in usable.items():
         if not files:
             raise PipelineError(f"class {c!r} has no readable images (see {bad_report})")
-    return usable
+    return usable, {f: hashes[f] for files in usable.values() for f in files}
 
 
 # ---- the split -----------------------------------------------------------------------------------
 
-def draw_split(seen: dict[str, list[str]], unseen: dict[str, list[str]], val_fraction: float,
-               test_fraction: float, seed: int) -> pd.DataFrame:
+SPLIT_COLUMNS = ["relpath", "class_name", "subset", "sha256"]
+
+
+def draw_split(seen: dict[str, list[str]], unseen: dict[str, list[str]], hashes: dict[str, str],
+               val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
     """Split each seen class into train/val/test by the given fractions (stratified); the unseen
-    classes' images all go to "unseen". Columns: relpath, class_name, subset."""
+    classes' images all go to "unseen". Columns: relpath, class_name, subset, sha256 (of each
+    file's bytes, from `hashes`, so a later run can tell an image that was replaced)."""
     rng = np.random.default_rng(seed)
     rows = []
     for class_name, files in seen.items():
@@ -204,7 +305,7 @@ def draw_split(seen: dict[str, list[str]], unseen: dict[str, list[str]], val_fra
         subset = np.array(["train"] * n, dtype=object)
         subset[order[:n_test]] = "test"
         subset[order[n_test:n_test + n_val]] = "val"
-        rows += [(f, class_name, s) for f, s in zip(files, subset)]
+        rows += [(f, class_name, s, hashes[f]) for f, s in zip(files, subset)]
     for class_name, files in unseen.items():
-        rows += [(f, class_name, "unseen") for f in files]
-    return pd.DataFrame(rows, columns=["relpath", "class_name", "subset"])
+        rows += [(f, class_name, "unseen", hashes[f]) for f in files]
+    return pd.DataFrame(rows, columns=SPLIT_COLUMNS)

@@ -63,7 +63,7 @@ def test_pad_mode_keeps_the_shape_and_fills_with_the_border_colour():
 def test_an_image_over_the_decompression_bomb_limit_is_rejected_by_path(tmp_path, tiny_folder, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 24 * 24 - 1)  # our 24 x 24 images count as "too large"
     relpaths = ["a/img_000.png"]
-    bad = images.scan_images(tiny_folder, relpaths, tmp_path / "scan.csv")
+    bad, _ = images.scan_images(tiny_folder, relpaths, tmp_path / "scan.csv")
     assert list(bad) == relpaths and "decompression-bomb" in bad["a/img_000.png"]
 
 
@@ -179,10 +179,11 @@ def test_scan_is_cached_and_rescans_only_changed_files(tmp_path, odd_folder, mon
     assert calls == [], f"the second scan decoded {calls}"
     assert second.sha256 == first.sha256
     assert len(pd.read_csv(paths.bad_images)) == 3  # the cached verdicts still leave the bad files out
-    # an edited image is decoded again, and only that one
+    # an edited image is decoded again, and only that one; the split then refuses it as modified
     Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "a" / "img_000.png")
     os.utime(folder / "a" / "img_000.png", ns=(1, 1))
-    artifacts.split_from_settings(cfg, paths, create=False)
+    with pytest.raises(common.PipelineError, match="1 modified"):
+        artifacts.split_from_settings(cfg, paths, create=False)
     assert calls == ["img_000.png"]
 
 
@@ -228,3 +229,160 @@ def test_misspelt_class_lists_the_folders_that_exist(tmp_path, tiny_folder):
         train.run(tiny_config(tmp_path, tiny_folder, SEEN_CLASSES=["a", "B", "c"]))
     assert "a (16), b (16), c (16), u (12), v (12)" in str(error.value)
 
+
+
+# ---- hostile inputs ------------------------------------------------------------------------------
+
+def _png_bytes(colour=(10, 200, 10)) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_broken_links_and_names_that_are_not_utf8_are_reported_not_crashed(tmp_path, tiny_folder, capsys):
+    a = tiny_folder / "a"
+    os.symlink("nowhere.png", a / "gone.png")
+    os.symlink("loop.png", a / "loop.png")
+    os.symlink("img_000.png", a / "alias.png")  # a link to a real image is an image
+    os.symlink("..", a / "up")  # a folder link that loops: never followed
+    os.symlink("self", tiny_folder / "self")  # a class folder that is a loop: not a class
+    fd = os.open(os.fsencode(a) + b"/\xff.png", os.O_WRONLY | os.O_CREAT)  # a valid PNG, but its name cannot be stored
+    os.write(fd, _png_bytes())
+    os.close(fd)
+    cfg = tiny_config(tmp_path, tiny_folder)
+    paths = artifacts.prepare_output_dirs(cfg)
+    split = artifacts.split_from_settings(cfg, paths, create=True)
+    reasons = dict(pd.read_csv(paths.bad_images, keep_default_na=False).itertuples(index=False))
+    assert sorted(reasons) == ["a/\\xff.png", "a/gone.png", "a/loop.png"]
+    assert "broken symbolic link" in reasons["a/gone.png"] and "loops" in reasons["a/loop.png"]
+    assert "not valid UTF-8" in reasons["a/\\xff.png"]
+    assert "a/alias.png" in set(split.table.relpath) and len(split.table) == 16 * 3 + 12 * 2 + 1
+    for written in [paths.split, paths.bad_images, *(tmp_path / "cache").glob("scan_*.csv")]:
+        written.read_bytes().decode("utf-8")  # every CSV is valid UTF-8
+    assert "linked folder(s) not followed" in capsys.readouterr().err
+    artifacts.split_from_settings(cfg, paths, create=False)  # the cached scan reads back
+
+
+def test_names_starting_with_double_underscore_are_images_unless_archive_leftovers(tmp_path, tiny_folder):
+    (tiny_folder / "a" / "__img.png").write_bytes(_png_bytes())
+    for leftover in (tiny_folder / "__MACOSX" / "a", tiny_folder / "a" / "__MACOSX", tiny_folder / "a" / "__pycache__"):
+        leftover.mkdir(parents=True)
+        (leftover / "img.png").write_bytes(_png_bytes())
+    found = images.list_class_images(tiny_folder)
+    assert sorted(found) == ["a", "b", "c", "u", "v"]
+    assert "a/__img.png" in found["a"] and len(found["a"]) == 17
+
+
+def test_gif_and_webp_are_images_and_other_files_are_named_in_a_note(tmp_path, tiny_folder, capsys):
+    a = tiny_folder / "a"
+    frames = [Image.new("RGB", (20, 20), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    frames[0].save(a / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (20, 20), (0, 250, 0)).save(a / "pic.webp", lossless=True)
+    for name in ("notes.txt", "labels.csv", "more.TXT", "README"):
+        (a / name).write_text("not an image\n")
+    cfg = tiny_config(tmp_path, tiny_folder)
+    split = artifacts.split_from_settings(cfg, artifacts.prepare_output_dirs(cfg), create=True)
+    assert {"a/anim.gif", "a/pic.webp"} <= set(split.table.relpath)
+    assert tuple(np.asarray(images.load_rgb(a / "anim.gif"))[5, 5]) == (250, 0, 0)  # the first frame
+    assert tuple(np.asarray(images.load_rgb(a / "pic.webp"))[5, 5]) == (0, 250, 0)
+    err = capsys.readouterr().err
+    assert "note: class a: 4 files ignored (not images by extension: (none), .csv, .txt)" in err
+    assert "note: class b" not in err
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.new("RGB", (40, 20), (120, 30, 30)).save(tmp_path / "turned.jpg", exif=exif)
+    assert Image.open(tmp_path / "turned.jpg").size == (40, 20)
+    assert images.load_rgb(tmp_path / "turned.jpg").size == (20, 40)
+
+
+def test_pad_mode_resizes_before_padding_and_stretch_is_unchanged(monkeypatch):
+    real_new = Image.new
+
+    def small_new(mode, size, *args, **kwargs):
+        assert size[0] * size[1] <= 10 ** 6, f"allocated a {size} canvas"
+        return real_new(mode, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "new", small_new)
+    line = real_new("RGB", (100000, 1), (200, 10, 10))
+    padded = images.resize(line, 32, "pad")
+    assert padded.size == (32, 32) and tuple(np.asarray(padded)[16, 16]) == (200, 10, 10)
+    tall = real_new("RGB", (10, 100), (0, 0, 255))
+    tall.paste((255, 255, 255), (0, 0, 10, 3))  # a white top edge: most of the border stays blue
+    array = np.asarray(images.resize(tall, 50, "pad"))
+    assert tuple(array[25, 0]) == (0, 0, 255) and tuple(array[25, 25]) == (0, 0, 255)
+    rng = np.random.default_rng(7)
+    noise = Image.fromarray(rng.integers(0, 256, (23, 37, 3), dtype=np.uint8))
+    for size in (16, 32):  # "stretch" (the default) is what it always was
+        assert images.resize(noise, size, "stretch").tobytes() == noise.resize((size, size), Image.BILINEAR).tobytes()
+
+
+def test_an_image_replaced_with_its_old_size_and_time_is_caught(tmp_path, tiny_folder):
+    import time
+    a = tiny_folder / "a"
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(a / "extra.bmp")  # BMP: same size on disk for any pixels
+    cfg = tiny_config(tmp_path, tiny_folder)
+    paths = artifacts.prepare_output_dirs(cfg)
+    paths.scan_cache(tiny_folder).write_text("relpath,size,mtime_ns,reason\na/extra.bmp,1,1,\n")  # an old cache
+    split = artifacts.split_from_settings(cfg, paths, create=True)
+    relpaths = split.subset("train")[0] + split.subset("test")[0]
+    file_hashes = [common.sha256_file(tiny_folder / p) for p in relpaths]
+    split_bytes = paths.split.read_bytes()
+    before = os.stat(a / "extra.bmp")
+    time.sleep(0.05)  # file times tick every few milliseconds
+    Image.new("RGB", (24, 24), (200, 2, 3)).save(a / "extra.bmp")  # what cp -p / rsync -a / unzip do
+    os.utime(a / "extra.bmp", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(a / "extra.bmp").st_size == before.st_size
+    with pytest.raises(common.PipelineError) as error:
+        artifacts.split_from_settings(cfg, paths, create=False)
+    message = str(error.value)
+    assert "\n" not in message and "1 modified" in message and "a/extra.bmp" in message
+    assert paths.split.read_bytes() == split_bytes
+    assert split.hashes("train") + split.hashes("test") == file_hashes  # in the order of subset()
+
+
+def _edit_split(table: pd.DataFrame, edit: str) -> pd.DataFrame:
+    """One kind of damage to a split table; returns the damaged copy."""
+    table = table.copy()
+    first_val_a = table.index[(table.class_name == "a") & (table.subset == "val")][0]
+    if edit == "no sha256 column":
+        return table.drop(columns="sha256")
+    if edit == "extra column":
+        return table.assign(note="x")
+    if edit == "unknown subset":
+        table.loc[5, "subset"] = "training"
+    elif edit == "duplicated row":
+        table = pd.concat([table, table.iloc[[3]]], ignore_index=True)
+    elif edit == "relabelled image":
+        table.loc[table.index[table.class_name == "a"][0], "class_name"] = "b"
+    elif edit == "seen class without val":
+        table.loc[table.class_name == "a", "subset"] = table.subset.replace("val", "train")
+    elif edit == "unseen class in train":
+        table.loc[table.index[table.class_name == "u"][0], "subset"] = "train"
+    elif edit == "not a sha256":
+        table.loc[first_val_a, "sha256"] = "abc"
+    return table
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("no sha256 column", "predates content fingerprints"),
+    ("extra column", "has columns"),
+    ("unknown subset", r"line 7 \('a/.*'\): subset 'training'"),
+    ("duplicated row", "line 74 .* listed a second time"),
+    ("relabelled image", r"line 2 \('a/img_000.png'\): class_name 'b' is not the image's folder"),
+    ("seen class without val", "seen class 'a' has no val image"),
+    ("unseen class in train", r"line \d+ \('u/.*'\): class 'u' is also in 'unseen'"),
+    ("not a sha256", r"line \d+ .*: sha256 'abc' is not a SHA-256"),
+])
+def test_a_damaged_split_file_is_refused_in_one_line_and_left_alone(tmp_path, tiny_cfg, edit, message):
+    paths = artifacts.prepare_output_dirs(tiny_cfg)
+    artifacts.split_from_settings(tiny_cfg, paths, create=True)
+    common.save_csv(_edit_split(pd.read_csv(paths.split, dtype=str), edit), paths.split, index=False)
+    damaged = paths.split.read_bytes()
+    with pytest.raises(common.PipelineError, match=message) as error:
+        artifacts.split_from_settings(tiny_cfg, paths, create=True)
+    assert "\n" not in str(error.value) and str(paths.split) in str(error.value)
+    assert ("delete" in str(error.value)) and paths.split.read_bytes() == damaged
