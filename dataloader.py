@@ -2,6 +2,7 @@
 loaded and run through the trunk (Runtime), and a subset's trunk features, cached or streamed."""
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -100,24 +101,41 @@ def run_trunk(trunk: torch.nn.Module, images: torch.Tensor, runtime: Runtime) ->
         return trunk(images).float()
 
 
-@torch.inference_mode()
+def trunk_feature_batches(trunk: torch.nn.Module, root: Path, relpaths: list[str], preprocess: Preprocess,
+                          runtime: Runtime, dtype=np.float32):
+    """Yield the trunk's output batch by batch, in order, decoded and resized on the loader's workers:
+    a caller that stores each batch as it comes never holds the whole pass (trunk_cache.py)."""
+    dataset = ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess)
+    for images, _ in tqdm(image_loader(dataset, runtime), desc="trunk features", unit="batch", leave=False,
+                          disable=None):
+        with torch.inference_mode():  # closed before the yield, like feature_batches' no_grad
+            features = run_trunk(trunk, images, runtime).cpu().numpy().astype(dtype)
+        yield features
+
+
 def compute_trunk_features(trunk: torch.nn.Module, root: Path, relpaths: list[str], preprocess: Preprocess,
                            runtime: Runtime, dtype=np.float32) -> np.ndarray:
-    """The trunk's output for each image, in order, decoded and resized on the loader's workers."""
-    dataset = ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess)
-    chunks = [run_trunk(trunk, images, runtime).cpu().numpy().astype(dtype)
-              for images, _ in tqdm(image_loader(dataset, runtime), desc="trunk features", unit="batch",
-                                    leave=False, disable=None)]
-    return np.concatenate(chunks)
+    """The trunk's output for each image, in order, as one array."""
+    return np.concatenate(list(trunk_feature_batches(trunk, root, relpaths, preprocess, runtime, dtype)))
 
 
 # ---- one subset's trunk features, cached or streamed ---------------------------------------------
 
+class FeatureRows(Protocol):
+    """Rows of trunk features gathered on demand: an np.ndarray, or trunk_cache.FeatureStore (memory-
+    mapped chunk files, so a subset of a million images is never loaded whole)."""
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, indices) -> np.ndarray: ...
+
+
 @dataclass
 class FeatureSource:
-    """A subset's trunk features: an array from the cache, or images run through the trunk."""
+    """A subset's trunk features: rows from the cache, or images run through the trunk."""
     labels: torch.Tensor
-    features: np.ndarray | None = None
+    features: FeatureRows | None = None
     dataset: ImageDataset | None = None
 
     def __len__(self) -> int:
@@ -125,11 +143,13 @@ class FeatureSource:
 
 
 def feature_source(root: Path, relpaths: list[str], labels, preprocess: Preprocess, cache=None,
-                   augment: bool = False) -> FeatureSource:
-    """Features from `cache` (a trunk_cache.TrunkCache) when one is given, else from the images."""
+                   augment: bool = False, keys: list[str] | None = None) -> FeatureSource:
+    """Features from `cache` (a trunk_cache.TrunkCache) when one is given, else from the images.
+    `keys` (one string per image, e.g. its content's SHA-256) name the images in the cache; without
+    them the cache keys each image by relative path, size and modification time."""
     labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     if cache is not None:
-        return FeatureSource(labels, features=cache.features(root, relpaths))
+        return FeatureSource(labels, features=cache.features(root, relpaths, keys))
     return FeatureSource(labels, dataset=ImageDataset(root, relpaths, labels, preprocess, augment=augment))
 
 
@@ -139,8 +159,8 @@ def feature_batches(source: FeatureSource, batches: list, trunk, runtime: Runtim
     `seed` seeds the loader's workers (augmentation); pass a different one each epoch."""
     if source.features is not None:
         for idx in batches:
-            idx = np.asarray(idx)
-            features = torch.from_numpy(np.ascontiguousarray(source.features[idx]))
+            idx = np.asarray(idx, dtype=np.int64)
+            features = torch.from_numpy(np.ascontiguousarray(source.features[idx]))  # this batch's rows only
             yield features.to(runtime.device, non_blocking=True).float(), source.labels[idx].to(runtime.device)
         return
     for images, labels in image_loader(source.dataset, runtime, batch_sampler=batches, seed=seed):

@@ -1,24 +1,49 @@
 """The on-disk cache of the frozen trunk's output: computed once per image, reused by training,
 evaluation and embedding.
 
-    cache/trunk_<key>/features.npy   N x C x H x W (float16 or float32), memory-mapped when read
-    cache/trunk_<key>/index.csv      key (relative path | size | modification time), row
+    cache/trunk_<key>/chunk-<unique>.npy    n x C x H x W (float16 or float32), memory-mapped when read
+    cache/trunk_<key>/chunk-<unique>.keys   the n images' keys, one a line, in the array's row order
+    cache/trunk_<key>/lock                  held (flock) by the run that is filling the folder
 
 The folder's key covers everything that changes the trunk's output for an image (weights, image
-size, resize mode, normalisation, dtype, data folder); an entry's key covers the file itself."""
+size, resize mode, normalisation, dtype, data folder); an image's key covers the image itself: its
+content's SHA-256 when the caller gives one, else its relative path, size and modification time.
+
+Append-only: a trunk pass writes a chunk every CHUNK_ROWS images and never rewrites one, each file
+moved into place whole (common.atomic_path), the array first and its keys file last. So a chunk
+without its keys file is a write still under way (or killed) and is not read; a kill loses at most
+the chunk in progress; and runs that write at the same time only add chunks, never mix one run's
+rows with another's keys. Two chunks may hold the same image (two runs computed it at once): either
+one is right. A chunk whose keys do not match its array (torn by a faulty disk or copy) is named in
+one warning, never served, and its images are computed again; deleting dead files is common.py's
+cleanup. The lock only saves a second run from computing what the first is computing: nothing
+relies on it, and where the file system has no locks (some NFS mounts) runs simply go without.
+
+Old-layout folders (features.npy + index.csv, before chunks) are not read: their images are
+computed again into chunks, and a note says the old files can be deleted."""
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import secrets
+import sys
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from common import atomic_path, save_csv
-from dataloader import Preprocess, Runtime, compute_trunk_features
+import dataloader
+from common import atomic_path
+from dataloader import Preprocess, Runtime
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+CHUNK_ROWS = 2048  # images per chunk file: a kill loses at most this many (64 MB at 128 px, float16)
+OPEN_CHUNKS = 64  # memory maps a FeatureStore keeps open at once (each holds a file descriptor)
+
+_warned: set[str] = set()  # torn chunks already named on stderr by this process
 
 
 def cache_key(trunk_sha256: str, root: Path, preprocess: Preprocess, dtype: str) -> str:
@@ -32,58 +57,240 @@ class TrunkCache:
     """The cached trunk features of one trunk, preprocessing and dtype, for any data folder."""
 
     def __init__(self, cache_dir: Path, trunk: torch.nn.Module, trunk_sha256: str, preprocess: Preprocess,
-                 runtime: Runtime, dtype: str = "float16"):
+                 runtime: Runtime, dtype: str = "float16", chunk_rows: int = CHUNK_ROWS, lock: bool = True):
         self.cache_dir, self.trunk, self.trunk_sha256 = Path(cache_dir), trunk, trunk_sha256
         self.preprocess, self.runtime, self.dtype = preprocess, runtime, dtype
+        self.chunk_rows, self.lock = int(chunk_rows), lock
 
     def folder(self, root: Path) -> Path:
         return self.cache_dir / ("trunk_" + cache_key(self.trunk_sha256, root, self.preprocess, self.dtype))
 
-    def features(self, root: Path, relpaths: list[str]) -> np.ndarray:
-        """The trunk's output for each image (N x C x H x W), computing only what is missing.
+    def features(self, root: Path, relpaths: list[str], keys: list[str] | None = None) -> "FeatureStore":
+        """The trunk's output for each image (N x C x H x W rows, gathered on demand), computing only
+        what no complete chunk holds.
 
-        Entries are keyed by relative path, size and modification time, so an edited image is
-        recomputed."""
-        folder = self.folder(root)
+        `keys` name the images (e.g. each file's SHA-256); without them an image's key is its relative
+        path, size and modification time, so an edited image is recomputed."""
+        root, folder = Path(root), self.folder(root)
         folder.mkdir(parents=True, exist_ok=True)
-        index_file, array_file = folder / "index.csv", folder / "features.npy"
-        keys = [_file_key(root, rel) for rel in relpaths]
-        have = {}
-        if index_file.is_file() and array_file.is_file():
-            old_index = pd.read_csv(index_file, dtype={"key": str}, keep_default_na=False)
-            have = dict(zip(old_index.key, old_index.row))
-        missing = [i for i, k in enumerate(keys) if k not in have]
-        if missing:
-            new = compute_trunk_features(self.trunk, root, [relpaths[i] for i in missing], self.preprocess,
-                                         self.runtime, DTYPES[self.dtype])
-            have = _append(array_file, index_file, have, [keys[i] for i in missing], new)
-        features = np.load(array_file, mmap_mode="r")
-        return features[[have[k] for k in keys]]
+        keys = [_file_key(root, rel) for rel in relpaths] if keys is None else [str(k) for k in keys]
+        if len(keys) != len(relpaths):
+            raise ValueError(f"{len(keys)} keys for {len(relpaths)} images")
+        if any("\n" in k or not k for k in keys):
+            raise ValueError("an image key is empty or holds a line break")
+        _note_old_layout(folder)
+        found, distinct = _find(folder, keys, DTYPES[self.dtype]), len(set(keys))
+        if len(found.where) < distinct:
+            with _filling(folder, self.lock):
+                found = _find(folder, keys, DTYPES[self.dtype])  # another run may have filled it meanwhile
+                todo = {}  # key -> one image with that key (identical files share a content key)
+                for key, rel in zip(keys, relpaths):
+                    if key not in found.where:
+                        todo.setdefault(key, rel)
+                if todo:
+                    print(f"trunk cache: computing {len(todo)} of {distinct} images into {folder}")
+                    self._fill(root, folder, todo)
+                    found = _find(folder, keys, DTYPES[self.dtype])
+        missing = [k for k in keys if k not in found.where]
+        if missing:  # only a chunk torn the moment after it was written gets here
+            raise RuntimeError(f"{folder}: {len(missing)} images still missing after the trunk pass, "
+                               f"e.g. {missing[0]!r}")
+        return found.store(keys)
+
+    def _fill(self, root: Path, folder: Path, todo: dict[str, str]) -> None:
+        """Run the trunk on `todo`'s images, writing a chunk every chunk_rows images and at the end."""
+        keys, relpaths = list(todo), list(todo.values())
+        batches = dataloader.trunk_feature_batches(self.trunk, root, relpaths, self.preprocess, self.runtime,
+                                                   DTYPES[self.dtype])
+        written, pending = 0, []
+        for batch in batches:
+            pending.append(batch)
+            if sum(len(b) for b in pending) >= self.chunk_rows:
+                written += _write_chunk(folder, keys[written:], np.concatenate(pending))
+                pending = []
+        if pending:
+            written += _write_chunk(folder, keys[written:], np.concatenate(pending))
+        assert written == len(keys), (written, len(keys))
 
 
-def _append(array_file: Path, index_file: Path, have: dict, new_keys: list[str], new: np.ndarray) -> dict:
-    """Rewrite the array with the new rows after the old ones (other images' rows are kept, the
-    unseen classes' say), then the index. The old index still fits the new array's first rows, so
-    a kill between the two writes is harmless."""
-    old = np.load(array_file, mmap_mode="r") if have else None
-    kept_keys = list(have)
-    merged_keys = kept_keys + new_keys
-    with atomic_path(array_file) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=new.dtype, shape=(len(merged_keys),) + new.shape[1:])
-        for start in range(0, len(kept_keys), 4096):
-            rows = [have[k] for k in kept_keys[start:start + 4096]]
-            out[start:start + len(rows)] = old[rows]
-        out[len(kept_keys):] = new
-        out.flush()
-        del out
-    del old
-    save_csv(pd.DataFrame({"key": merged_keys, "row": np.arange(len(merged_keys))}), index_file, index=False)
-    return dict(zip(merged_keys, range(len(merged_keys))))
+# ---- chunks on disk ------------------------------------------------------------------------------
+
+def _write_chunk(folder: Path, keys: list[str], features: np.ndarray) -> int:
+    """The array, then its keys (one a line): each to a temporary name, synced, moved into place.
+    Syncing the array before its keys file exists means even a power cut cannot leave keys that
+    point at rows never written. Returns the number of rows written."""
+    name = f"chunk-{time.time_ns():016x}-{os.getpid()}-{secrets.token_hex(4)}"
+    with atomic_path(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(features))
+        f.flush()
+        os.fsync(f.fileno())
+    with atomic_path(folder / f"{name}.keys") as tmp, open(tmp, "wb") as f:
+        f.write("".join(k + "\n" for k in keys[:len(features)]).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    return len(features)
+
+
+def _chunk_keys_files(folder: Path) -> list[Path]:
+    """Complete chunks (those with their keys file), newest first: a chunk written again after a torn
+    one was found is then read before it, and the torn one is not even opened."""
+    return sorted(folder.glob("chunk-*.keys"), reverse=True)
+
+
+def _check_chunk(keys_file: Path, lines: list[str], dtype) -> tuple[int, tuple] | None:
+    """The chunk's array's data offset and shape; None, with one warning, if it and its keys disagree."""
+    array_file = keys_file.with_suffix(".npy")
+    try:
+        with open(array_file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, fortran_order, file_dtype = read_header[version](f)
+            offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, KeyError) as err:
+        return _torn(keys_file, f"array unreadable: {err}")
+    if lines[-1] != "" or len(lines) - 1 != (shape[0] if shape else -1):
+        return _torn(keys_file, f"{len(lines) - 1} keys for {shape[0] if shape else 0} rows")
+    if len(shape) != 4 or fortran_order or file_dtype != dtype:
+        return _torn(keys_file, f"array of shape {shape}, {file_dtype}, expected 4-d {np.dtype(dtype)}")
+    if size != offset + int(np.prod(shape)) * file_dtype.itemsize:
+        return _torn(keys_file, f"{array_file.name} holds {size} bytes, its header says "
+                                f"{offset + int(np.prod(shape)) * file_dtype.itemsize}")
+    return offset, tuple(shape)
+
+
+def _torn(keys_file: Path, reason: str) -> None:
+    """Name a torn chunk on stderr, once per process; None, for the caller to return."""
+    if str(keys_file) not in _warned:
+        _warned.add(str(keys_file))
+        print(f"warning: trunk cache chunk {keys_file.with_suffix('')}.{{npy,keys}} is torn ({reason}); "
+              f"ignored, its images are computed again", file=sys.stderr)
+    return None
+
+
+class _Found:
+    """Where each wanted key is: chunk number and row, over the complete chunks read."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.where: dict[str, tuple[int, int]] = {}
+        self.chunks: list[tuple[Path, int, tuple]] = []  # array file, data offset, shape
+
+    def store(self, keys: list[str]) -> "FeatureStore":
+        chunk_of = np.array([self.where[k][0] for k in keys], dtype=np.int32)
+        row_of = np.array([self.where[k][1] for k in keys], dtype=np.int64)
+        row_shape = self.chunks[0][2][1:] if self.chunks else (0, 0, 0)
+        return FeatureStore(self.chunks, chunk_of, row_of, row_shape, self.dtype)
+
+
+def _find(folder: Path, keys: list[str], dtype) -> _Found:
+    """Read the keys files of every complete chunk; only the wanted keys are kept (a subset's index
+    stays the subset's size however big the cache grows), and only chunks that add one are checked."""
+    found, wanted = _Found(dtype), set(keys)
+    for keys_file in _chunk_keys_files(folder):
+        if len(found.where) == len(wanted):
+            break
+        try:
+            lines = keys_file.read_bytes().decode("utf-8").split("\n")
+        except OSError:
+            continue  # removed since the listing
+        except UnicodeDecodeError as err:
+            _torn(keys_file, f"keys unreadable: {err}")
+            continue
+        if not any(k in wanted and k not in found.where for k in lines):
+            continue
+        chunk = _check_chunk(keys_file, lines, dtype)
+        if chunk is None:
+            continue
+        chunk_keys, (offset, shape) = lines[:-1], chunk
+        if found.chunks and shape[1:] != found.chunks[0][2][1:]:
+            _torn(keys_file, f"rows of shape {shape[1:]}, other chunks' are {found.chunks[0][2][1:]}")
+            continue
+        number = len(found.chunks)
+        found.chunks.append((keys_file.with_suffix(".npy"), offset, shape))
+        for row, key in enumerate(chunk_keys):
+            if key in wanted and key not in found.where:
+                found.where[key] = (number, row)
+    return found
+
+
+@contextlib.contextmanager
+def _filling(folder: Path, lock: bool):
+    """An exclusive flock on <folder>/lock while this run computes and appends, so a second run waits
+    and then finds the images instead of computing them too. Correctness never depends on it."""
+    if not lock:
+        yield
+        return
+    with open(folder / "lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"trunk cache: waiting for another run that is filling {folder}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locks on this file system: the chunks are safe without one
+        yield  # closing the file releases the lock; so does the kernel if this process is killed
+
+
+def _note_old_layout(folder: Path) -> None:
+    old = folder / "features.npy"
+    if old.is_file() and str(old) not in _warned:
+        _warned.add(str(old))
+        print(f"note: {old} and index.csv are the trunk cache's old layout, no longer read; "
+              f"delete them to free {old.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
 
 
 def _file_key(root: Path, rel: str) -> str:
     st = os.stat(root / rel)
     return f"{rel}|{st.st_size}|{st.st_mtime_ns}"
+
+
+# ---- reading rows --------------------------------------------------------------------------------
+
+class FeatureStore:
+    """A subset's cached trunk features, read-only, N x C x H x W: store[indices] gathers just those
+    rows from the memory-mapped chunk files, in the order asked. Nothing holds the whole subset."""
+
+    def __init__(self, chunks: list[tuple[Path, int, tuple]], chunk_of: np.ndarray, row_of: np.ndarray,
+                 row_shape: tuple, dtype):
+        self.chunks, self.chunk_of, self.row_of, self.dtype = chunks, chunk_of, row_of, np.dtype(dtype)
+        self.shape = (len(chunk_of),) + tuple(row_shape)
+        self._open: OrderedDict[int, np.memmap] = OrderedDict()  # the most recently used maps
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices) -> np.ndarray:
+        if isinstance(indices, (int, np.integer)):
+            return self[np.array([indices])][0]
+        if isinstance(indices, slice):
+            indices = np.arange(len(self))[indices]
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 1:
+            raise IndexError("FeatureStore takes an integer, a slice or a 1-d list of indices")
+        indices = np.where(indices < 0, indices + len(self), indices)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} rows")
+        out = np.empty((len(indices),) + self.shape[1:], self.dtype)
+        chunk, row = self.chunk_of[indices], self.row_of[indices]
+        order = np.lexsort((row, chunk))  # by chunk, then by row: each chunk read front to back
+        for part in np.split(order, np.flatnonzero(np.diff(chunk[order])) + 1):
+            if len(part):
+                out[part] = self._chunk(int(chunk[part[0]]))[row[part]]
+        return out
+
+    def _chunk(self, number: int) -> np.memmap:
+        if number in self._open:
+            self._open.move_to_end(number)
+        else:
+            path, offset, shape = self.chunks[number]
+            self._open[number] = np.memmap(path, dtype=self.dtype, mode="r", offset=offset, shape=shape)
+            if len(self._open) > OPEN_CHUNKS:
+                self._open.popitem(last=False)
+        return self._open[number]
+
+    def __getstate__(self) -> dict:  # to a DataLoader worker: the paths, not the maps
+        return {**self.__dict__, "_open": OrderedDict()}
 
 
 def from_settings(cfg, cache_dir: Path, trunk: torch.nn.Module, trunk_sha256: str, preprocess: Preprocess,

@@ -1,0 +1,216 @@
+"""The trunk cache's chunk files: right features in the order asked, writers at the same time, torn
+chunks, a pass killed half-way, content keys, and gathering one batch at a time."""
+import hashlib
+import multiprocessing
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import backbone
+import dataloader
+import trunk_cache
+from conftest import make_image_folder
+
+PREPROCESS = dataloader.Preprocess(32, "stretch", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+RUNTIME = dataloader.Runtime(torch.device("cpu"), batch_size=8, workers=0, channels_last=True, mixed_precision=False)
+RUN_TRUNK = dataloader.run_trunk  # the real one, whatever a test has patched in
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of a trunk pass."""
+
+
+def new_trunk() -> torch.nn.Module:
+    torch.manual_seed(0)  # the same random trunk in every process
+    return backbone.PlanktonNet(3, image_size=32).trunk.eval()
+
+
+@pytest.fixture
+def images(tmp_path):
+    return make_image_folder(tmp_path / "images", {"a": 20, "b": 20}, size=32)
+
+
+def relpaths_of(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+
+
+def direct(trunk, root, relpaths) -> np.ndarray:
+    return dataloader.compute_trunk_features(trunk, root, relpaths, PREPROCESS, RUNTIME, np.float16)
+
+
+def count_trunk_images(monkeypatch, kill_after_batches: int | None = None) -> list[int]:
+    """Images per trunk batch from here on (the list grows); raise Killed at batch kill_after_batches + 1."""
+    counted = []
+
+    def counting(trunk, batch, runtime):
+        if kill_after_batches is not None and len(counted) == kill_after_batches:
+            raise Killed
+        counted.append(len(batch))
+        return RUN_TRUNK(trunk, batch, runtime)
+
+    monkeypatch.setattr(dataloader, "run_trunk", counting)
+    return counted
+
+
+def chunk_files(folder) -> list:
+    return sorted(folder.glob("chunk-*.keys"))
+
+
+# ---- right rows, in the order asked, one batch at a time ---------------------------------------
+
+def test_cached_features_equal_direct_computation_in_any_order(tmp_path, images, monkeypatch):
+    trunk, relpaths = new_trunk(), relpaths_of(images)
+    cache = trunk_cache.TrunkCache(tmp_path / "cache", trunk, "sha", PREPROCESS, RUNTIME, "float16", chunk_rows=16)
+    store = cache.features(images, relpaths)
+    expected = direct(trunk, images, relpaths)
+    assert len(chunk_files(cache.folder(images))) == 3  # 16 + 16 + 8
+    assert isinstance(store, trunk_cache.FeatureStore) and not isinstance(store, np.ndarray)
+    assert store.shape == expected.shape and len(store) == len(relpaths) and store.dtype == np.float16
+    assert np.array_equal(store[np.arange(len(store))], expected)
+    order = np.random.default_rng(0).permutation(len(store))[:13].tolist() + [5, 5, 39, 0]  # across chunks, repeats
+    rows = store[order]
+    assert type(rows) is np.ndarray and rows.shape == (len(order),) + expected.shape[1:]
+    assert np.array_equal(rows, expected[order])
+    assert np.array_equal(store[3], expected[3]) and np.array_equal(store[-1], expected[-1])
+    assert np.array_equal(store[10:20], expected[10:20]) and store[[]].shape == (0,) + expected.shape[1:]
+    with pytest.raises(IndexError):
+        store[[len(store)]]
+    computed = count_trunk_images(monkeypatch)  # a hit runs no image through the trunk
+    reversed_store = cache.features(images, relpaths[::-1])
+    assert computed == [] and np.array_equal(reversed_store[np.arange(len(relpaths))], expected[::-1])
+
+
+def test_feature_batches_ask_the_store_for_one_batch_at_a_time(tmp_path, images, monkeypatch):
+    trunk, relpaths = new_trunk(), relpaths_of(images)
+    labels = [int(r.startswith("b")) for r in relpaths]
+    cache = trunk_cache.TrunkCache(tmp_path / "cache", trunk, "sha", PREPROCESS, RUNTIME, "float16", chunk_rows=16)
+    source = dataloader.feature_source(images, relpaths, labels, PREPROCESS, cache)
+    assert isinstance(source.features, trunk_cache.FeatureStore)
+    asked, real_getitem = [], trunk_cache.FeatureStore.__getitem__
+
+    def recording(store, indices):
+        asked.append(len(indices))
+        return real_getitem(store, indices)
+
+    monkeypatch.setattr(trunk_cache.FeatureStore, "__getitem__", recording)
+    batches = [list(range(i, min(i + 6, len(relpaths)))) for i in range(0, len(relpaths), 6)][::-1]
+    got = list(dataloader.feature_batches(source, batches, trunk, RUNTIME))
+    assert asked == [len(b) for b in batches]  # never more than the batch
+    expected = torch.from_numpy(direct(trunk, images, relpaths)).float()
+    for batch, (features, batch_labels) in zip(batches, got):
+        assert torch.equal(features, expected[batch]) and batch_labels.tolist() == [labels[i] for i in batch]
+
+
+def test_content_keys_compute_identical_files_once_and_survive_a_touch(tmp_path, images, monkeypatch):
+    trunk = new_trunk()
+    shutil.copy(images / "a/img_000.png", images / "a/copy.png")
+    relpaths = relpaths_of(images)
+    keys = [hashlib.sha256((images / r).read_bytes()).hexdigest() for r in relpaths]
+    cache = trunk_cache.TrunkCache(tmp_path / "cache", trunk, "sha", PREPROCESS, RUNTIME, "float16")
+    expected = direct(trunk, images, relpaths)
+    computed = count_trunk_images(monkeypatch)
+    store = cache.features(images, relpaths, keys=keys)
+    assert sum(computed) == len(relpaths) - 1
+    # other batches than direct()'s (one image fewer): equal to float16 rounding, not bit for bit
+    np.testing.assert_allclose(store[np.arange(len(store))], expected, rtol=1e-2, atol=1e-2)
+    (images / "a/img_001.png").touch()  # a new modification time, the same content
+    cache.features(images, relpaths, keys=keys)
+    assert sum(computed) == len(relpaths) - 1
+    cache.features(images, relpaths)  # no keys: relative path, size and modification time
+    assert sum(computed) == 2 * len(relpaths) - 1
+    with pytest.raises(ValueError):
+        cache.features(images, relpaths[:2], keys=["one", "two\nlines"])
+
+
+# ---- torn, incomplete and killed writes -------------------------------------------------------
+
+def truncate_array(keys_file):
+    array_file = keys_file.with_suffix(".npy")
+    array_file.write_bytes(array_file.read_bytes()[:-100])
+
+
+def extra_key_first(keys_file):  # if it were served, every row would be another image's
+    keys_file.write_text("an/extra/line.png|1|1\n" + keys_file.read_text())
+
+
+def keys_not_yet_written(keys_file):  # a writer killed between its array and its keys
+    keys_file.unlink()
+
+
+@pytest.mark.parametrize("tear", [truncate_array, extra_key_first, keys_not_yet_written])
+def test_a_torn_chunk_is_named_and_recomputed_never_served(tmp_path, images, monkeypatch, capsys, tear):
+    trunk, relpaths = new_trunk(), relpaths_of(images)
+    cache = trunk_cache.TrunkCache(tmp_path / "cache", trunk, "sha", PREPROCESS, RUNTIME, "float16", chunk_rows=16)
+    cache.features(images, relpaths)
+    first_chunk = chunk_files(cache.folder(images))[0]
+    tear(first_chunk)
+    capsys.readouterr()
+    computed = count_trunk_images(monkeypatch)
+    store = cache.features(images, relpaths)
+    assert sum(computed) == 16  # that chunk's images, no more
+    assert np.array_equal(store[np.arange(len(store))], direct(trunk, images, relpaths))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "torn" in line]
+    if tear is keys_not_yet_written:
+        assert warnings == []  # an incomplete write is not an error
+    else:
+        assert len(warnings) == 1 and first_chunk.stem in warnings[0]
+        assert first_chunk.is_file()  # left for the cleanup
+
+
+def test_a_pass_killed_after_a_chunk_keeps_it_and_the_restart_computes_only_the_rest(tmp_path, images,
+                                                                                      monkeypatch):
+    trunk, relpaths = new_trunk(), relpaths_of(images)
+    cache = trunk_cache.TrunkCache(tmp_path / "cache", trunk, "sha", PREPROCESS, RUNTIME, "float16", chunk_rows=16)
+    count_trunk_images(monkeypatch, kill_after_batches=3)  # batches of 8: one chunk written, one batch lost
+    with pytest.raises(Killed):
+        cache.features(images, relpaths)
+    folder = cache.folder(images)
+    assert len(chunk_files(folder)) == 1 and not [p for p in folder.iterdir() if ".tmp-" in p.name]
+    computed = count_trunk_images(monkeypatch)
+    store = cache.features(images, relpaths)
+    assert sum(computed) == len(relpaths) - 16
+    assert np.array_equal(store[np.arange(len(store))], direct(trunk, images, relpaths))
+
+
+# ---- two writers at once, in two processes ---------------------------------------------------
+
+def _writer(cache_dir, root, relpaths, lock, barrier, results):
+    """One run: its own process, its own trunk, started at the same moment as the other."""
+    torch.set_num_threads(1)
+    counted = []
+    dataloader.run_trunk = lambda trunk, batch, runtime: counted.append(len(batch)) or RUN_TRUNK(trunk, batch, runtime)
+    cache = trunk_cache.TrunkCache(cache_dir, new_trunk(), "sha", PREPROCESS, RUNTIME, "float16", chunk_rows=8,
+                                   lock=lock)
+    barrier.wait()
+    cache.features(root, relpaths)
+    results.put(sum(counted))
+
+
+@pytest.mark.parametrize("lock", [False, True])
+def test_two_runs_filling_one_folder_at_once_leave_every_image_right(tmp_path, images, lock):
+    """Without the lock both runs compute and append (one in reverse order, so their chunks
+    interleave); with it the second finds the first's work. Either way every key's rows are right."""
+    trunk, relpaths = new_trunk(), relpaths_of(images)
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    runs = [context.Process(target=_writer, args=(tmp_path / "cache", images, order, lock, barrier, results))
+            for order in (relpaths, relpaths[::-1])]
+    for run in runs:
+        run.start()
+    computed = sorted(results.get(timeout=240) for _ in runs)
+    for run in runs:
+        run.join(timeout=60)
+        assert run.exitcode == 0
+    if lock:
+        assert sum(computed) == len(relpaths)  # no image computed twice
+    cache = trunk_cache.TrunkCache(tmp_path / "cache", trunk, "sha", PREPROCESS, RUNTIME, "float16")
+    folder = cache.folder(images)
+    expected = direct(trunk, images, relpaths)
+    for keys_file in chunk_files(folder):  # every chunk, not just the one a reader happens to pick
+        rows = np.load(keys_file.with_suffix(".npy"))
+        for key, row in zip(keys_file.read_text().splitlines(), rows):
+            np.testing.assert_allclose(row, expected[relpaths.index(key.split("|")[0])], rtol=1e-2, atol=1e-2)
+    store = cache.features(images, relpaths)
+    np.testing.assert_allclose(store[np.arange(len(store))], expected, rtol=1e-2, atol=1e-2)
