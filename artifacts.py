@@ -90,6 +90,12 @@ class Split:
     def classes(self, name: str) -> list[str]:
         return self.unseen_classes if name == "unseen" else self.seen_classes
 
+    def source(self, name: str, preprocess: Preprocess, cache=None, augment: bool = False) -> FeatureSource:
+        """A subset's trunk features: from `cache` (a trunk_cache.TrunkCache), which names each image
+        by its content's SHA-256, or from the images themselves."""
+        relpaths, labels = self.subset(name)
+        return feature_source(self.root, relpaths, labels, preprocess, cache, augment, keys=self.hashes(name))
+
 
 def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], create: bool,
                   bad_images: str = "skip", val_fraction: float = 0.05, test_fraction: float = 0.2,
@@ -231,8 +237,7 @@ class TrainedModel:
 
     def source(self, subset: str, cache=None) -> FeatureSource:
         """A subset's trunk features (through `cache`, a trunk_cache.TrunkCache, if given)."""
-        relpaths, labels = self.split.subset(subset)
-        return feature_source(self.split.root, relpaths, labels, self.preprocess, cache)
+        return self.split.source(subset, self.preprocess, cache)
 
 
 def open_trained_model(cfg, paths: Paths, device: torch.device, channels_last: bool = True) -> TrainedModel:

@@ -1,7 +1,8 @@
 """Speed and memory benchmark of the pipeline: one table of figures, ratios and targets.
 
-    .venv/bin/python bench.py                 # everything (about 2 minutes on 2 idle CPU cores)
-    .venv/bin/python bench.py --quick         # about 50 s: skips the 200,000-point memory run and run_all
+    .venv/bin/python bench.py                 # everything, at 5,000 and 50,000 images too (long on a CPU)
+    .venv/bin/python bench.py --sizes=5000    # the generated folders to measure at (comma-separated)
+    .venv/bin/python bench.py --quick         # about a minute: no memory run, no run_all, no generated folders
     .venv/bin/python bench.py --DEVICE=cpu    # any --KEY=VALUE setting override, as for the other scripts
 
 Reads:  the image folder (DATA_DIR, or the built-in digits) and the settings (configfile.py or --config=FILE).
@@ -16,6 +17,11 @@ Figures:
   distances   fast class-pair distances vs scipy cdist per pair, 20,000 x 128 synthetic points
   memory      peak RSS of the fast distances on 200,000 x 128 points, in a child process
   end to end  run_all.run on fresh folders, stage times, and the UMAP fit time on its embeddings
+  at scale    run_all.py in a fresh process on generated folders of 5,000 and 50,000 distinct images
+              (the built-in digits shifted, turned, scaled and noised; made once, deterministically),
+              first cold (empty cache folder, no compiled code kept) then warm (caches kept):
+              time per image of every stage, peak memory, and the cold run against its limit
+              (one trunk pass over every image plus one warm UMAP fit of the plotted points)
 A missed target is reported as MISS; the exit status is 0 either way.
 """
 import dataclasses
@@ -45,6 +51,9 @@ from trunk_cache import TrunkCache
 
 BENCH_DIR = common.REPO_DIR / "bench_outputs"
 CHILD_FLAG = "--_peak-memory-child"  # hidden: the process whose peak memory is measured
+RUN_CHILD_FLAG = "--_run-all-child"  # hidden: a run_all.py run whose stage times and peak memory are measured
+SIZES_FLAG = "--sizes="
+DEFAULT_SIZES = (5_000, 50_000)
 DIST_POINTS, MEMORY_POINTS, DIMS, CLASSES = 20_000, 200_000, 128, 10
 LIMIT_SECONDS = 5.0  # time the trunk for at least this long, so one slow batch cannot skew the rate
 
@@ -53,8 +62,21 @@ LIMIT_SECONDS = 5.0  # time the trunk for at least this long, so one slow batch 
 
 def split_flags(argv: list[str]) -> tuple[set[str], list[str]]:
     """bench.py's own flags, and the --KEY=VALUE / --config= arguments that go to settings.load_settings."""
-    own = {a for a in argv if a in ("--quick", CHILD_FLAG)}
+    own = {a for a in argv if a in ("--quick", CHILD_FLAG, RUN_CHILD_FLAG) or a.startswith(SIZES_FLAG)}
     return own, [a for a in argv if a not in own]
+
+
+def sizes_asked(flags: set[str], quick: bool) -> list[int]:
+    given = [f[len(SIZES_FLAG):] for f in flags if f.startswith(SIZES_FLAG)]
+    if not given:
+        return [] if quick else list(DEFAULT_SIZES)
+    try:
+        sizes = [int(n) for n in given[0].split(",") if n]
+    except ValueError:
+        raise common.PipelineError(f"{given[0]!r}: --sizes takes image counts separated by commas, e.g. --sizes=5000")
+    if any(n < 100 for n in sizes):
+        raise common.PipelineError("--sizes: each folder needs at least 100 images")
+    return sizes
 
 
 def bench_config(cfg: types.SimpleNamespace, name: str) -> types.SimpleNamespace:
@@ -124,9 +146,8 @@ def train_epoch(model, state: dict, source, batches: list, runtime: Runtime, lr:
 
 def measure_epoch(model, split, preprocess, cache, runtime: Runtime, cfg) -> dict:
     """One epoch over the train split, trunk features from the disk cache vs from the images."""
-    relpaths, labels = split.subset("train")
-    cached = dataloader.feature_source(split.root, relpaths, labels, preprocess, cache)  # fills the cache, untimed
-    uncached = dataloader.feature_source(split.root, relpaths, labels, preprocess)
+    cached = split.source("train", preprocess, cache)  # fills the cache, untimed
+    uncached = split.source("train", preprocess)
     batches = training.epoch_batches(len(cached), cfg.BATCH_SIZE, cfg.SEED, 0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     train_epoch(model, state, cached, batches[:3], runtime, cfg.LR, cfg.SEED)  # warm-up of the head's kernels
@@ -248,6 +269,90 @@ def measure_end_to_end(cfg) -> dict:
     return dict(stage_s=stage_times, total_s=stage_times["total"], umap=measure_umap(e2e))
 
 
+# ---- at the sizes users have: generated folders, cold and warm runs -----------------------------
+
+def generated_folder(n: int, seed: int = 0) -> Path:
+    """bench_outputs/data_<n>/<digit>/img_<i>.png: n distinct 28-px images made from the built-in
+    digits by a random turn, scale, shift and noise; written once, reused while complete."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    folder = BENCH_DIR / f"data_{n}"
+    if (folder / "COMPLETE").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    digits, rng = load_digits(), np.random.default_rng(seed)
+    for i in range(n):
+        j = int(rng.integers(len(digits.images)))
+        side = int(rng.integers(22, 35))  # scale
+        image = Image.fromarray(np.uint8(digits.images[j] * 255 / 16)).resize((side, side), Image.BILINEAR)
+        canvas = Image.new("L", (28, 28))
+        canvas.paste(image, ((28 - side) // 2 + int(rng.integers(-3, 4)), (28 - side) // 2 + int(rng.integers(-3, 4))))
+        canvas = canvas.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR)
+        pixels = np.clip(np.asarray(canvas, dtype=np.int16) + rng.integers(0, 24, (28, 28)), 0, 255).astype(np.uint8)
+        (folder / str(digits.target[j])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / str(digits.target[j]) / f"img_{i:06d}.png")
+    (folder / "COMPLETE").write_text(f"{n} images, seed {seed}\n")
+    return folder
+
+
+def run_all_child(cfg) -> None:
+    """Runs in the child: run_all.run, then its stage times and its peak memory (VmHWM) as JSON."""
+    import run_all
+    times = run_all.run(cfg)
+    print(json.dumps(dict(stage_s=times, peak_mib=rss_mib("VmHWM"))))
+
+
+def timed_run_all(data: Path, work: Path, numba_dir: Path, cfg_args: list[str]) -> dict:
+    """run_all.py in a fresh process on `data`, writing under `work`, numba's code kept in numba_dir."""
+    folders = [f"--DATA_DIR={data}", f"--OUTPUT_DIR={work / 'outputs'}", f"--CHECKPOINT_DIR={work / 'checkpoints'}",
+               f"--CACHE_DIR={work / 'cache'}"]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_dir)}
+    started = time.perf_counter()
+    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), RUN_CHILD_FLAG, *cfg_args, *folders],
+                           capture_output=True, text=True, cwd=common.REPO_DIR, env=env)
+    if child.returncode != 0:
+        raise RuntimeError(f"run_all child on {data} failed:\n{child.stderr[-3000:]}")
+    return dict(json.loads(child.stdout.strip().splitlines()[-1]), wall_s=time.perf_counter() - started)
+
+
+def measure_at_size(n: int, cfg, cfg_args: list[str], limit: float) -> dict:
+    """A cold then a warm run_all on n generated images, and the bound the cold run is held to."""
+    data = generated_folder(n)
+    work = BENCH_DIR / f"run_{n}"
+    shutil.rmtree(work, ignore_errors=True)
+    numba_dir = work / "numba"
+    cold = timed_run_all(data, work, numba_dir, cfg_args)
+    for sub in ("outputs", "checkpoints"):  # the warm run keeps the trunk cache and numba's code
+        shutil.rmtree(work / sub)
+    warm = timed_run_all(data, work, numba_dir, cfg_args)
+    run_cfg = types.SimpleNamespace(**{**vars(cfg), "OUTPUT_DIR": str(work / "outputs"),
+                                       "CHECKPOINT_DIR": str(work / "checkpoints"), "CACHE_DIR": str(work / "cache")})
+    umap = measure_umap(run_cfg)
+    bound = n / limit + umap["seconds"]
+    return dict(images=n, cold=cold, warm=warm, umap=umap, bound_s=bound, cold_ratio=cold["wall_s"] / bound)
+
+
+def scale_rows(runs: list[dict]) -> list[tuple]:
+    """Per size: cold/warm wall time, per-image time of each cold stage, peak memory; then the ratios."""
+    rows = []
+    for r in runs:
+        n = r["images"]
+        rows += [(f"{n:,} images: cold / warm run_all", f"{r['cold']['wall_s']:.0f} s / {r['warm']['wall_s']:.0f} s", "", ""),
+                 (f"  cold / (trunk pass + warm UMAP fit)", f"{r['cold_ratio']:.2f}x", "<= 1.5x" if n == 5000 else "",
+                  verdict(r["cold_ratio"] <= 1.5) if n == 5000 else ""),
+                 (f"  peak memory cold / warm", f"{r['cold']['peak_mib']:.0f} / {r['warm']['peak_mib']:.0f} MiB",
+                  "< 3 GB" if n >= 50_000 else "", verdict(r["cold"]["peak_mib"] < 3072) if n >= 50_000 else "")]
+        rows += [(f"  {stage} (cold)", f"{1000 * s / n:.2f} ms/img", "", "")
+                 for stage, s in r["cold"]["stage_s"].items() if stage != "total"]
+    by_size = {r["images"]: r for r in runs}
+    if 5_000 in by_size and 50_000 in by_size:
+        small, large = by_size[5_000]["cold"]["stage_s"], by_size[50_000]["cold"]["stage_s"]
+        for stage in small:
+            ratio = (large[stage] / 50_000) / (small[stage] / 5_000)
+            rows.append((f"per-image time 50,000 / 5,000: {stage}", f"{ratio:.2f}x", "<= 1.3x", verdict(ratio <= 1.3)))
+    return rows
+
+
 # ---- report --------------------------------------------------------------------------------------
 
 def cpu_clock() -> tuple[float, float, float]:
@@ -297,7 +402,7 @@ def table_rows(f: dict) -> list[tuple]:
                   ">= 50x" if metric == "combined" else "", verdict(d[metric]['ratio'] >= 50) if metric == "combined" else "")]
     rows.append(("distances max relative difference", f"{d['combined']['max_rel_diff']:.1e}", "<= 1e-6",
                  verdict(d['combined']['max_rel_diff'] <= 1e-6)))
-    return rows + memory_rows(f.get("memory")) + end_to_end_rows(f)
+    return rows + memory_rows(f.get("memory")) + end_to_end_rows(f) + scale_rows(f.get("scale", []))
 
 
 def memory_rows(m: dict | None) -> list[tuple]:
@@ -344,7 +449,7 @@ def print_table(rows: list[tuple], env: dict) -> None:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def run(cfg, quick: bool, cfg_args: list[str]) -> dict:
+def run(cfg, quick: bool, cfg_args: list[str], sizes: list[int]) -> dict:
     """Measure everything; the figures as one dict."""
     import train
     micro = bench_config(cfg, "micro")
@@ -368,6 +473,7 @@ def run(cfg, quick: bool, cfg_args: list[str]) -> dict:
         e2e = measure_end_to_end(cfg)
         e2e["bound_s"] = 2.0 * (figures["images"] / figures["limit_images_per_s"] + e2e["umap"]["seconds"])
         figures["end_to_end"] = e2e
+    figures["scale"] = [measure_at_size(n, cfg, cfg_args, figures["limit_images_per_s"]) for n in sizes]
     return figures
 
 
@@ -389,8 +495,10 @@ def main(argv: list[str] | None = None) -> None:
     def bench(cfg) -> None:
         if CHILD_FLAG in flags:
             return peak_memory_child(cfg)
+        if RUN_CHILD_FLAG in flags:
+            return run_all_child(cfg)
         started = time.perf_counter()
-        figures = run(cfg, quick, cfg_args)
+        figures = run(cfg, quick, cfg_args, sizes_asked(flags, quick))
         figures["bench_wall_s"] = time.perf_counter() - started
         report(cfg, figures, quick, clock_start)
     # numba's compiled code is kept between benchmark runs, apart from the user's

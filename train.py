@@ -84,8 +84,7 @@ def training_sources(cfg, split, preprocess, cache) -> dict:
     sources = {}
     for subset in ("train", "val"):
         augment = bool(cfg.AUGMENT) and subset == "train"
-        sources[subset] = dataloader.feature_source(split.root, *split.subset(subset), preprocess,
-                                                    cache=None if augment else cache, augment=augment)
+        sources[subset] = split.source(subset, preprocess, cache=None if augment else cache, augment=augment)
     if len(sources["val"]) < 20:
         print(f"note: the validation set has {len(sources['val'])} images; early stopping rests on very few")
     return sources
