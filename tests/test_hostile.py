@@ -1,0 +1,54 @@
+"""The hostile-use examples of the settings, run through each script's main() as a user would run
+it: one `error:` line on stderr, exit status 1, and nothing written (not even the output folders)."""
+import pytest
+
+import compute_average_distances
+import dimensionality_reduction
+import embed
+import evaluate
+import train
+import transfer_learning
+from conftest import dir_args
+
+BAD_SETTINGS = ["--BATCH_SIZE=0", "--LR=abc", "--SEED=x", "--DEVICE=tpu", "--NUM_WORKERS=-1", "--DROPOUT=1.5",
+                "--UMAP_SAMPLES=0", "--CLOSE_FAR_COUNT=0", "--EMBEDDING_DIM=0", "--UNSEEN_CLASSES=[]",
+                "--AUGMENT=false", "--RESUME=false", "--CACHE_TRUNK=false", "--TRAIN_FRACTION=0.5",
+                "--CACHE_DTYPE=int8", "--BAD_IMAGES=foo", "--SEEN_CLASSES=['a','a','b']", "--MAX_EPOCHS=0",
+                "--OUTPUT_DIR=", "--TRUNK=vgg16", "--MAX_EPOCH=3", "--config=/no/such/settings.py", "stray"]
+
+
+def _one_error_line(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argument", BAD_SETTINGS)
+@pytest.mark.parametrize("main", [train.main, evaluate.main, embed.main, compute_average_distances.main,
+                                  dimensionality_reduction.main, transfer_learning.main],
+                         ids=["train", "evaluate", "embed", "distances", "umap", "transfer"])
+def test_a_bad_setting_stops_every_script_before_anything_is_written(tmp_path, capsys, main, argument):
+    line = _one_error_line(capsys, main, [*dir_args(tmp_path), argument])  # the bad one last: it wins
+    name = argument.lstrip("-").split("=")[0]
+    assert name in line or "stray" in line or "settings" in line, line
+    assert not list(tmp_path.iterdir()), "an output folder was made before the settings were checked"
+
+
+def test_help_lists_every_setting_and_exits_0(capsys):
+    import settings
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in settings.SCHEMA)
+
+
+def test_a_tilde_in_a_folder_setting_is_the_home_folder(tmp_path, monkeypatch):
+    import settings
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = settings.load_settings(["--OUTPUT_DIR=~/runs/out"])
+    assert cfg.OUTPUT_DIR == str(tmp_path / "runs" / "out")
