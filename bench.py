@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         figures["bench_wall_s"] = time.perf_counter() - started
         report(cfg, figures, quick, clock_start)
     # numba's compiled code is kept between benchmark runs, apart from the user's
-    common.run_script(bench, cfg_args, numba_cache=BENCH_DIR / "numba")
+    common.run_script(bench, cfg_args, numba_cache=BENCH_DIR / "numba", lock_folders=False)  # writes only its own
 
 
 if __name__ == "__main__":

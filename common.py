@@ -31,16 +31,23 @@ class PipelineError(Exception):
 
 # ---- running a script ----------------------------------------------------------------------
 
-def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = None) -> None:
+def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = None,
+               lock_folders: bool = True) -> None:
     """Run a script's run(cfg); a PipelineError ends in one line on stderr and exit status 1.
 
-    numba keeps compiled code (umap-learn's, the distance pass) in <CACHE_DIR>/numba, or in
+    While it runs, the script holds OUTPUT_DIR and CHECKPOINT_DIR (lock_folders): a second run of
+    the pipeline on the same folders stops at once instead of interleaving its files with this
+    one's. numba keeps compiled code (umap-learn's, the distance pass) in <CACHE_DIR>/numba, or in
     `numba_cache`: set here, once, before anything imports numba."""
     import settings  # settings.py raises PipelineError: imported here, not at the top
     try:
         cfg = settings.load_settings(argv)
         use_numba_cache(numba_cache or Path(cfg.CACHE_DIR) / "numba")
-        run(cfg)
+        folders = [Path(cfg.OUTPUT_DIR), Path(cfg.CHECKPOINT_DIR)] if lock_folders else []
+        with contextlib.ExitStack() as held:
+            for folder in dict.fromkeys(f.resolve() for f in folders):
+                held.enter_context(folder_lock(folder))
+            run(cfg)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -53,6 +60,33 @@ def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold <folder>/.plankton.lock (an exclusive flock, released when the process ends, however it
+    ends) or stop with one line naming the process that holds it."""
+    import fcntl
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".plankton.lock", "a+")
+    except OSError as err:
+        raise PipelineError(f"cannot write {folder}: {err.strerror or err}")
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise PipelineError(f"{folder} is in use by another run of this pipeline ({holder}); wait for it to "
+                                f"finish, or set OUTPUT_DIR and CHECKPOINT_DIR to other folders")
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def use_numba_cache(folder: Path) -> None:

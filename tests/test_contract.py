@@ -28,11 +28,17 @@ from conftest import PYTHON, REPO, Exploit, env, make_image_folder, settings_fil
 SEEN, UNSEEN = ["a", "b", "c"], ["u", "v"]
 
 
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder but the lock a script holds while it runs."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".plankton.lock"}
+
+
 def one_error_line(stage_run, cfg, capsys) -> str:
     """Run a stage the way its script does (common.run_script); return its single stderr line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        common.run_script(lambda _settings: stage_run(cfg), [])
+        common.run_script(lambda _settings: stage_run(cfg), [f"--OUTPUT_DIR={cfg.OUTPUT_DIR}",
+                                                             f"--CHECKPOINT_DIR={cfg.CHECKPOINT_DIR}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1, err
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -185,7 +191,7 @@ def _read_only_folder_denies_writes(folder: Path) -> bool:
 def test_a_read_only_output_folder_is_one_line_and_keeps_the_old_outputs(faked, capsys, monkeypatch):
     cfg, paths = faked
     transfer_learning.run(cfg)
-    before = {p.name: p.read_bytes() for p in paths.out.iterdir()}
+    before = contents(paths.out)
     paths.out.chmod(0o500)
     try:
         if not _read_only_folder_denies_writes(paths.out):  # running as root: the kernel's answer, injected
@@ -199,7 +205,7 @@ def test_a_read_only_output_folder_is_one_line_and_keeps_the_old_outputs(faked, 
         paths.out.chmod(0o755)
     assert line.startswith("error: cannot ") and line.endswith(": Permission denied"), line
     assert str(paths.out / "provenance_transfer_learning.json") in line or "transfer_learning.csv" in line, line
-    assert {p.name: p.read_bytes() for p in paths.out.iterdir()} == before
+    assert contents(paths.out) == before
     assert artifacts.stale_outputs(paths, "transfer_learning") == []
 
 
@@ -214,7 +220,7 @@ def test_an_unwritable_folder_outside_the_atomic_writers_is_one_line(tmp_path, c
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
     monkeypatch.setattr(Path, "mkdir", mkdir_denied)
     line = one_error_line(transfer_learning.run, cfg, capsys)
-    assert line == f"error: {tmp_path / 'outputs'}: Permission denied"
+    assert line == f"error: cannot write {(tmp_path / 'outputs').resolve()}: Permission denied"
 
 
 # ---- 3. a stage's outputs half new, half old ------------------------------------------------------------
@@ -297,11 +303,11 @@ def test_evaluate_and_embed_record_provenance_and_refuse_a_copied_data_folder(tr
     # 4. the same file names in another folder are not the images the model was trained on
     copy = shutil.copytree(cfg.DATA_DIR, tmp_path / "same_names")
     cfg.DATA_DIR = str(copy)
-    before = {p.name: p.read_bytes() for p in paths.out.iterdir()}
+    before = contents(paths.out)
     for stage in (evaluate, embed):
         line = one_error_line(stage.run, cfg, capsys)
         assert "was trained on images in" in line and f"DATA_DIR is now {copy}" in line, line
-    assert {p.name: p.read_bytes() for p in paths.out.iterdir()} == before
+    assert contents(paths.out) == before
 
 
 # ---- 4. state that changed since: an image of the close/far figures is gone ------------------------------
@@ -375,8 +381,7 @@ def test_a_truly_read_only_output_folder_through_the_script(tmp_path, tiny_folde
         paths.out.chmod(0o555)
         done = subprocess.run(command, cwd=REPO, env=variables, capture_output=True, text=True, timeout=300)
         assert done.returncode == 1, done.stderr
-        assert done.stderr.strip().splitlines() == [
-            f"error: cannot write {paths.out / 'transfer_learning.csv'}: Permission denied"], done.stderr
+        assert done.stderr.strip().splitlines() == [f"error: cannot write {paths.out}: Permission denied"], done.stderr
         assert not (paths.out / "transfer_learning.csv").exists() and not temporaries(paths.out)
     finally:
         for folder in [work] + [p for p in work.rglob("*") if p.is_dir()]:

@@ -52,3 +52,26 @@ def test_a_tilde_in_a_folder_setting_is_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = settings.load_settings(["--OUTPUT_DIR=~/runs/out"])
     assert cfg.OUTPUT_DIR == str(tmp_path / "runs" / "out")
+
+
+def test_a_second_run_on_the_same_folders_stops_at_once(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+    import common
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import common\n"
+        "from pathlib import Path\n"
+        "with common.folder_lock(Path(sys.argv[2])):\n"
+        "    print('held', flush=True); time.sleep(60)"), str(common.REPO_DIR), str(tmp_path / "outputs")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _one_error_line(capsys, evaluate.main, dir_args(tmp_path))
+        assert f"pid {holder.pid}" in line and "in use by another run" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    line = _one_error_line(capsys, evaluate.main, dir_args(tmp_path))  # the lock died with its holder
+    assert "run train.py first" in line
