@@ -166,6 +166,15 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path) ->
     common.save_figure(fig, path)
 
 
+def at_most_per_class(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices keeping every sample of a class of at most `limit`, and `limit` random ones of
+    a larger class: the mean over sampled pairs estimates the mean over all pairs without bias."""
+    rng = np.random.default_rng(seed)
+    keep = [members if len(members) <= limit else rng.choice(members, limit, replace=False)
+            for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+
+
 def run(cfg) -> None:
     paths = artifacts.prepare_output_dirs(cfg)
     device = common.pick_device(cfg.DEVICE)
@@ -177,7 +186,12 @@ def run(cfg) -> None:
         names = list(frame.attrs["class_names"])
         x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
         counts = np.bincount(labels, minlength=len(names))
-        for kind, matrix in (("euclidean", average_euclidean_distances(x, labels, len(names), device)),
+        kept = at_most_per_class(labels, cfg.DISTANCE_SAMPLES, cfg.SEED)
+        sampled = "" if len(kept) == len(labels) else f" (Euclidean: at most {cfg.DISTANCE_SAMPLES} random samples per class)"
+        if sampled:
+            print(f"note: {subset}: Euclidean distances from {len(kept)} of {len(labels)} samples, at most "
+                  f"DISTANCE_SAMPLES={cfg.DISTANCE_SAMPLES} per class (all pairs of every class would grow with the square)")
+        for kind, matrix in (("euclidean", average_euclidean_distances(x[kept], labels[kept], len(names), device)),
                              ("angular", average_cosine_distances(x, labels, len(names)))):
             table = pd.DataFrame(matrix, index=names, columns=names)
             print(f"\nAverage {kind} distances, {subset} ({len(frame)} samples):\n{table.round(4).to_string()}")
@@ -186,7 +200,7 @@ def run(cfg) -> None:
             common.save_csv(table, stem.with_suffix(".csv"))
             what = "test data (seen classes)" if subset == "test" else "unseen classes"
             plot_matrix(matrix, names, f"Average {kind.replace('euclidean', 'Euclidean')} distance{' (1 - cos)' if kind == 'angular' else ''}, "
-                        f"{what}\n{len(frame)} samples; diagonal: distinct pairs within a class",
+                        f"{what}\n{len(frame)} samples{sampled if kind == 'euclidean' else ''}; diagonal: distinct pairs within a class",
                         stem.with_suffix(".png"))
         for name, n in zip(names, counts):
             if n < 2:

@@ -57,8 +57,10 @@ CACHE_DIR = "cache"  # trunk-feature cache, image-scan cache, numba's compiled c
 # ---- analysis -------------------------------------------------------------------------------
 UMAP_SAMPLES = 2000  # at most this many random samples from each of train, test and unseen
 UMAP_NEIGHBORS = 15  # UMAP n_neighbors
+DISTANCE_SAMPLES = 20000  # class-pair distances use at most this many random samples per class (exact below; cost grows with its square)
 CLOSE_FAR_COUNT = 5  # images per row in the closest/furthest figures
 CLOSE_FAR_SPACE = "embedding"  # distances to the class centre in "embedding" (128-d) or "umap" (2-d, as the study did)
 TRANSFER_TEST_FRACTION = 0.30  # share of each unseen class kept for testing the transfer classifiers
 TRANSFER_REPEATS = 5  # random training subsets drawn per training-set size
+TRANSFER_MAX_TRAIN = 5000  # largest training set of the transfer classifiers (an RBF SVC's cost grows with its square or more)
 KNN_K = 10  # k of the kNN classifier

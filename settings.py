@@ -99,10 +99,12 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     # analysis
     "UMAP_SAMPLES": Rule("int", "[2, inf)"),
     "UMAP_NEIGHBORS": Rule("int", "[2, inf)"),
+    "DISTANCE_SAMPLES": Rule("int", "[2, inf)"),
     "CLOSE_FAR_COUNT": Rule("int", "[1, inf)"),
     "CLOSE_FAR_SPACE": Rule("str", choices=("embedding", "umap")),
     "TRANSFER_TEST_FRACTION": Rule("float", "(0, 1)"),
     "TRANSFER_REPEATS": Rule("int", "[1, inf)"),
+    "TRANSFER_MAX_TRAIN": Rule("int", "[2, inf)"),
     "KNN_K": Rule("int", "[1, inf)"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones

@@ -49,11 +49,12 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.sort(np.array(train)), np.sort(np.array(test))
 
 
-def training_sizes(n_train: int, n_classes: int) -> list[int]:
-    """From one sample per class to all, roughly doubling: 1, 2, 5 per class, then 10, 20, 50, ..."""
+def training_sizes(n_train: int, n_classes: int, largest: int | None = None) -> list[int]:
+    """From one sample per class to all (or `largest`), roughly doubling: 1, 2, 5 per class, then 10, 20, 50, ..."""
+    top = min(n_train, largest or n_train)
     per_class = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
-    sizes = [p * n_classes for p in per_class if p * n_classes * 1.5 <= n_train]  # none crowding the last
-    return sizes + [n_train]
+    sizes = [p * n_classes for p in per_class if p * n_classes * 1.5 <= top]  # none crowding the last
+    return sizes + [top]
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -83,12 +84,13 @@ def fit_and_score(method, x_train, y_train, x_test, y_test, k, seed) -> float:
 
 
 def transfer_curves(x: np.ndarray, labels: np.ndarray, test_fraction: float, repeats: int, k: int, seed: int,
-                    n_jobs: int = -1) -> pd.DataFrame:
-    """Balanced accuracy on the fixed test part for each probe, training size and repeat."""
+                    n_jobs: int = -1, max_train: int | None = None) -> pd.DataFrame:
+    """Balanced accuracy on the fixed test part for each probe, training size and repeat; training
+    sets of at most `max_train` samples."""
     train, test = stratified_split(labels, test_fraction, seed)
     n_classes = len(np.unique(labels))
     jobs = []
-    for size in training_sizes(len(train), n_classes):
+    for size in training_sizes(len(train), n_classes, max_train):
         for repeat in range(repeats if size < len(train) else 1):
             subset = train[stratified_subset(labels[train], size, seed * 1000 + repeat)]
             jobs += [(method, size, repeat, subset) for method in PROBES]
@@ -135,7 +137,12 @@ def run(cfg) -> None:
         raise common.PipelineError("transfer learning needs at least two unseen classes with 2 or more images each")
     inputs = artifacts.start_stage(paths, "transfer_learning", [paths.best, paths.embeddings("unseen")])
     x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
-    results = transfer_curves(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.TRANSFER_REPEATS, cfg.KNN_K, cfg.SEED)
+    results = transfer_curves(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.TRANSFER_REPEATS, cfg.KNN_K, cfg.SEED,
+                              max_train=cfg.TRANSFER_MAX_TRAIN)
+    available = len(labels) - int(results.n_test.iloc[0])
+    if available > cfg.TRANSFER_MAX_TRAIN:
+        print(f"note: training sets capped at TRANSFER_MAX_TRAIN={cfg.TRANSFER_MAX_TRAIN} of the {available} "
+              f"training images (an RBF SVC's cost grows with the square of its training set or more)")
     outputs = [paths.out / "transfer_learning.csv"]
     common.save_csv(results, outputs[0], index=False)
 

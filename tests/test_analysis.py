@@ -61,3 +61,19 @@ def test_exact_neighbours_equal_sklearns_and_start_with_the_point_itself():
     assert (indices[:, 0] == np.arange(700)).all() and (distances[:, 0] == 0).all()
     np.testing.assert_array_equal(indices, ref_indices)
     np.testing.assert_allclose(distances, ref_distances, rtol=1e-4, atol=1e-4)
+
+
+def test_distances_sample_at_most_the_cap_per_class_and_keep_small_classes_whole():
+    labels = np.array([0] * 50 + [1] * 5 + [2] * 30)
+    kept = cad.at_most_per_class(labels, 20, seed=0)
+    assert np.bincount(labels[kept]).tolist() == [20, 5, 20] and len(set(kept)) == len(kept)
+    assert (kept == np.sort(kept)).all()
+    assert cad.at_most_per_class(labels, 100, seed=0).tolist() == list(range(85))
+
+
+def test_transfer_training_sets_stop_at_the_cap():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), 100)
+    x = rng.normal(size=(200, 8)) + 3.0 * labels[:, None]
+    results = transfer_learning.transfer_curves(x, labels, 0.3, 2, 5, 0, n_jobs=1, max_train=50)
+    assert results.n_train.max() == 50 and (results[results.n_train == 50].repeat.nunique() == 2)
