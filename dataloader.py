@@ -7,9 +7,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from common import num_workers, pick_device
+from common import Progress, num_workers, pick_device
 from images import load_rgb, resize
 
 
@@ -106,8 +105,8 @@ def trunk_feature_batches(trunk: torch.nn.Module, root: Path, relpaths: list[str
     """Yield the trunk's output batch by batch, in order, decoded and resized on the loader's workers:
     a caller that stores each batch as it comes never holds the whole pass (trunk_cache.py)."""
     dataset = ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess)
-    for images, _ in tqdm(image_loader(dataset, runtime), desc="trunk features", unit="batch", leave=False,
-                          disable=None):
+    for images, _ in Progress(image_loader(dataset, runtime), f"trunk features of {len(relpaths)} images",
+                              unit="batches"):
         with torch.inference_mode():  # closed before the yield, like feature_batches' no_grad
             features = run_trunk(trunk, images, runtime).cpu().numpy().astype(dtype)
         yield features

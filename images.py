@@ -11,9 +11,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
-from common import PipelineError, atomic_path, save_csv, sha256_file
+from common import PipelineError, Progress, atomic_path, save_csv, sha256_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}  # GIF, WebP: first frame
 
@@ -209,7 +208,7 @@ def scan_images(root: Path, relpaths: list[str], cache_file: Path) -> tuple[dict
             continue
         key = (rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         (rows.append(key + cached[key]) if key in cached else todo.append(key))
-    for key in tqdm(todo, desc="checking images", disable=None if len(todo) >= 200 else True):
+    for key in Progress(todo, "checking images", unit="images", min_total=200):
         rows.append(key + _check_image(root / key[0], key[1]))
     if todo or len(rows) != len(cached):
         save_csv(pd.DataFrame(rows, columns=SCAN_COLUMNS), cache_file, index=False)

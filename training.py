@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from common import Progress
 from dataloader import FeatureSource, Runtime, feature_batches, in_order
 
 
@@ -88,8 +88,8 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
     train_acc) with the running figures since the last check. Return True if on_check asked to stop."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(feature_batches(source, batches, model.trunk, runtime, seed=seed), total=len(batches),
-               desc=desc, leave=False, disable=None)
+    bar = Progress(feature_batches(source, batches, model.trunk, runtime, seed=seed), desc or "training",
+                   total=len(batches), unit="batches")
     try:
         for b, (features, labels) in enumerate(bar):
             logits, _ = model.forward_head(features)

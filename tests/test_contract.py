@@ -403,3 +403,15 @@ def test_a_script_leaves_a_running_process_temporary_and_the_users_files_alone(t
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and done.stderr.startswith("error: no checkpoint"), done.stderr
     assert mine.read_text() == "being written" and notes.read_text() == "\\section{}"
+
+
+def test_long_steps_print_progress_lines_when_the_output_is_a_log_file(capsys, monkeypatch):
+    monkeypatch.setattr(common, "PROGRESS_EVERY", 0.0)  # a line after every item
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = common.Progress(range(4), "trunk features of 4 images", unit="batches")
+    bar.set_postfix(loss="0.5")
+    assert list(bar) == [0, 1, 2, 3]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("trunk features of 4 images: 4/4 (100%) batches in ")
+    assert lines[0].endswith(", loss 0.5") and "s left" in lines[0]
+    assert not list(common.Progress([], "nothing", min_total=200)) and capsys.readouterr().out == ""
