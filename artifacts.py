@@ -21,8 +21,8 @@ import torch
 import backbone
 import images
 import safepickle
-from common import (PipelineError, atomic_path, code_version, remove_abandoned_temporaries, save_csv, save_json,
-                    sha256_file)
+from common import (PipelineError, atomic_path, code_version, package_versions, remove_abandoned_temporaries,
+                    save_csv, save_json, sha256_file)
 from dataloader import FeatureSource, Preprocess, feature_source
 
 SUBSETS = ("train", "val", "test")
@@ -335,7 +335,7 @@ def start_stage(paths: Paths, stage: str, inputs: list[Path]) -> dict[str, str]:
     record (the stage's outputs count as incomplete until save_provenance writes a new one), says so
     when earlier outputs are replaced, and returns the inputs' SHA-256 as they are now."""
     record = provenance_path(paths, stage)
-    if not record.is_file() and _existing_outputs(paths, stage):
+    if not record.is_file() and existing_outputs(paths, stage):
         print(f"note: {stage} outputs in {paths.out} have no {record.name} (an earlier run stopped part-way): "
               f"replacing them")
     try:
@@ -352,7 +352,7 @@ def save_provenance(paths: Paths, stage: str, inputs: dict[str, str], outputs: l
         if not Path(name).is_file() or file_sha256(name) != sha256:
             raise PipelineError(f"{name} changed while {stage} ran (another run beside this one?); "
                                 f"re-run {stage}.py")
-    save_json(dict(stage=stage, code_version=code_version(), inputs=inputs,
+    save_json(dict(stage=stage, code_version=code_version(), packages=package_versions(), inputs=inputs,
                    outputs={Path(p).name: file_sha256(p) for p in outputs}), provenance_path(paths, stage))
     left_over = stale_outputs(paths, stage)
     if left_over:
@@ -363,7 +363,7 @@ def stale_outputs(paths: Paths, stage: str) -> list[str]:
     """The stage's output files that its provenance does not vouch for: all of them when the record
     is missing or unreadable or an input has changed since; otherwise each file missing, changed, or
     not written by the run that made the record."""
-    on_disk = _existing_outputs(paths, stage)
+    on_disk = existing_outputs(paths, stage)
     try:
         record = json.loads(provenance_path(paths, stage).read_text())
         inputs, outputs = dict(record["inputs"]), dict(record["outputs"])
@@ -376,5 +376,6 @@ def stale_outputs(paths: Paths, stage: str) -> list[str]:
                   or file_sha256(paths.out / name) != outputs[name])
 
 
-def _existing_outputs(paths: Paths, stage: str) -> set[str]:
+def existing_outputs(paths: Paths, stage: str) -> set[str]:
+    """Names of the files in the output folder that match the stage's output patterns."""
     return {p.name for pattern in STAGE_OUTPUTS[stage] for p in paths.out.glob(pattern) if p.is_file()}

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import platform
 import random
 import re
 import secrets
@@ -176,6 +177,18 @@ def code_version() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of Python and of the packages whose behaviour the results depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+    found = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "pandas", "scikit-learn", "umap-learn", "pillow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 # ---- atomic writes -----------------------------------------------------------------------------

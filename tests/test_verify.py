@@ -1,0 +1,73 @@
+"""verify.py: a fresh run passes; any edited output, input or link of the chain is named."""
+import pytest
+
+import artifacts
+import common
+import run_all
+import verify
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow  # the fixture runs the whole pipeline once
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from conftest import make_image_folder
+    tmp = tmp_path_factory.mktemp("verify")
+    folder = make_image_folder(tmp / "images", {"a": 16, "b": 16, "c": 16, "u": 12, "v": 12})
+    cfg = tiny_config(tmp, folder, MAX_EPOCHS=2)
+    run_all.run(cfg)
+    return cfg, artifacts.Paths.from_settings(cfg)
+
+
+def _mismatches(cfg, capsys) -> list[str]:
+    capsys.readouterr()
+    try:
+        verify.run(cfg)
+    except common.PipelineError as err:
+        assert "mismatch" in str(err)
+    return [line[len("mismatch: "):] for line in capsys.readouterr().err.splitlines() if line.startswith("mismatch: ")]
+
+
+def test_a_fresh_run_verifies_and_lists_the_package_versions(finished, capsys):
+    cfg, _ = finished
+    verify.run(cfg)
+    out = capsys.readouterr().out
+    assert "verified: 5 stages" in out and "torch" in out and "differs" not in out
+
+
+@pytest.mark.parametrize("name", ["confusion_matrix.png", "transfer_learning.csv", "umap_coordinates.csv",
+                                  "embeddings_test.pkl"])
+def test_an_edited_output_is_named(finished, capsys, name):
+    cfg, paths = finished
+    target = paths.out / name
+    original = target.read_bytes()
+    try:
+        target.write_bytes(original + b" ")
+        problems = _mismatches(cfg, capsys)
+        assert any(p.startswith(f"{target}: changed since") for p in problems), problems
+    finally:
+        target.write_bytes(original)
+    assert _mismatches(cfg, capsys) == []
+
+
+def test_a_checkpoint_from_another_split_and_a_stray_output_are_named(finished, capsys):
+    cfg, paths = finished
+    split = paths.split.read_bytes()
+    stray = paths.out / "accuracy_extra.png"
+    try:
+        paths.split.write_bytes(split.replace(b"\n", b"\r\n"))
+        stray.write_bytes(b"not from this run")
+        problems = _mismatches(cfg, capsys)
+        assert f"{paths.best}: trained on another split.csv than {paths.split}" in problems
+        assert f"{stray}: not written by the transfer_learning run that made the record" in problems
+        assert any(p.startswith(f"{paths.embeddings('train')}: made from another split.csv") for p in problems)
+    finally:
+        paths.split.write_bytes(split)
+        stray.unlink()
+    assert _mismatches(cfg, capsys) == []
+
+
+def test_nothing_to_verify_is_one_line(tmp_path):
+    with pytest.raises(common.PipelineError, match="nothing to verify .* run run_all.py first"):
+        verify.run(tiny_config(tmp_path))

@@ -1,0 +1,102 @@
+"""Check a finished run against what its stages recorded: every input and output named in the
+stages' provenance still has the SHA-256 recorded, no stage's outputs lack a record, and the chain
+holds (each embeddings file comes from this best.pth, best.pth from this split.csv).
+
+    python verify.py                                   # the run in OUTPUT_DIR / CHECKPOINT_DIR
+    python verify.py --OUTPUT_DIR=runs/a/outputs --CHECKPOINT_DIR=runs/a/checkpoints
+
+Reads:  outputs/provenance_<stage>.json and every file they name, checkpoints/best.pth,
+        outputs/split.csv, outputs/embeddings_*.pkl.
+Writes: nothing. Prints the package versions each stage ran with beside those installed now, then
+        one line per mismatch (`mismatch: ...`) and exits 1 if there is any.
+"""
+import json
+import sys
+from pathlib import Path
+
+import artifacts
+import common
+import safepickle
+
+
+def stage_mismatches(paths: artifacts.Paths, stage: str, record: dict) -> list[str]:
+    """Each input and output of a stage's record whose file is gone or whose SHA-256 differs."""
+    problems = []
+    named = [(p, sha, "input") for p, sha in record["inputs"].items()]
+    named += [(str(paths.out / name), sha, "output") for name, sha in record["outputs"].items()]
+    for path, sha256, role in named:
+        if not Path(path).is_file():
+            problems.append(f"{path}: missing ({role} of {stage})")
+        elif artifacts.file_sha256(path) != sha256:
+            problems.append(f"{path}: changed since {stage} recorded it as its {role}")
+    unvouched = artifacts.existing_outputs(paths, stage) - set(record["outputs"])
+    problems += [f"{paths.out / name}: not written by the {stage} run that made the record" for name in sorted(unvouched)]
+    return problems
+
+
+def chain_mismatches(paths: artifacts.Paths) -> list[str]:
+    """best.pth made from this split.csv; each embeddings file from this best.pth and split.csv."""
+    if not paths.best.is_file():
+        return [f"{paths.best}: missing"]
+    problems = []
+    best, best_sha = artifacts.open_checkpoint(paths.best), artifacts.file_sha256(paths.best)
+    split_sha = artifacts.file_sha256(paths.split) if paths.split.is_file() else None
+    if best["split_sha256"] != split_sha:
+        problems.append(f"{paths.best}: trained on another split.csv than {paths.split}")
+    for subset in artifacts.EMBEDDED_SUBSETS:
+        path = paths.embeddings(subset)
+        if not path.is_file():
+            continue
+        try:
+            attrs = safepickle.load_dataframe(path).attrs
+        except (safepickle.UnsafePickle, OSError) as err:
+            problems.append(f"{path}: unreadable ({err})")
+            continue
+        if attrs.get("checkpoint_sha256") != best_sha:
+            problems.append(f"{path}: made from another checkpoint than {paths.best}")
+        if attrs.get("split_sha256") != split_sha:
+            problems.append(f"{path}: made from another split.csv than {paths.split}")
+    return problems
+
+
+def print_versions(records: dict) -> None:
+    now = common.package_versions()
+    print(f"{'package':<14}{'now':<16}then")
+    for name, version in now.items():
+        then = sorted({r.get("packages", {}).get(name, "not recorded") for r in records.values()})
+        flag = "" if then == [version] else "   <- differs"
+        print(f"{name:<14}{version:<16}{', '.join(then)}{flag}")
+
+
+def run(cfg) -> None:
+    paths = artifacts.Paths.from_settings(cfg)
+    records, problems = {}, []
+    for stage in artifacts.STAGE_OUTPUTS:
+        path = artifacts.provenance_path(paths, stage)
+        if path.is_file():
+            try:
+                records[stage] = json.loads(path.read_text())
+            except ValueError:
+                problems.append(f"{path}: not a provenance record")
+        elif artifacts.existing_outputs(paths, stage):
+            problems.append(f"{paths.out}: {stage} outputs without {path.name} (the stage stopped part-way?)")
+    if not records and not paths.best.is_file():
+        raise common.PipelineError(f"nothing to verify in {paths.out} and {paths.checkpoints}: run run_all.py first")
+    for stage, record in records.items():
+        problems += stage_mismatches(paths, stage, record)
+    problems += chain_mismatches(paths)
+    print_versions(records)
+    for problem in problems:
+        print(f"mismatch: {problem}", file=sys.stderr)
+    if problems:
+        raise common.PipelineError(f"{len(problems)} mismatch(es) in the run in {paths.out}")
+    checked = sum(len(r["inputs"]) + len(r["outputs"]) for r in records.values())
+    print(f"verified: {len(records)} stages, {checked} recorded files, the chain split -> best.pth -> embeddings")
+
+
+def main(argv=None):
+    common.run_script(run, argv)
+
+
+if __name__ == "__main__":
+    main()
