@@ -42,26 +42,33 @@ def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = No
     one's. numba keeps compiled code (umap-learn's, the distance pass) in <CACHE_DIR>/numba, or in
     `numba_cache`: set here, once, before anything imports numba."""
     import settings  # settings.py raises PipelineError: imported here, not at the top
-    try:
-        cfg = settings.load_settings(argv)
-        use_numba_cache(numba_cache or Path(cfg.CACHE_DIR) / "numba")
-        folders = [Path(cfg.OUTPUT_DIR), Path(cfg.CHECKPOINT_DIR)] if lock_folders else []
-        with contextlib.ExitStack() as held:
-            for folder in dict.fromkeys(f.resolve() for f in folders):
-                held.enter_context(folder_lock(folder))
+    with contextlib.ExitStack() as held:
+        try:
+            cfg = settings.load_settings(argv)
+            use_numba_cache(numba_cache or Path(cfg.CACHE_DIR) / "numba")
+            if lock_folders:
+                for folder in dict.fromkeys(Path(f).resolve() for f in (cfg.OUTPUT_DIR, cfg.CHECKPOINT_DIR)):
+                    held.enter_context(folder_lock(folder))
+                # the console output is also kept, error line included, in <OUTPUT_DIR>/logs/<script>.log
+                held.enter_context(tee_output(Path(cfg.OUTPUT_DIR) / "logs" / f"{run.__module__}.log"))
             run(cfg)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as err:  # a full, read-only or foreign folder outside the atomic writers (mkdir, reads)
-        if err.errno not in FILE_SYSTEM_FAULTS:
-            raise
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        except BaseException as err:
+            _exit_for(err)
+
+
+def _exit_for(err: BaseException) -> None:
+    """One line and exit status 1 for what a user can fix; anything else goes on as it was."""
+    if isinstance(err, PipelineError):
+        message = str(err)
+    elif isinstance(err, OSError) and err.errno in FILE_SYSTEM_FAULTS:  # outside the atomic writers
+        message = f"{err.filename}: {err.strerror or err}" if err.filename else str(err.strerror or err)
+    elif isinstance(err, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    else:
+        raise err
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 @contextlib.contextmanager
@@ -89,6 +96,35 @@ def folder_lock(folder: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _Tee:
+    """A text stream that writes to the console stream and to a log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()
+        return self.stream.write(text)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, flush …: the console stream's
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_output(log_path: Path):
+    """Copy everything printed (stdout and stderr) into log_path, started afresh, while the block runs."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8", errors="backslashreplace") as log:
+        log.write(f"# {' '.join(sys.argv)}  ({time.strftime('%Y-%m-%d %H:%M:%S')}, code {code_version()})\n")
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
 
 
 def use_numba_cache(folder: Path) -> None:

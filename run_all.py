@@ -25,10 +25,12 @@ STAGES = (("train", train), ("evaluate", evaluate), ("embed", embed),
 
 def run(cfg) -> dict:
     times, started = {}, time.time()
+    logs = artifacts.Paths.from_settings(cfg).out / "logs"
     for name, module in STAGES:
         print(f"\n======== {name}.py ========")
         stage_started = time.time()
-        module.run(cfg)
+        with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's
+            module.run(cfg)
         times[name] = time.time() - stage_started
     times["total"] = time.time() - started
     print("\n======== stage wall times ========")

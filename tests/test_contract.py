@@ -29,8 +29,8 @@ SEEN, UNSEEN = ["a", "b", "c"], ["u", "v"]
 
 
 def contents(folder: Path) -> dict[str, bytes]:
-    """Every file of a folder but the lock a script holds while it runs."""
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".plankton.lock"}
+    """Every file of a folder but the lock a script holds while it runs (its logs are in logs/)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".plankton.lock"}
 
 
 def one_error_line(stage_run, cfg, capsys) -> str:
@@ -415,3 +415,13 @@ def test_long_steps_print_progress_lines_when_the_output_is_a_log_file(capsys, m
     assert len(lines) == 4 and lines[-1].startswith("trunk features of 4 images: 4/4 (100%) batches in ")
     assert lines[0].endswith(", loss 0.5") and "s left" in lines[0]
     assert not list(common.Progress([], "nothing", min_total=200)) and capsys.readouterr().out == ""
+
+
+def test_a_scripts_output_and_its_error_line_are_kept_in_a_log(tmp_path, capsys):
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main([f"--OUTPUT_DIR={tmp_path / 'outputs'}", f"--CHECKPOINT_DIR={tmp_path / 'checkpoints'}",
+                       f"--CACHE_DIR={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    log = (tmp_path / "outputs" / "logs" / "evaluate.log").read_text()
+    assert log.startswith("# ") and err.strip() in log and "run train.py first" in log
