@@ -62,3 +62,7 @@ CLOSE_FAR_SPACE = "embedding"  # distances to the class centre in "embedding" (1
 TRANSFER_TEST_FRACTION = 0.30  # share of each unseen class kept for testing the transfer classifiers
 TRANSFER_REPEATS = 5  # random training subsets drawn per training-set size
 KNN_K = 10  # k of the kNN classifier
+
+# ---- fine-tuning ----------------------------------------------------------------------------
+FINETUNE_BLOCKS = 0  # last trunk blocks trained with the head (0 = frozen trunk, the study's main model); the trunk cache serves the blocks before them
+FINETUNE_LR = 0.0001  # Adam learning rate of the fine-tuned trunk blocks (the head keeps LR)
