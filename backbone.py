@@ -2,6 +2,8 @@
 small trainable head whose second-to-last layer is the embedding.
 
     trunk (frozen):  the first blocks of a torchvision model (TRUNKS)     -> C x S/8 x S/8
+    tuned_trunk:     the trunk's last FINETUNE_BLOCKS blocks, trained (none by default); `trunk` then
+                     holds only the frozen blocks before them, which is all the trunk cache runs
     head:            Conv 3x3 C->64, BatchNorm, ReLU, Conv 3x3 64->64, BatchNorm, ReLU, MaxPool 2, Flatten
     embed:           Linear(-> EMBEDDING_DIM), ReLU, Dropout
     classifier:      Linear(EMBEDDING_DIM -> classes)
@@ -12,6 +14,7 @@ there (and its parameter-count test in tests/test_backbone.py).
 import copy
 import functools
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -27,7 +30,7 @@ from torchvision.models import (ConvNeXt_Tiny_Weights, EfficientNet_V2_S_Weights
                                 resnet50)
 from torchvision.models.convnext import CNBlock
 
-from common import PipelineError
+from common import PipelineError, tensors_sha256
 
 DEFAULT_TRUNK = "efficientnet_v2_s"  # the study's; also what a checkpoint without arch["trunk"] used
 HEAD_CHANNELS = 64  # the head's convolutions, whatever the trunk gives them
@@ -136,6 +139,18 @@ def trunk_output_shape(trunk_name: str, image_size: int) -> tuple[int, int, int]
     return int(channels), int(height), int(width)
 
 
+def trunk_blocks(trunk_name: str) -> list[str]:
+    """Names of the trunk's blocks, in order: what FINETUNE_BLOCKS counts from the end."""
+    return [name for name, _ in _meta_trunk(trunk_name).named_children()]
+
+
+def check_finetune_blocks(trunk_name: str, finetune_blocks: int) -> None:
+    blocks = trunk_blocks(trunk_name)
+    if not 0 <= finetune_blocks <= len(blocks):
+        raise PipelineError(f"FINETUNE_BLOCKS={finetune_blocks}: the {trunk_name} trunk has {len(blocks)} blocks "
+                            f"({', '.join(blocks)}); use 0 (frozen) to {len(blocks)}")
+
+
 def trunk_output_size(image_size: int, trunk_name: str = DEFAULT_TRUNK) -> int:
     """Side of the trunk's square feature map (older name; trunk_output_shape gives all three)."""
     return trunk_output_shape(trunk_name, image_size)[1]
@@ -158,15 +173,24 @@ def build_trunk(trunk_name: str = DEFAULT_TRUNK) -> nn.Sequential:
 # ---- the model -----------------------------------------------------------------------------------
 
 class PlanktonNet(nn.Module):
+    """`trunk` is the frozen part of the torchvision trunk (all of it unless finetune_blocks > 0): it
+    runs without gradients, always in eval mode, and is what the trunk cache computes. `tuned_trunk`
+    is the last `finetune_blocks` blocks, trained with the head in its forward pass on every batch.
+    Both keep the blocks' torchvision names, so trunk.<name> and tuned_trunk.<name> together hold
+    the whole trunk's keys, and with finetune_blocks=0 the model is the frozen-trunk one, bit for bit."""
+
     def __init__(self, num_classes: int, image_size: int = 128, embedding_dim: int = 128,
-                 dropout: float = 0.2, trunk: str = DEFAULT_TRUNK):
+                 dropout: float = 0.2, trunk: str = DEFAULT_TRUNK, finetune_blocks: int = 0):
         super().__init__()
         channels, height, width = trunk_output_shape(trunk, image_size)  # checks the name and the size
         pooled = (height // 2) * (width // 2)
         if pooled < 1:
             raise PipelineError(f"IMAGE_SIZE={image_size} is too small for the {trunk} trunk; use 16 or more")
-        self.trunk_name = trunk
-        self.trunk = build_trunk(trunk)
+        check_finetune_blocks(trunk, finetune_blocks)
+        self.trunk_name, self.finetune_blocks = trunk, finetune_blocks
+        blocks = build_trunk(trunk)
+        cut = len(blocks) - finetune_blocks  # slices keep the blocks' names
+        self.trunk, self.tuned_trunk = blocks[:cut], blocks[cut:]
         for p in self.trunk.parameters():
             p.requires_grad_(False)
         self.head = nn.Sequential(
@@ -180,13 +204,19 @@ class PlanktonNet(nn.Module):
         self.trunk.eval()
 
     def train(self, mode: bool = True):
-        """Train the head only: the frozen trunk stays in eval mode so its BatchNorm never drifts."""
+        """The frozen trunk stays in eval mode so its BatchNorm never drifts; the tuned blocks train
+        like the head (BatchNorm on batch statistics, stochastic depth on), as a normal fine-tuning."""
         super().train(mode)
         self.trunk.eval()
         return self
 
+    def whole_trunk(self) -> nn.Sequential:
+        """Frozen and tuned blocks together, under the torchvision trunk's own keys (sharing modules)."""
+        return nn.Sequential(OrderedDict([*self.trunk.named_children(), *self.tuned_trunk.named_children()]))
+
     def forward_head(self, trunk_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.embed(self.head(trunk_features))
+        """From the frozen trunk's output (cached or not): the tuned blocks, the head, the classifier."""
+        embedding = self.embed(self.head(self.tuned_trunk(trunk_features)))
         return self.classifier(embedding), embedding
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,16 +227,29 @@ class PlanktonNet(nn.Module):
 
 
 def architecture_args(num_classes: int, image_size: int, embedding_dim: int = 128, dropout: float = 0.2,
-                      trunk: str = DEFAULT_TRUNK) -> dict:
+                      trunk: str = DEFAULT_TRUNK, finetune_blocks: int = 0) -> dict:
     """What a checkpoint stores as "arch", and build_model rebuilds from."""
-    trunk_spec(trunk)  # an unknown name fails here, before anything is built or written
+    check_finetune_blocks(trunk, finetune_blocks)  # fails here, before anything is built or written
     return dict(num_classes=int(num_classes), image_size=int(image_size), embedding_dim=int(embedding_dim),
-                dropout=float(dropout), trunk=str(trunk))
+                dropout=float(dropout), trunk=str(trunk), finetune_blocks=int(finetune_blocks))
 
 
 def build_model(arch: dict) -> PlanktonNet:
-    """Checkpoints made before the trunk table have no "trunk": they all used the study's."""
-    return PlanktonNet(**{"trunk": DEFAULT_TRUNK, **arch})
+    """Checkpoints made before the trunk table have no "trunk": they all used the study's; those made
+    before fine-tuning have no "finetune_blocks": their trunk was frozen."""
+    return PlanktonNet(**{"trunk": DEFAULT_TRUNK, "finetune_blocks": 0, **arch})
+
+
+def frozen_trunk_sha256(model: PlanktonNet) -> str:
+    """What the trunk cache and the checkpoint's trunk_sha256 stand for: the frozen blocks' tensors.
+    With blocks unfrozen, the frozen blocks' names are hashed too: ResNet's relu and maxpool hold no
+    tensors, so cuts before and after them would otherwise share a hash but not their features. A
+    frozen trunk's hash is the tensors' alone, as before, so its existing caches stay valid."""
+    tensors = tensors_sha256(model.trunk.state_dict())
+    if not model.finetune_blocks:
+        return tensors
+    cut = json.dumps(dict(tensors=tensors, frozen_blocks=[name for name, _ in model.trunk.named_children()]))
+    return hashlib.sha256(cut.encode()).hexdigest()
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -255,7 +298,8 @@ def _load_trunk_state(model: PlanktonNet, state, source: str) -> None:
     for prefix in ("trunk.", TRUNKS[name].prefix):
         if prefix and any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    wanted = model.trunk.state_dict()
+    trunk = model.whole_trunk()
+    wanted = trunk.state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
         raise PipelineError(f"{source} {_not_a(name)} (missing {missing[0]} and {len(missing) - 1} more)")
@@ -264,7 +308,7 @@ def _load_trunk_state(model: PlanktonNet, state, source: str) -> None:
         if shape != tensor.shape:  # same names, other sizes: e.g. resnet50's file for a resnet18 trunk
             found = list(shape) if shape is not None else type(state[key]).__name__
             raise PipelineError(f"{source} {_not_a(name)} ({key}: {found}, expected shape {list(tensor.shape)})")
-    model.trunk.load_state_dict({k: state[k] for k in wanted})
+    trunk.load_state_dict({k: state[k] for k in wanted})
 
 
 def _load_file(model: PlanktonNet, path: Path, check_hash: bool) -> None:

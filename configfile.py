@@ -64,3 +64,7 @@ TRANSFER_TEST_FRACTION = 0.30  # share of each unseen class kept for testing the
 TRANSFER_REPEATS = 5  # random training subsets drawn per training-set size
 TRANSFER_MAX_TRAIN = 5000  # largest training set of the transfer classifiers (an RBF SVC's cost grows with its square or more)
 KNN_K = 10  # k of the kNN classifier
+
+# ---- fine-tuning ----------------------------------------------------------------------------
+FINETUNE_BLOCKS = 0  # last trunk blocks trained with the head (0 = frozen trunk, the study's main model); the trunk cache serves the blocks before them
+FINETUNE_LR = 0.0001  # Adam learning rate of the fine-tuned trunk blocks (the head keeps LR)

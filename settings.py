@@ -106,6 +106,9 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "TRANSFER_REPEATS": Rule("int", "[1, inf)"),
     "TRANSFER_MAX_TRAIN": Rule("int", "[2, inf)"),
     "KNN_K": Rule("int", "[1, inf)"),
+    # fine-tuning
+    "FINETUNE_BLOCKS": Rule("int", "[0, inf)"),
+    "FINETUNE_LR": Rule("float", "(0, inf)"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
@@ -227,6 +230,9 @@ def check_together(values: dict) -> None:
             what = "the repository's own folder" if folder == REPO_DIR else "a filesystem root"
             raise PipelineError(f"{name}={values[name]!r}: must be a folder the pipeline can own, "
                                 f"not {what} ({folder})")
+    if values["FINETUNE_BLOCKS"]:  # backbone.py counts the trunk's blocks; torchvision is imported only then
+        import backbone
+        backbone.check_finetune_blocks(values["TRUNK"], values["FINETUNE_BLOCKS"])
 
 
 def draw_seed() -> int:

@@ -26,7 +26,7 @@ from common import PipelineError
 # settings that must be unchanged for a resumed run to be the same run
 RESUME_KEYS = ("SEEN_CLASSES", "UNSEEN_CLASSES", "IMAGE_SIZE", "RESIZE_MODE", "AUGMENT", "WEIGHTS", "TRUNK",
                "EMBEDDING_DIM", "DROPOUT", "BATCH_SIZE", "LR", "SEED", "VAL_PER_EPOCH", "CACHE_TRUNK",
-               "CACHE_DTYPE")
+               "CACHE_DTYPE", "FINETUNE_BLOCKS", "FINETUNE_LR")
 # settings a finished run must share with this one for its best.pth to stand for these settings
 FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
 
@@ -55,7 +55,8 @@ def resumable_checkpoint(cfg, paths, split) -> dict | None:
 
 def new_model(cfg, num_classes: int) -> tuple[torch.nn.Module, dict, str]:
     """(model, arch, weights source): a fresh model with the trunk's weights as WEIGHTS says."""
-    arch = backbone.architecture_args(num_classes, cfg.IMAGE_SIZE, cfg.EMBEDDING_DIM, cfg.DROPOUT, cfg.TRUNK)
+    arch = backbone.architecture_args(num_classes, cfg.IMAGE_SIZE, cfg.EMBEDDING_DIM, cfg.DROPOUT, cfg.TRUNK,
+                                      cfg.FINETUNE_BLOCKS)
     model = backbone.build_model(arch)
     return model, arch, backbone.load_trunk_weights(model, cfg.WEIGHTS)
 
@@ -155,8 +156,8 @@ def run(cfg) -> None:
 
     model, arch, weights_source = build_model(cfg, split, last)
     training.place_model(model, runtime)
-    trunk_sha256 = common.tensors_sha256(model.trunk.state_dict())
-    optimizer = torch.optim.Adam(training.trainable_parameters(model), lr=cfg.LR)
+    trunk_sha256 = backbone.frozen_trunk_sha256(model)  # of what the cache serves: the frozen blocks
+    optimizer = torch.optim.Adam(training.parameter_groups(model, cfg.LR, cfg.FINETUNE_LR), lr=cfg.LR)
     state = training.TrainingState.restore(last, model, optimizer) if last else training.TrainingState()
     if last:
         print(f"resuming after epoch {state.epoch + 1} from {paths.last}")

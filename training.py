@@ -23,6 +23,16 @@ def trainable_parameters(model: torch.nn.Module) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def parameter_groups(model: torch.nn.Module, lr: float, finetune_lr: float) -> list[dict]:
+    """The optimizer's parameter groups: the head at `lr`, then the fine-tuned trunk blocks (if
+    any) at `finetune_lr`. A frozen trunk gives one group of trainable_parameters' list, in its order."""
+    tuned = {id(p) for p in model.tuned_trunk.parameters()}
+    groups = [dict(params=[p for p in trainable_parameters(model) if id(p) not in tuned], lr=lr)]
+    if tuned:
+        groups.append(dict(params=list(model.tuned_trunk.parameters()), lr=finetune_lr))
+    return groups
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """A shuffled order for one epoch that depends only on (seed, epoch): resumable, device-free."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()

@@ -1,11 +1,12 @@
 """The on-disk cache of the frozen trunk's output: computed once per image, reused by training,
-evaluation and embedding.
+evaluation and embedding. With FINETUNE_BLOCKS > 0 the trunk it runs is the frozen blocks before the
+fine-tuned ones (the model's `trunk`), and its hash (backbone.frozen_trunk_sha256) names that cut.
 
     cache/trunk_<key>/chunk-<unique>.npy    n x C x H x W (float16 or float32), memory-mapped when read
     cache/trunk_<key>/chunk-<unique>.keys   the n images' keys, one a line, in the array's row order
     cache/trunk_<key>/lock                  held (flock) by the run that is filling the folder
 
-The folder's key covers everything that changes the trunk's output for an image (weights, image
+The folder's key covers everything that changes the trunk's output for an image (weights and cut, image
 size, resize mode, normalisation, dtype, data folder); an image's key covers the image itself: its
 content's SHA-256 when the caller gives one, else its relative path, size and modification time.
 
