@@ -274,6 +274,18 @@ def save_embeddings(frame: pd.DataFrame, path: Path) -> None:
         safepickle.save_dataframe(frame, tmp)  # in the form safepickle.load_dataframe reads back
 
 
+def export_table(frame: pd.DataFrame, path: Path, csv: bool = False) -> list[Path]:
+    """A table also for tools outside Python: <path>.parquet always (with pyarrow; frame.attrs go into
+    its metadata), <path>.csv too when asked. Returns the files written."""
+    written = [path.with_suffix(".parquet")]
+    with atomic_path(written[0]) as tmp:
+        frame.to_parquet(tmp, index=False)
+    if csv:
+        written.append(path.with_suffix(".csv"))
+        save_csv(frame, written[1], index=False)
+    return written
+
+
 def embedding_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if str(c).startswith(EMBEDDING_PREFIX) and str(c)[1:].isdigit()]
 
@@ -318,9 +330,9 @@ def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -
 # when a stage left no provenance record.
 STAGE_OUTPUTS = {
     "evaluate": ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png"],
-    "embed": [f"embeddings_{s}.pkl" for s in EMBEDDED_SUBSETS],
+    "embed": [f"embeddings_{s}.{ext}" for s in EMBEDDED_SUBSETS for ext in ("pkl", "parquet", "csv")],
     "compute_average_distances": ["average_*_distances_*.csv", "average_*_distances_*.png"],
-    "dimensionality_reduction": ["umap_embeddings.png", "umap_coordinates.csv",
+    "dimensionality_reduction": ["umap_embeddings.png", "umap_coordinates.csv", "umap_coordinates.parquet",
                                  "close_faraway_closeotherclass_class_*.png"],
     "transfer_learning": ["transfer_learning.csv", "accuracy_*.png"],
 }

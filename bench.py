@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 import artifacts
+import backbone
 import common
 import compute_average_distances as cad
 import dataloader
@@ -460,7 +461,7 @@ def run(cfg, quick: bool, cfg_args: list[str], sizes: list[int]) -> dict:
     model, arch, _ = train.new_model(micro, len(split.seen_classes))
     training.place_model(model, runtime)
     preprocess = dataloader.Preprocess.for_trunk(arch["trunk"], micro.IMAGE_SIZE, micro.RESIZE_MODE)
-    cache = TrunkCache(paths.cache, model.trunk, common.tensors_sha256(model.trunk.state_dict()), preprocess, runtime,
+    cache = TrunkCache(paths.cache, model.trunk, backbone.frozen_trunk_sha256(model), preprocess, runtime,
                        micro.CACHE_DTYPE)
     layouts = measure_layouts(model.trunk, micro.IMAGE_SIZE, runtime)
     figures = dict(images=len(split.table), trunk_layouts_images_per_s=layouts,

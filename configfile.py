@@ -53,6 +53,7 @@ DETERMINISTIC = False  # deterministic CUDA algorithms (slower on GPU); CPU runs
 OUTPUT_DIR = "outputs"  # plots, tables, split file and embeddings
 CHECKPOINT_DIR = "checkpoints"  # best.pth and last.pth
 CACHE_DIR = "cache"  # trunk-feature cache, image-scan cache, numba's compiled code
+EXPORT_CSV = False  # also write the embeddings and UMAP coordinates as CSV (Parquet copies are always written)
 
 # ---- analysis -------------------------------------------------------------------------------
 UMAP_SAMPLES = 2000  # at most this many random samples from each of train, test and unseen

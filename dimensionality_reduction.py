@@ -5,7 +5,7 @@ centre, with the closest images of other classes.
 
 Reads:  outputs/embeddings_{train,test,unseen}.pkl (checked against checkpoints/best.pth), the images.
 Writes: outputs/umap_embeddings.png (train, test, unseen panels, coloured by class),
-        outputs/umap_coordinates.csv,
+        outputs/umap_coordinates.csv (and .parquet),
         outputs/close_faraway_closeotherclass_class_<i>.png for each seen class i,
         and last outputs/provenance_dimensionality_reduction.json (see artifacts.py).
 
@@ -233,6 +233,7 @@ def run(cfg) -> None:
 
     outputs = [paths.out / "umap_coordinates.csv", paths.out / "umap_embeddings.png"]
     common.save_csv(coords, outputs[0], index=False)
+    outputs += artifacts.export_table(coords, outputs[0])  # the .parquet copy (the CSV is always written)
     plot_umap(coords, class_colours(seen, unseen), outputs[1])
     for i, name, rows in selections:
         outputs.append(paths.out / f"close_faraway_closeotherclass_class_{i}.png")

@@ -4,7 +4,8 @@ classes and of every image of the unseen classes.
     python embed.py
 
 Reads:  checkpoints/best.pth, outputs/split.csv, the images (through the trunk cache).
-Writes: outputs/embeddings_train.pkl, outputs/embeddings_test.pkl, outputs/embeddings_unseen.pkl:
+Writes: outputs/embeddings_train.pkl, outputs/embeddings_test.pkl, outputs/embeddings_unseen.pkl
+        (and the same tables as .parquet, and .csv with EXPORT_CSV=True):
         pickled pandas DataFrames with columns label, class_name, path, e0 … e127; frame.attrs
         records the checkpoint's SHA-256, the split's SHA-256, the subset and the class list.
         Last, outputs/provenance_embed.json (see artifacts.py).
@@ -26,6 +27,7 @@ def run(cfg) -> None:
     inputs = artifacts.start_stage(paths, "embed", [paths.best, paths.split])
     cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
                                       trained.preprocess, runtime)
+    outputs = []
     for subset in artifacts.EMBEDDED_SUBSETS:
         started = time.time()
         source = trained.source(subset, cache)
@@ -36,9 +38,10 @@ def run(cfg) -> None:
             checkpoint_sha256=trained.sha256, split_sha256=split.sha256, subset=subset, class_names=names,
             data_dir=str(split.root), weights_source=checkpoint["weights_source"]))
         artifacts.save_embeddings(frame, paths.embeddings(subset))
+        outputs += [paths.embeddings(subset)] + artifacts.export_table(frame, paths.embeddings(subset), cfg.EXPORT_CSV)
         print(f"{subset}: {len(frame)} embeddings of size {embeddings.shape[1]} in {time.time() - started:.1f}s "
               f"-> {paths.embeddings(subset)}")
-    artifacts.save_provenance(paths, "embed", inputs, [paths.embeddings(s) for s in artifacts.EMBEDDED_SUBSETS])
+    artifacts.save_provenance(paths, "embed", inputs, outputs)
 
 
 def main(argv=None):

@@ -96,6 +96,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "OUTPUT_DIR": Rule("path"),
     "CHECKPOINT_DIR": Rule("path"),
     "CACHE_DIR": Rule("path"),
+    "EXPORT_CSV": Rule("bool"),
     # analysis
     "UMAP_SAMPLES": Rule("int", "[2, inf)"),
     "UMAP_NEIGHBORS": Rule("int", "[2, inf)"),

@@ -170,3 +170,15 @@ def test_an_image_that_became_unreadable_stops_the_stages(trained):
     (data / "u" / "img_000.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     _changed_images_are_refused(cfg, paths)
 
+
+
+def test_embeddings_export_to_parquet_and_csv_with_the_same_columns_and_attrs(tmp_path):
+    rng = np.random.default_rng(0)
+    frame = artifacts.embeddings_frame(rng.normal(size=(5, 4)), np.array([0, 1, 0, 1, 1]), ["a", "b"],
+                                       [f"a/{i}.png" for i in range(5)], dict(subset="test", class_names=["a", "b"]))
+    written = artifacts.export_table(frame, tmp_path / "embeddings_test.pkl", csv=True)
+    assert [p.name for p in written] == ["embeddings_test.parquet", "embeddings_test.csv"]
+    back = pd.read_parquet(written[0])
+    pd.testing.assert_frame_equal(back, frame, check_dtype=False)
+    assert back.attrs == frame.attrs
+    pd.testing.assert_frame_equal(pd.read_csv(written[1]), frame, check_dtype=False)
