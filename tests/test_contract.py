@@ -294,7 +294,7 @@ def test_evaluate_and_embed_record_provenance_and_refuse_a_copied_data_folder(tr
     evaluate.run(cfg)
     embed.run(cfg)
     for stage, outputs in (("evaluate", ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png"]),
-                           ("embed", ["embeddings_train.pkl", "embeddings_test.pkl", "embeddings_unseen.pkl"])):
+                           ("embed", [f"embeddings_{s}.{e}" for s in ("train", "test", "unseen") for e in ("pkl", "parquet")])):
         record = json.loads(artifacts.provenance_path(paths, stage).read_text())
         assert sorted(record["outputs"]) == sorted(outputs)
         assert sorted(record["inputs"]) == sorted([str(paths.best), str(paths.split)])
