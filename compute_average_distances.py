@@ -144,14 +144,16 @@ def brute_force_average_distances(x: np.ndarray, labels: np.ndarray, k: int, met
     return result
 
 
-def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path) -> None:
+def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path, value_range: tuple[float, float],
+                colour_label: str) -> None:
+    """A class x class heatmap on a fixed colour range, so that figures made on the same range
+    (test and unseen) can be compared by colour."""
     plt = common.pyplot()
     k = len(class_names)
     side = max(4.5, 0.75 * k + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    image = ax.imshow(matrix, cmap="viridis")
-    finite = matrix[np.isfinite(matrix)]
-    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    fig, ax = plt.subplots(figsize=(side + 1.4, side))
+    image = ax.imshow(matrix, cmap="viridis", vmin=value_range[0], vmax=value_range[1])
+    middle = sum(value_range) / 2
     digits = 3 if np.nanmax(np.abs(matrix)) < 10 else 1
     for i in range(k):
         for j in range(k):
@@ -162,7 +164,7 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path) ->
     ax.set_xlabel("class")
     ax.set_ylabel("class")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(colour_label)
     common.save_figure(fig, path)
 
 
@@ -175,38 +177,55 @@ def at_most_per_class(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep)) if keep else np.arange(0)
 
 
+KINDS = {"euclidean": "Average Euclidean distance", "angular": "Average angular distance (1 - cos)"}
+
+
+def class_distances(frame: pd.DataFrame, limit: int, seed: int, device) -> dict:
+    """Both class x class matrices of one embeddings table; Euclidean on at most `limit` samples per class."""
+    names = list(frame.attrs["class_names"])
+    x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
+    kept = at_most_per_class(labels, limit, seed)
+    sampled = "" if len(kept) == len(labels) else f" (Euclidean: at most {limit} random samples per class)"
+    subset = frame.attrs.get("subset", "")
+    if sampled:
+        print(f"note: {subset}: Euclidean distances from {len(kept)} of {len(labels)} samples, at most "
+              f"DISTANCE_SAMPLES={limit} per class (all pairs of every class would grow with the square)")
+    for name, n in zip(names, np.bincount(labels, minlength=len(names))):
+        if n < 2:
+            print(f"note: class {name} has {n} {subset} sample(s): its diagonal entry is undefined (n/a)")
+        elif n < 10:
+            print(f"note: class {name} has only {n} {subset} samples: its distances rest on very few images")
+    return dict(euclidean=average_euclidean_distances(x[kept], labels[kept], len(names), device),
+                angular=average_cosine_distances(x, labels, len(names)), sampled=sampled)
+
+
+def shared_range(matrices: list[np.ndarray]) -> tuple[float, float]:
+    values = np.concatenate([m[np.isfinite(m)] for m in matrices])
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+
+
 def run(cfg) -> None:
     paths = artifacts.prepare_output_dirs(cfg)
     device = common.pick_device(cfg.DEVICE)
     frames = {subset: artifacts.open_embeddings(paths, subset) for subset in ("test", "unseen")}
     inputs = artifacts.start_stage(paths, "compute_average_distances",
                                    [paths.best] + [paths.embeddings(s) for s in frames])
+    matrices = {subset: class_distances(frame, cfg.DISTANCE_SAMPLES, cfg.SEED, device) for subset, frame in frames.items()}
     outputs = []
-    for subset, frame in frames.items():
-        names = list(frame.attrs["class_names"])
-        x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
-        counts = np.bincount(labels, minlength=len(names))
-        kept = at_most_per_class(labels, cfg.DISTANCE_SAMPLES, cfg.SEED)
-        sampled = "" if len(kept) == len(labels) else f" (Euclidean: at most {cfg.DISTANCE_SAMPLES} random samples per class)"
-        if sampled:
-            print(f"note: {subset}: Euclidean distances from {len(kept)} of {len(labels)} samples, at most "
-                  f"DISTANCE_SAMPLES={cfg.DISTANCE_SAMPLES} per class (all pairs of every class would grow with the square)")
-        for kind, matrix in (("euclidean", average_euclidean_distances(x[kept], labels[kept], len(names), device)),
-                             ("angular", average_cosine_distances(x, labels, len(names)))):
+    for kind, label in KINDS.items():
+        value_range = shared_range([matrices[s][kind] for s in frames])  # one colour scale for test and unseen
+        for subset, frame in frames.items():
+            names, matrix = list(frame.attrs["class_names"]), matrices[subset][kind]
             table = pd.DataFrame(matrix, index=names, columns=names)
             print(f"\nAverage {kind} distances, {subset} ({len(frame)} samples):\n{table.round(4).to_string()}")
             stem = paths.out / f"average_{kind}_distances_{subset}"
             outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
             common.save_csv(table, stem.with_suffix(".csv"))
             what = "test data (seen classes)" if subset == "test" else "unseen classes"
-            plot_matrix(matrix, names, f"Average {kind.replace('euclidean', 'Euclidean')} distance{' (1 - cos)' if kind == 'angular' else ''}, "
-                        f"{what}\n{len(frame)} samples{sampled if kind == 'euclidean' else ''}; diagonal: distinct pairs within a class",
-                        stem.with_suffix(".png"))
-        for name, n in zip(names, counts):
-            if n < 2:
-                print(f"note: class {name} has {n} {subset} sample(s): its diagonal entry is undefined (n/a)")
-            elif n < 10:
-                print(f"note: class {name} has only {n} {subset} samples: its distances rest on very few images")
+            sampled = matrices[subset]["sampled"] if kind == "euclidean" else ""
+            plot_matrix(matrix, names, f"{label}, {what}\n{len(frame)} samples{sampled}; diagonal: distinct pairs "
+                        f"within a class\n(colour scale shared with the {'unseen' if subset == 'test' else 'test'} figure)",
+                        stem.with_suffix(".png"), value_range, label)
     artifacts.save_provenance(paths, "compute_average_distances", inputs, outputs)
     print(f"\n-> {paths.out}/average_*_distances_*.csv and .png")
 

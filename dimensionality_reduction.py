@@ -104,29 +104,42 @@ def plotted_points(frames: dict, limit: int, seed: int) -> tuple[np.ndarray, pd.
 
 
 def class_colours(seen: list[str], unseen: list[str]) -> dict[str, tuple]:
-    """Seen classes from one palette, unseen ones from another, so the two never look alike."""
+    """One hue per class, seen classes first, from one qualitative palette: an unseen class never
+    takes a seen class's hue (tab10 up to 10 classes in all, tab20 up to 20, then evenly spaced hues)."""
     import matplotlib.pyplot as plt
-    seen_map = plt.get_cmap("tab10" if len(seen) <= 10 else "tab20")
-    unseen_map = plt.get_cmap("Dark2" if len(unseen) <= 8 else "tab20b")
-    colours = {c: seen_map(i % seen_map.N) for i, c in enumerate(seen)}
-    colours.update({c: unseen_map(i % unseen_map.N) for i, c in enumerate(unseen)})
-    return colours
+    names = list(seen) + list(unseen)
+    if len(names) <= 10:
+        return {c: plt.get_cmap("tab10")(i) for i, c in enumerate(names)}
+    if len(names) <= 20:
+        return {c: plt.get_cmap("tab20")(i) for i, c in enumerate(names)}
+    return {c: plt.get_cmap("hsv")(i / len(names)) for i, c in enumerate(names)}
 
 
-def plot_umap(coords: pd.DataFrame, colours: dict, path) -> None:
+UNSEEN_MARKER = "^"  # unseen classes are triangles, seen classes dots
+
+
+def plot_umap(coords: pd.DataFrame, colours: dict, unseen: list[str], path) -> None:
+    """Train, test and unseen panels on one plane. Within a panel the points are drawn in a random
+    order, so that no class is hidden under the one drawn after it."""
+    from matplotlib.lines import Line2D
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), sharex=True, sharey=True)  # one fit: one plane
     titles = dict(train="Training data (seen classes)", test="Test data (seen classes)", unseen="Unseen classes")
+    rng = np.random.default_rng(0)
     for ax, subset in zip(axes, SUBSETS):
-        part = coords[coords.subset == subset]
-        for name, group in part.groupby("class_name", sort=False):
-            ax.scatter(group.x, group.y, s=8 if len(part) > 500 else 20, alpha=0.7, color=colours[name],
-                       label=f"{name} ({len(group)})", linewidths=0)
+        part = coords[coords.subset == subset].iloc[rng.permutation((coords.subset == subset).sum())]
+        marker = UNSEEN_MARKER if subset == "unseen" else "o"
+        ax.scatter(part.x, part.y, s=10 if len(part) > 500 else 24, alpha=0.75, linewidths=0, marker=marker,
+                   c=[colours[name] for name in part.class_name])
+        counts = part.class_name.value_counts()
+        handles = [Line2D([], [], ls="", marker=marker, color=colours[name], label=f"{name} ({counts[name]})")
+                   for name in colours if name in counts]
         ax.set_title(f"{titles[subset]}: {len(part)} points")
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
-        ax.legend(title="class (points)", fontsize=8, markerscale=2, loc="best", framealpha=0.8)
-    fig.suptitle("UMAP of the 128-d embeddings (one fit on all plotted points)")
+        ax.legend(handles=handles, title="class (points)", fontsize=8, loc="best", framealpha=0.8)
+    fig.suptitle("UMAP of the embeddings (one fit on all plotted points; each class its own hue, "
+                 "unseen classes as triangles)")
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -234,7 +247,7 @@ def run(cfg) -> None:
     outputs = [paths.out / "umap_coordinates.csv", paths.out / "umap_embeddings.png"]
     common.save_csv(coords, outputs[0], index=False)
     outputs += artifacts.export_table(coords, outputs[0])  # the .parquet copy (the CSV is always written)
-    plot_umap(coords, class_colours(seen, unseen), outputs[1])
+    plot_umap(coords, class_colours(seen, unseen), unseen, outputs[1])
     for i, name, rows in selections:
         outputs.append(paths.out / f"close_faraway_closeotherclass_class_{i}.png")
         plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT)
