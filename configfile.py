@@ -62,3 +62,8 @@ CLOSE_FAR_SPACE = "embedding"  # distances to the class centre in "embedding" (1
 TRANSFER_TEST_FRACTION = 0.30  # share of each unseen class kept for testing the transfer classifiers
 TRANSFER_REPEATS = 5  # random training subsets drawn per training-set size
 KNN_K = 10  # k of the kNN classifier
+
+# ---- evaluation extras: reproduction check, ranked images -----------------------------------
+REPRO_TOLERANCE = 1e-4  # reproduce.py: largest absolute softmax-score difference allowed between saved and recomputed test scores
+RANKED_CLASSES = []  # ranked_images.py: seen classes whose top/bottom-10 test images are shown; [] = every seen class
+RANKED_AMONG = "class"  # rank a class's score among "class" (its own test images) or "all" (every test image)
