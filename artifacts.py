@@ -5,6 +5,8 @@ Each is written, opened and checked here and nowhere else.
     split.csv                 relpath, class_name, subset (train/val/test/unseen), sha256; drawn once
     checkpoints/best.pth      model + everything needed to rebuild and trust it (see checkpoint_record)
     embeddings_<subset>.pkl   pickled DataFrame: label, class_name, path, e0..e<d-1>; attrs = provenance
+    test_scores.npz           logits and softmax scores (float32) of every test image, labels, paths, classes,
+                              the checkpoint's SHA-256 (see save_predictions); test_predictions.csv beside it
     provenance_<stage>.json   SHA-256 of every file a stage wrote and of its inputs; written last, so a
                               stage's outputs without it are incomplete (see start_stage, stale_outputs)
 """
@@ -48,6 +50,8 @@ class Paths:
     last = property(lambda self: self.checkpoints / "last.pth")
     history = property(lambda self: self.out / "training_history.csv")
     training_plot = property(lambda self: self.out / "training_plot.png")
+    predictions = property(lambda self: self.out / "test_predictions.csv")
+    scores = property(lambda self: self.out / "test_scores.npz")
 
     def embeddings(self, subset: str) -> Path:
         return self.out / f"embeddings_{subset}.pkl"
@@ -313,6 +317,69 @@ def open_embeddings(paths: Paths, subset: str) -> pd.DataFrame:
     return frame
 
 
+# ---- test predictions ----------------------------------------------------------------------------
+
+@dataclass
+class Predictions:
+    """Every test image's logits and softmax scores, in the split's test order, and where they came from."""
+    logits: np.ndarray  # float32, images x classes
+    scores: np.ndarray  # float32 softmax of the logits
+    labels: np.ndarray  # int64 true class index
+    relpaths: list[str]
+    class_names: list[str]
+    data_dir: str
+    checkpoint_sha256: str
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+
+PREDICTION_ARRAYS = ("logits", "scores", "labels", "relpaths", "class_names", "data_dir", "checkpoint_sha256")
+
+
+def save_predictions(paths: Paths, predictions: Predictions) -> list[Path]:
+    """test_scores.npz (exact, for reuse) and test_predictions.csv (path, true_class, predicted_class,
+    score_<class> for each class), each written atomically. Returns the two paths."""
+    p = predictions
+    arrays = dict(logits=p.logits.astype(np.float32), scores=p.scores.astype(np.float32),
+                  labels=p.labels.astype(np.int64), relpaths=np.array(p.relpaths, dtype=str),
+                  class_names=np.array(p.class_names, dtype=str), data_dir=np.array(p.data_dir),
+                  checkpoint_sha256=np.array(p.checkpoint_sha256))
+    with atomic_path(paths.scores) as tmp, open(tmp, "wb") as handle:  # a handle: savez adds no ".npz"
+        np.savez(handle, **arrays)
+    table = pd.DataFrame(dict(path=p.relpaths, true_class=[p.class_names[i] for i in p.labels],
+                              predicted_class=[p.class_names[i] for i in p.predicted]))
+    for i, name in enumerate(p.class_names):
+        table[f"score_{name}"] = p.scores[:, i]
+    save_csv(table, paths.predictions, index=False)
+    return [paths.predictions, paths.scores]
+
+
+def open_predictions(paths: Paths) -> Predictions:
+    """The saved test predictions, refused unless made from the current best.pth."""
+    if not paths.best.is_file():
+        raise PipelineError(f"no checkpoint at {paths.best} — run train.py first")
+    if not paths.scores.is_file():
+        raise PipelineError(f"no test predictions at {paths.scores} — run evaluate.py first")
+    try:
+        with np.load(paths.scores, allow_pickle=False) as stored:  # arrays only, never code
+            arrays = {name: stored[name] for name in PREDICTION_ARRAYS}
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineError(f"cannot read {paths.scores} ({first_line}); re-run evaluate.py")
+    predictions = Predictions(arrays["logits"], arrays["scores"], arrays["labels"], arrays["relpaths"].tolist(),
+                              arrays["class_names"].tolist(), str(arrays["data_dir"]),
+                              str(arrays["checkpoint_sha256"]))
+    n, k = len(predictions.relpaths), len(predictions.class_names)
+    if predictions.logits.shape != (n, k) or predictions.scores.shape != (n, k) or predictions.labels.shape != (n,):
+        raise PipelineError(f"{paths.scores} holds arrays of mismatched shapes; re-run evaluate.py")
+    if predictions.checkpoint_sha256 != file_sha256(paths.best):
+        raise PipelineError(f"{paths.scores} was made from another checkpoint than the current {paths.best} — "
+                            f"re-run evaluate.py")
+    return predictions
+
+
 # ---- provenance ----------------------------------------------------------------------------------
 
 def file_sha256(path: Path) -> str:
@@ -329,7 +396,10 @@ def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -
 # Each stage's output files in paths.out, as patterns: what start_stage and stale_outputs look for
 # when a stage left no provenance record.
 STAGE_OUTPUTS = {
-    "evaluate": ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png"],
+    "evaluate": ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png", "test_predictions.csv",
+                 "test_scores.npz", "misclassified_test_images.png"],
+    "reproduce": ["reproduction_check.csv", "reproduction_check.json"],
+    "ranked_images": ["ranked_*_*.png"],
     "embed": [f"embeddings_{s}.{ext}" for s in EMBEDDED_SUBSETS for ext in ("pkl", "parquet", "csv")],
     "compute_average_distances": ["average_*_distances_*.csv", "average_*_distances_*.png"],
     "dimensionality_reduction": ["umap_embeddings.png", "umap_coordinates.csv", "umap_coordinates.parquet",

@@ -69,3 +69,8 @@ KNN_K = 10  # k of the kNN classifier
 # ---- fine-tuning ----------------------------------------------------------------------------
 FINETUNE_BLOCKS = 0  # last trunk blocks trained with the head (0 = frozen trunk, the study's main model); the trunk cache serves the blocks before them
 FINETUNE_LR = 0.0001  # Adam learning rate of the fine-tuned trunk blocks (the head keeps LR)
+
+# ---- evaluation extras: reproduction check, ranked images -----------------------------------
+REPRO_TOLERANCE = 1e-4  # reproduce.py: largest absolute softmax-score difference allowed between saved and recomputed test scores
+RANKED_CLASSES = []  # ranked_images.py: seen classes whose top/bottom-10 test images are shown; [] = every seen class
+RANKED_AMONG = "class"  # rank a class's score among "class" (its own test images) or "all" (every test image)

@@ -3,7 +3,7 @@
     python run_all.py                    # built-in digits, or DATA_DIR from configfile.py
     python run_all.py --config=my.py     # settings overrides pass through to every stage
 
-Stages: train.py -> evaluate.py -> embed.py -> compute_average_distances.py ->
+Stages: train.py -> evaluate.py -> reproduce.py -> ranked_images.py -> embed.py -> compute_average_distances.py ->
 dimensionality_reduction.py -> transfer_learning.py. Writes what each stage writes, plus
 outputs/stage_times.json. A finished training run is not repeated (train.py says so).
 """
@@ -15,10 +15,13 @@ import compute_average_distances
 import dimensionality_reduction
 import embed
 import evaluate
+import ranked_images
+import reproduce
 import train
 import transfer_learning
 
-STAGES = (("train", train), ("evaluate", evaluate), ("embed", embed),
+STAGES = (("train", train), ("evaluate", evaluate), ("reproduce", reproduce), ("ranked_images", ranked_images),
+          ("embed", embed),
           ("compute_average_distances", compute_average_distances),
           ("dimensionality_reduction", dimensionality_reduction), ("transfer_learning", transfer_learning))
 

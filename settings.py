@@ -50,7 +50,7 @@ HELP_FLAGS = ("--help", "-h")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    kind: str  # "int", "float", "bool", "str", "path", "classes" or "device"
+    kind: str  # "int", "float", "bool", "str", "path", "classes", "names" or "device"
     bounds: str = ""  # numbers only, an interval: "[1, inf)" is >= 1, "(0, 1)" is strictly between 0 and 1
     choices: tuple[str, ...] = ()  # words accepted as they are (the only values of a "str" setting)
     none_ok: bool = False  # None is accepted too
@@ -110,6 +110,10 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     # fine-tuning
     "FINETUNE_BLOCKS": Rule("int", "[0, inf)"),
     "FINETUNE_LR": Rule("float", "(0, inf)"),
+    # evaluation extras: reproduction check, ranked images
+    "REPRO_TOLERANCE": Rule("float", "[0, 1]"),
+    "RANKED_CLASSES": Rule("names"),
+    "RANKED_AMONG": Rule("str", choices=("class", "all")),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
@@ -117,6 +121,7 @@ SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
 OWN_FOLDERS = ("OUTPUT_DIR", "CHECKPOINT_DIR", "CACHE_DIR")
 KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "path": "a non-empty path",
               "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
+              "names": "a list of different, non-empty class names (may be empty)",
               "device": "'cuda:N' (N a GPU number)"}
 
 
@@ -181,15 +186,20 @@ def check_path(value, rule: Rule) -> str:
     return os.path.expanduser(value)
 
 
-def check_classes(value, rule: Rule) -> list[str]:
+def check_names(value, rule: Rule) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) and name for name in value):
         raise ValueError()
     repeated = sorted({name for name in value if value.count(name) > 1})
     if repeated:  # the model would get one output per entry, two of them for one class
         raise ValueError(f"{', '.join(map(repr, repeated))} listed more than once; name each class once")
+    return list(value)
+
+
+def check_classes(value, rule: Rule) -> list[str]:
+    value = check_names(value, rule)
     if len(value) < MIN_CLASSES:
         raise ValueError()
-    return list(value)
+    return value
 
 
 def check_device(value, rule: Rule) -> str:
@@ -199,7 +209,7 @@ def check_device(value, rule: Rule) -> str:
 
 
 CHECKS = {"int": check_number, "float": check_number, "bool": check_bool, "str": check_choice,
-          "path": check_path, "classes": check_classes, "device": check_device}
+          "path": check_path, "classes": check_classes, "names": check_names, "device": check_device}
 
 
 def check_value(name: str, value, rule: Rule):
@@ -225,6 +235,10 @@ def check_together(values: dict) -> None:
     if shared:
         raise PipelineError(f"UNSEEN_CLASSES={values['UNSEEN_CLASSES']!r}: {', '.join(map(repr, shared))} "
                             f"also in SEEN_CLASSES; a class is either seen or unseen")
+    unknown = [name for name in values["RANKED_CLASSES"] if name not in values["SEEN_CLASSES"]]
+    if unknown:
+        raise PipelineError(f"RANKED_CLASSES={values['RANKED_CLASSES']!r}: {', '.join(map(repr, unknown))} not among "
+                            f"the seen classes ({', '.join(values['SEEN_CLASSES'])}); [] ranks every seen class")
     for name in OWN_FOLDERS:
         folder = Path(values[name]).resolve()
         if folder == REPO_DIR or folder.parent == folder:

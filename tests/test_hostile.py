@@ -6,6 +6,8 @@ import compute_average_distances
 import dimensionality_reduction
 import embed
 import evaluate
+import ranked_images
+import reproduce
 import train
 import transfer_learning
 from conftest import dir_args
@@ -14,7 +16,8 @@ BAD_SETTINGS = ["--BATCH_SIZE=0", "--LR=abc", "--SEED=x", "--DEVICE=tpu", "--NUM
                 "--UMAP_SAMPLES=0", "--CLOSE_FAR_COUNT=0", "--EMBEDDING_DIM=0", "--UNSEEN_CLASSES=[]",
                 "--AUGMENT=false", "--RESUME=false", "--CACHE_TRUNK=false", "--TRAIN_FRACTION=0.5",
                 "--CACHE_DTYPE=int8", "--BAD_IMAGES=foo", "--SEEN_CLASSES=['a','a','b']", "--MAX_EPOCHS=0",
-                "--OUTPUT_DIR=", "--TRUNK=vgg16", "--MAX_EPOCH=3", "--config=/no/such/settings.py", "stray"]
+                "--OUTPUT_DIR=", "--TRUNK=vgg16", "--REPRO_TOLERANCE=-1", "--RANKED_AMONG=best",
+                "--RANKED_CLASSES=['zz']", "--MAX_EPOCH=3", "--config=/no/such/settings.py", "stray"]
 
 
 def _one_error_line(capsys, main, argv) -> str:
@@ -29,8 +32,9 @@ def _one_error_line(capsys, main, argv) -> str:
 
 @pytest.mark.parametrize("argument", BAD_SETTINGS)
 @pytest.mark.parametrize("main", [train.main, evaluate.main, embed.main, compute_average_distances.main,
-                                  dimensionality_reduction.main, transfer_learning.main],
-                         ids=["train", "evaluate", "embed", "distances", "umap", "transfer"])
+                                  dimensionality_reduction.main, transfer_learning.main, reproduce.main,
+                                  ranked_images.main],
+                         ids=["train", "evaluate", "embed", "distances", "umap", "transfer", "reproduce", "ranked"])
 def test_a_bad_setting_stops_every_script_before_anything_is_written(tmp_path, capsys, main, argument):
     line = _one_error_line(capsys, main, [*dir_args(tmp_path), argument])  # the bad one last: it wins
     name = argument.lstrip("-").split("=")[0]

@@ -1,0 +1,123 @@
+"""For chosen seen classes, the test images with the highest and the lowest softmax score for that
+class, from the predictions evaluate.py saved (nothing is recomputed).
+
+    python ranked_images.py
+    python ranked_images.py --RANKED_CLASSES="['3', '5']" --RANKED_AMONG=all
+
+Reads:  outputs/test_scores.npz (checked against checkpoints/best.pth), the test images.
+Writes: outputs/ranked_<class index>_<class name>.png for each class of RANKED_CLASSES ([] = every
+        seen class): 2 rows x 10, the highest scores (top row, highest first) and the lowest (bottom
+        row, lowest first), each captioned with its true class and score; last
+        outputs/provenance_ranked_images.json (see artifacts.py).
+
+RANKED_AMONG = "class" ranks a class's score among its own test images (its surest and its least
+sure members); "all" among every test image (which images the model scores highest for the class,
+whatever their true class). A class with fewer test images than 10 shows them all in both rows.
+"""
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+import artifacts
+import common
+import images
+
+SHOWN = 10  # images per row
+
+
+def ranked(scores: np.ndarray, labels: np.ndarray, class_index: int, among: str,
+           count: int = SHOWN) -> tuple[np.ndarray, np.ndarray]:
+    """(highest, lowest): indices of the `count` images with the highest score for `class_index`,
+    highest first, and of the `count` with the lowest, lowest first; among the class's own test
+    images ("class") or all of them ("all"). Ties keep the file order."""
+    candidates = np.flatnonzero(labels == class_index) if among == "class" else np.arange(len(labels))
+    highest_first = candidates[np.argsort(-scores[candidates, class_index], kind="stable")]
+    lowest_first = candidates[np.argsort(scores[candidates, class_index], kind="stable")]
+    return highest_first[:count], lowest_first[:count]
+
+
+def chosen_classes(setting: list[str], class_names: list[str]) -> list[int]:
+    """Indices of the classes RANKED_CLASSES names ([] = all); a name that is no seen class is an error."""
+    unknown = [name for name in setting if name not in class_names]
+    if unknown:
+        raise common.PipelineError(f"RANKED_CLASSES={setting!r}: {', '.join(map(repr, unknown))} not among the "
+                                   f"seen classes ({', '.join(class_names)}); [] ranks every seen class")
+    return [class_names.index(name) for name in setting] if setting else list(range(len(class_names)))
+
+
+def file_name(class_index: int, class_name: str) -> str:
+    """ranked_<index>_<name>.png with every character but letters, digits, '.', '-' and '_' made '_'."""
+    return f"ranked_{class_index}_{re.sub(r'[^A-Za-z0-9._-]', '_', class_name).strip('.') or 'class'}.png"
+
+
+def load_pictures(predictions: artifacts.Predictions, indices, root: Path) -> dict[int, object]:
+    """Every image to be shown, decoded before anything is written; a missing one is one error line."""
+    pictures = {}
+    for i in sorted(set(int(j) for j in indices)):
+        path = root / predictions.relpaths[i]
+        try:
+            pictures[i] = images.load_rgb(path)
+        except (OSError, ValueError) as err:
+            raise common.PipelineError(f"cannot read {path} ({type(err).__name__}), shown in the ranked images; "
+                                       f"restore it, or re-run train.py and evaluate.py on the current images")
+    return pictures
+
+
+def score_text(score: float) -> str:
+    """A score with the digits that tell near-0 and near-1 scores apart: 2.3e-08, 0.412, 0.99998."""
+    return f"{score:.1e}" if score < 0.001 else f"{score:.3f}" if score <= 0.999 else f"{score:.6f}".rstrip("0")
+
+
+def plot_ranked(predictions: artifacts.Predictions, class_index: int, rows: tuple, pictures: dict,
+                among: str, path) -> None:
+    plt = common.pyplot()
+    names, name = predictions.class_names, predictions.class_names[class_index]
+    fig, axes = plt.subplots(2, SHOWN, figsize=(1.7 * SHOWN, 5.4), squeeze=False)
+    for r, (indices, label) in enumerate(zip(rows, ("highest", "lowest"))):
+        for c, ax in enumerate(axes[r]):
+            ax.set_axis_off()
+            if c >= len(indices):
+                continue
+            i = int(indices[c])
+            ax.imshow(pictures[i], interpolation="nearest")
+            true = names[predictions.labels[i]]
+            ax.set_title("\n".join(textwrap.wrap(f"true {true}", 18)[:2]) +
+                         f"\nscore {score_text(predictions.scores[i, class_index])}", fontsize=8,
+                         color="darkgreen" if true == name else "firebrick")
+        axes[r, 0].text(-0.15, 0.5, f"{label} {name} score", transform=axes[r, 0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=10)
+    n_class = int((predictions.labels == class_index).sum())
+    pool = f"its {n_class} test image{'s' * (n_class != 1)}" if among == "class" else \
+        f"all {len(predictions.labels)} test images"
+    fig.suptitle(f"Class {name}: test images with the highest (top row) and lowest (bottom row) softmax score "
+                 f"for {name}, among {pool}\n(caption: true class, green when it is {name}; score for {name})",
+                 fontsize=11)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def run(cfg) -> None:
+    paths = artifacts.prepare_output_dirs(cfg)
+    predictions = artifacts.open_predictions(paths)
+    classes = chosen_classes(list(cfg.RANKED_CLASSES), predictions.class_names)
+    selections = {c: ranked(predictions.scores, predictions.labels, c, cfg.RANKED_AMONG) for c in classes}
+    pictures = load_pictures(predictions, [i for rows in selections.values() for part in rows for i in part],
+                             Path(predictions.data_dir))
+    inputs = artifacts.start_stage(paths, "ranked_images", [paths.best, paths.scores])
+    outputs = []
+    for c, rows in selections.items():
+        outputs.append(paths.out / file_name(c, predictions.class_names[c]))
+        plot_ranked(predictions, c, rows, pictures, cfg.RANKED_AMONG, outputs[-1])
+    artifacts.save_provenance(paths, "ranked_images", inputs, outputs)
+    print(f"ranked test images (among {cfg.RANKED_AMONG}) for {len(outputs)} class(es) -> "
+          f"{outputs[0] if len(outputs) == 1 else paths.out / 'ranked_*.png'}")
+
+
+def main(argv=None):
+    common.run_script(run, argv)
+
+
+if __name__ == "__main__":
+    main()
