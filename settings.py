@@ -50,7 +50,7 @@ HELP_FLAGS = ("--help", "-h")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    kind: str  # "int", "float", "bool", "str", "path", "classes" or "device"
+    kind: str  # "int", "float", "bool", "str", "path", "classes", "device" or "seeds"
     bounds: str = ""  # numbers only, an interval: "[1, inf)" is >= 1, "(0, 1)" is strictly between 0 and 1
     choices: tuple[str, ...] = ()  # words accepted as they are (the only values of a "str" setting)
     none_ok: bool = False  # None is accepted too
@@ -104,6 +104,17 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "TRANSFER_TEST_FRACTION": Rule("float", "(0, 1)"),
     "TRANSFER_REPEATS": Rule("int", "[1, inf)"),
     "KNN_K": Rule("int", "[1, inf)"),
+    # training options and seed robustness
+    "OPTIMIZER": Rule("str", choices=("adam", "adamw", "sgd")),
+    "MOMENTUM": Rule("float", "[0, 1)"),
+    "WEIGHT_DECAY": Rule("float", "[0, inf)"),
+    "LR_SCHEDULE": Rule("str", choices=("none", "step", "cosine")),
+    "LR_STEP_EPOCHS": Rule("int", "[1, inf)"),
+    "LR_GAMMA": Rule("float", "(0, 1]"),
+    "COLOR_JITTER": Rule("float", "[0, 1]"),
+    "LABEL_SMOOTHING": Rule("float", "[0, 1)"),
+    "SPLIT_SEED": Rule("int", "[0, 4294967295]", none_ok=True),
+    "SEEDS": Rule("seeds", "[0, 4294967295]"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
@@ -111,7 +122,7 @@ SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
 OWN_FOLDERS = ("OUTPUT_DIR", "CHECKPOINT_DIR", "CACHE_DIR")
 KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "path": "a non-empty path",
               "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
-              "device": "'cuda:N' (N a GPU number)"}
+              "device": "'cuda:N' (N a GPU number)", "seeds": "a list of at least 2 different integers"}
 
 
 def bounds_words(bounds: str) -> str:
@@ -192,8 +203,17 @@ def check_device(value, rule: Rule) -> str:
     return value
 
 
+def check_seeds(value, rule: Rule) -> list[int]:
+    if not isinstance(value, (list, tuple)) or len(set(value)) < 2 or len(set(value)) < len(value):
+        raise ValueError()
+    for seed in value:
+        check_number(seed, Rule("int", rule.bounds))
+    return list(value)
+
+
 CHECKS = {"int": check_number, "float": check_number, "bool": check_bool, "str": check_choice,
-          "path": check_path, "classes": check_classes, "device": check_device}
+          "path": check_path, "classes": check_classes, "device": check_device,
+          "seeds": check_seeds}
 
 
 def check_value(name: str, value, rule: Rule):
@@ -225,6 +245,9 @@ def check_together(values: dict) -> None:
             what = "the repository's own folder" if folder == REPO_DIR else "a filesystem root"
             raise PipelineError(f"{name}={values[name]!r}: must be a folder the pipeline can own, "
                                 f"not {what} ({folder})")
+    if values["COLOR_JITTER"] > 0 and not values["AUGMENT"]:  # it would silently do nothing
+        raise PipelineError(f"COLOR_JITTER={values['COLOR_JITTER']!r}: needs AUGMENT=True (jitter changes the trunk's "
+                            f"input, so training images then go through the trunk); set AUGMENT=True or COLOR_JITTER=0")
 
 
 def draw_seed() -> int:
