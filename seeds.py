@@ -124,7 +124,8 @@ def plot_seed_curves(histories: dict[int, pd.DataFrame], path) -> None:
         for ax, column in ((axes[0], "val_loss"), (axes[1], "val_acc")):
             ax.plot(history.epoch, history[column], "-", lw=1.2, color=colours(i % colours.N), label=f"seed {seed}")
             ax.plot(history.epoch[best], history[column][best], "o", ms=6, color=colours(i % colours.N))
-    for ax, title in ((axes[0], "Validation cross-entropy loss"), (axes[1], "Validation accuracy")):
+    axes[0].set_yscale("log")  # the late passes, where the best one is chosen, sit near 0
+    for ax, title in ((axes[0], "Validation cross-entropy loss (log scale)"), (axes[1], "Validation accuracy")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
