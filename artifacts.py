@@ -52,6 +52,9 @@ class Paths:
     training_plot = property(lambda self: self.out / "training_plot.png")
     predictions = property(lambda self: self.out / "test_predictions.csv")
     scores = property(lambda self: self.out / "test_scores.npz")
+    classwise_accuracy_plot = property(lambda self: self.out / "training_classwise_accuracy.png")
+    classwise_ap_plot = property(lambda self: self.out / "training_classwise_ap.png")
+    seeds = property(lambda self: self.out / "seeds")  # seeds.py: seed_<n>/ folders
 
     def embeddings(self, subset: str) -> Path:
         return self.out / f"embeddings_{subset}.pkl"
@@ -94,11 +97,13 @@ class Split:
     def classes(self, name: str) -> list[str]:
         return self.unseen_classes if name == "unseen" else self.seen_classes
 
-    def source(self, name: str, preprocess: Preprocess, cache=None, augment: bool = False) -> FeatureSource:
+    def source(self, name: str, preprocess: Preprocess, cache=None, augment: bool = False,
+               color_jitter: float = 0.0) -> FeatureSource:
         """A subset's trunk features: from `cache` (a trunk_cache.TrunkCache), which names each image
-        by its content's SHA-256, or from the images themselves."""
+        by its content's SHA-256, or from the images themselves (augmented if asked)."""
         relpaths, labels = self.subset(name)
-        return feature_source(self.root, relpaths, labels, preprocess, cache, augment, keys=self.hashes(name))
+        return feature_source(self.root, relpaths, labels, preprocess, cache, augment, keys=self.hashes(name),
+                              color_jitter=color_jitter)
 
 
 def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], create: bool,
@@ -134,10 +139,11 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
 
 
 def split_from_settings(cfg, paths: Paths, create: bool) -> Split:
-    """The split for the settings' data folder and classes (train.py)."""
+    """The split for the settings' data folder and classes (train.py), drawn with SPLIT_SEED (None: SEED)."""
     root = images.data_dir(cfg.DATA_DIR, cfg.BUILTIN_DATA_DIR)
+    split_seed = cfg.SEED if cfg.SPLIT_SEED is None else cfg.SPLIT_SEED
     return prepare_split(paths, root, cfg.SEEN_CLASSES, cfg.UNSEEN_CLASSES, create, cfg.BAD_IMAGES,
-                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED)
+                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, split_seed)
 
 
 def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_path) -> None:
@@ -405,6 +411,7 @@ STAGE_OUTPUTS = {
     "dimensionality_reduction": ["umap_embeddings.png", "umap_coordinates.csv", "umap_coordinates.parquet",
                                  "close_faraway_closeotherclass_class_*.png"],
     "transfer_learning": ["transfer_learning.csv", "accuracy_*.png"],
+    "seeds": ["seed_robustness.csv", "seed_robustness_summary.csv", "seed_training_curves.png"],
 }
 
 

@@ -74,3 +74,15 @@ FINETUNE_LR = 0.0001  # Adam learning rate of the fine-tuned trunk blocks (the h
 REPRO_TOLERANCE = 1e-4  # reproduce.py: largest absolute softmax-score difference allowed between saved and recomputed test scores
 RANKED_CLASSES = []  # ranked_images.py: seen classes whose top/bottom-10 test images are shown; [] = every seen class
 RANKED_AMONG = "class"  # rank a class's score among "class" (its own test images) or "all" (every test image)
+
+# ---- training options and seed robustness ---------------------------------------------------
+OPTIMIZER = "adam"  # "adam" (the study's), "adamw" (decoupled weight decay) or "sgd" (with MOMENTUM)
+MOMENTUM = 0.9  # SGD momentum, from 0 to < 1; used only with OPTIMIZER = "sgd"
+WEIGHT_DECAY = 0.0  # L2 penalty on the trained weights (adam, sgd) or decoupled decay (adamw); 0 = none
+LR_SCHEDULE = "none"  # "none" (LR throughout), "step" (LR times LR_GAMMA every LR_STEP_EPOCHS epochs) or "cosine" (from LR to 0 over MAX_EPOCHS)
+LR_STEP_EPOCHS = 5  # epochs between LR drops with LR_SCHEDULE = "step"
+LR_GAMMA = 0.3  # factor applied to the LR at each drop with LR_SCHEDULE = "step"
+COLOR_JITTER = 0.0  # brightness/contrast/saturation jitter of training images, from 0 (off) to 1; needs AUGMENT = True
+LABEL_SMOOTHING = 0.0  # label smoothing of the training loss, from 0 (off) to < 1; the reported losses stay plain cross-entropy
+SPLIT_SEED = None  # seed that draws the split; None = SEED (as before this setting). The split is drawn once per OUTPUT_DIR
+SEEDS = [0, 1, 2, 3, 4]  # seeds.py: one training run per seed on the split in OUTPUT_DIR (at least 2 different seeds)

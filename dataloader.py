@@ -54,10 +54,15 @@ def runtime_from_settings(cfg) -> Runtime:
 class ImageDataset(Dataset):
     """(normalised image tensor, label) for a list of relative paths."""
 
-    def __init__(self, root: Path, relpaths: list[str], labels, preprocess: Preprocess, augment: bool = False):
+    def __init__(self, root: Path, relpaths: list[str], labels, preprocess: Preprocess, augment: bool = False,
+                 color_jitter: float = 0.0):
         self.root, self.relpaths = Path(root), list(relpaths)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.preprocess, self.augment = preprocess, augment
+        self.jitter = None  # brightness, contrast and saturation, each by a random factor in [1 - s, 1 + s]
+        if augment and color_jitter > 0:
+            from torchvision.transforms import ColorJitter
+            self.jitter = ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)
         self.mean = torch.tensor(preprocess.mean).view(3, 1, 1)  # what the trunk's weights expect
         self.std = torch.tensor(preprocess.std).view(3, 1, 1)
 
@@ -71,6 +76,8 @@ class ImageDataset(Dataset):
             if torch.rand(()) < 0.5:
                 x = x.flip(2)
             x = torch.rot90(x, int(torch.randint(4, ())), dims=(1, 2))
+            if self.jitter is not None:
+                x = self.jitter(x)
         return (x - self.mean) / self.std, self.labels[i]
 
 
@@ -142,14 +149,16 @@ class FeatureSource:
 
 
 def feature_source(root: Path, relpaths: list[str], labels, preprocess: Preprocess, cache=None,
-                   augment: bool = False, keys: list[str] | None = None) -> FeatureSource:
-    """Features from `cache` (a trunk_cache.TrunkCache) when one is given, else from the images.
+                   augment: bool = False, keys: list[str] | None = None, color_jitter: float = 0.0) -> FeatureSource:
+    """Features from `cache` (a trunk_cache.TrunkCache) when one is given, else from the images
+    (flipped, turned and colour-jittered by `color_jitter` when `augment`).
     `keys` (one string per image, e.g. its content's SHA-256) name the images in the cache; without
     them the cache keys each image by relative path, size and modification time."""
     labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     if cache is not None:
         return FeatureSource(labels, features=cache.features(root, relpaths, keys))
-    return FeatureSource(labels, dataset=ImageDataset(root, relpaths, labels, preprocess, augment=augment))
+    return FeatureSource(labels, dataset=ImageDataset(root, relpaths, labels, preprocess, augment=augment,
+                                                      color_jitter=color_jitter))
 
 
 def feature_batches(source: FeatureSource, batches: list, trunk, runtime: Runtime, seed: int = 0):

@@ -50,7 +50,7 @@ HELP_FLAGS = ("--help", "-h")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    kind: str  # "int", "float", "bool", "str", "path", "classes", "names" or "device"
+    kind: str  # "int", "float", "bool", "str", "path", "classes", "names", "device" or "seeds"
     bounds: str = ""  # numbers only, an interval: "[1, inf)" is >= 1, "(0, 1)" is strictly between 0 and 1
     choices: tuple[str, ...] = ()  # words accepted as they are (the only values of a "str" setting)
     none_ok: bool = False  # None is accepted too
@@ -114,6 +114,17 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "REPRO_TOLERANCE": Rule("float", "[0, 1]"),
     "RANKED_CLASSES": Rule("names"),
     "RANKED_AMONG": Rule("str", choices=("class", "all")),
+    # training options and seed robustness
+    "OPTIMIZER": Rule("str", choices=("adam", "adamw", "sgd")),
+    "MOMENTUM": Rule("float", "[0, 1)"),
+    "WEIGHT_DECAY": Rule("float", "[0, inf)"),
+    "LR_SCHEDULE": Rule("str", choices=("none", "step", "cosine")),
+    "LR_STEP_EPOCHS": Rule("int", "[1, inf)"),
+    "LR_GAMMA": Rule("float", "(0, 1]"),
+    "COLOR_JITTER": Rule("float", "[0, 1]"),
+    "LABEL_SMOOTHING": Rule("float", "[0, 1)"),
+    "SPLIT_SEED": Rule("int", "[0, 4294967295]", none_ok=True),
+    "SEEDS": Rule("seeds", "[0, 4294967295]"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
@@ -122,7 +133,7 @@ OWN_FOLDERS = ("OUTPUT_DIR", "CHECKPOINT_DIR", "CACHE_DIR")
 KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "path": "a non-empty path",
               "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
               "names": "a list of different, non-empty class names (may be empty)",
-              "device": "'cuda:N' (N a GPU number)"}
+              "device": "'cuda:N' (N a GPU number)", "seeds": "a list of at least 2 different integers"}
 
 
 def bounds_words(bounds: str) -> str:
@@ -208,8 +219,17 @@ def check_device(value, rule: Rule) -> str:
     return value
 
 
+def check_seeds(value, rule: Rule) -> list[int]:
+    if not isinstance(value, (list, tuple)) or len(set(value)) < 2 or len(set(value)) < len(value):
+        raise ValueError()
+    for seed in value:
+        check_number(seed, Rule("int", rule.bounds))
+    return list(value)
+
+
 CHECKS = {"int": check_number, "float": check_number, "bool": check_bool, "str": check_choice,
-          "path": check_path, "classes": check_classes, "names": check_names, "device": check_device}
+          "path": check_path, "classes": check_classes, "names": check_names, "device": check_device,
+          "seeds": check_seeds}
 
 
 def check_value(name: str, value, rule: Rule):
@@ -248,6 +268,9 @@ def check_together(values: dict) -> None:
     if values["FINETUNE_BLOCKS"]:  # backbone.py counts the trunk's blocks; torchvision is imported only then
         import backbone
         backbone.check_finetune_blocks(values["TRUNK"], values["FINETUNE_BLOCKS"])
+    if values["COLOR_JITTER"] > 0 and not values["AUGMENT"]:  # it would silently do nothing
+        raise PipelineError(f"COLOR_JITTER={values['COLOR_JITTER']!r}: needs AUGMENT=True (jitter changes the trunk's "
+                            f"input, so training images then go through the trunk); set AUGMENT=True or COLOR_JITTER=0")
 
 
 def draw_seed() -> int:

@@ -4,9 +4,14 @@
     python train.py --RESUME=False       # start over instead of resuming checkpoints/last.pth
 
 Reads:  the image folder (DATA_DIR, or the built-in digits).
-Writes: outputs/split.csv (drawn once, then re-read), checkpoints/best.pth (lowest validation loss),
-        checkpoints/last.pth (every epoch end, for resuming), outputs/training_history.csv,
-        outputs/training_plot.png, outputs/bad_images.csv (only if some images are unreadable).
+Writes: outputs/split.csv (drawn once with SPLIT_SEED, then re-read), checkpoints/best.pth (lowest
+        validation loss), checkpoints/last.pth (every epoch end, for resuming), outputs/training_history.csv
+        (one row per validation pass: losses, accuracies, LR, and per class accuracy and average precision
+        on the training and validation sets), outputs/training_plot.png, outputs/training_classwise_accuracy.png,
+        outputs/training_classwise_ap.png, outputs/bad_images.csv (only if some images are unreadable).
+
+The optimizer (OPTIMIZER, WEIGHT_DECAY, MOMENTUM), LR schedule (LR_SCHEDULE, stepped at each epoch
+end), COLOR_JITTER and LABEL_SMOOTHING come from the settings; their defaults train as before them.
 """
 import time
 
@@ -26,7 +31,12 @@ from common import PipelineError
 # settings that must be unchanged for a resumed run to be the same run
 RESUME_KEYS = ("SEEN_CLASSES", "UNSEEN_CLASSES", "IMAGE_SIZE", "RESIZE_MODE", "AUGMENT", "WEIGHTS", "TRUNK",
                "EMBEDDING_DIM", "DROPOUT", "BATCH_SIZE", "LR", "SEED", "VAL_PER_EPOCH", "CACHE_TRUNK",
-               "CACHE_DTYPE", "FINETUNE_BLOCKS", "FINETUNE_LR")
+               "CACHE_DTYPE", "FINETUNE_BLOCKS", "FINETUNE_LR", "OPTIMIZER", "MOMENTUM", "WEIGHT_DECAY", "LR_SCHEDULE",
+               "LR_STEP_EPOCHS", "LR_GAMMA", "COLOR_JITTER", "LABEL_SMOOTHING")
+# what a checkpoint made before these settings existed trained with (so that it still resumes)
+BEFORE_TRAINING_OPTIONS = dict(OPTIMIZER="adam", MOMENTUM=0.9, WEIGHT_DECAY=0.0, LR_SCHEDULE="none", LR_STEP_EPOCHS=5,
+                               LR_GAMMA=0.3, COLOR_JITTER=0.0, LABEL_SMOOTHING=0.0, SPLIT_SEED=None,
+                               TRUNK="efficientnet_v2_s", FINETUNE_BLOCKS=0, FINETUNE_LR=0.0001)
 # settings a finished run must share with this one for its best.pth to stand for these settings
 FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
 
@@ -43,7 +53,9 @@ def resumable_checkpoint(cfg, paths, split) -> dict | None:
     if last["split_sha256"] != split.sha256:
         raise PipelineError(f"{paths.last} was trained on another split.csv; run with --RESUME=False to start over")
     keys = FINISHED_KEYS if last.get("finished") else RESUME_KEYS
-    changed = settings.differences(last["config"], settings.settings_dict(cfg), keys)
+    if cfg.LR_SCHEDULE == "cosine":  # the cosine runs over MAX_EPOCHS
+        keys = tuple(dict.fromkeys(keys + ("MAX_EPOCHS",)))
+    changed = settings.differences({**BEFORE_TRAINING_OPTIONS, **last["config"]}, settings.settings_dict(cfg), keys)
     if changed and last.get("finished"):
         raise PipelineError(f"{paths.last} is a finished training run with other settings ({'; '.join(changed)}); "
                             f"restore them, or run train.py --RESUME=False to train again with these")
@@ -78,48 +90,70 @@ def build_model(cfg, split, last: dict | None) -> tuple[torch.nn.Module, dict, s
 
 def training_sources(cfg, split, preprocess, cache) -> dict:
     """Train and validation features: from the trunk cache, except training images under AUGMENT,
-    whose trunk input is random and goes through the trunk every batch."""
+    whose trunk input is random and goes through the trunk every batch. "train_classwise": the
+    training images un-augmented (cached if there is a cache), for the class-wise curves."""
     if cache is not None and cfg.AUGMENT:
         print("AUGMENT=True makes the trunk's input random: training runs the trunk on every batch "
-              "(the cache still serves validation)")
+              "(the cache still serves validation and the class-wise training curves, un-augmented)")
     sources = {}
     for subset in ("train", "val"):
         augment = bool(cfg.AUGMENT) and subset == "train"
-        sources[subset] = split.source(subset, preprocess, cache=None if augment else cache, augment=augment)
+        sources[subset] = split.source(subset, preprocess, cache=None if augment else cache, augment=augment,
+                                       color_jitter=cfg.COLOR_JITTER if augment else 0.0)
+    sources["train_classwise"] = split.source("train", preprocess, cache) if cfg.AUGMENT else sources["train"]
+    if cache is None:
+        print(f"note: without the trunk cache the class-wise training curves run the trunk over the "
+              f"{len(sources['train'])} training images at every validation pass")
     if len(sources["val"]) < 20:
         print(f"note: the validation set has {len(sources['val'])} images; early stopping rests on very few")
     return sources
 
 
-def fit(model, optimizer, state, sources, runtime, cfg, save_best, save_last) -> None:
-    """Epochs until MAX_EPOCHS or PATIENCE validation passes without a lower validation loss."""
+def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, save_last) -> float:
+    """Epochs until MAX_EPOCHS or PATIENCE validation passes without a lower validation loss; the
+    LR schedule steps at each epoch end. Returns the seconds spent on the class-wise figures."""
     state.stop_reason = f"reached MAX_EPOCHS={cfg.MAX_EPOCHS}"
+    classwise = dict(train=sources["train_classwise"], val=sources["val"])
+    classwise_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.MAX_EPOCHS):
         batches = training.epoch_batches(len(sources["train"]), cfg.BATCH_SIZE, cfg.SEED, epoch)
 
         def validate(b: int, train_loss: float, train_acc: float) -> bool:
+            nonlocal classwise_seconds
             val_loss, val_acc = training.evaluate_loss(model, sources["val"], runtime)
             position = epoch + (b + 1) / len(batches)
             if not np.isfinite(val_loss) or not np.isfinite(train_loss):
                 raise PipelineError(f"training diverged at epoch {position:.2f} (train loss {train_loss}, validation "
                                     f"loss {val_loss}); lower LR (now {cfg.LR}) and run train.py --RESUME=False")
-            state.history.append(dict(epoch=position, train_loss=train_loss, train_acc=train_acc,
-                                      val_loss=val_loss, val_acc=val_acc))
+            started = time.perf_counter()
+            per_class = training.classwise_pass(model, classwise, runtime, list(cfg.SEEN_CLASSES))
+            classwise_seconds += time.perf_counter() - started
+            state.history.append(dict(epoch=position, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                                      val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], **per_class))
             if state.improved(val_loss, position):
                 save_best(epoch=position, val_loss=val_loss, val_acc=val_acc)
             return state.bad_passes >= cfg.PATIENCE
 
         stopped = training.train_one_epoch(model, optimizer, sources["train"], batches, runtime,
                                            training.validation_points(len(batches), cfg.VAL_PER_EPOCH), validate,
-                                           seed=cfg.SEED * 100_003 + epoch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCHS}")
+                                           seed=cfg.SEED * 100_003 + epoch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCHS}",
+                                           label_smoothing=cfg.LABEL_SMOOTHING)
         state.epoch = epoch
-        row = state.history[-1]
-        print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-              f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | best {state.best_val_loss:.4f}")
+        print_epoch(epoch, state)
         if stopped:
             state.stop_reason = f"early stop: {state.bad_passes} validation passes without improvement"
-            return
+            return classwise_seconds
+        if scheduler is not None:
+            scheduler.step()
         save_last()
+    return classwise_seconds
+
+
+def print_epoch(epoch: int, state) -> None:
+    row = state.history[-1]
+    print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+          f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} mAP {row['val_map']:.4f} | "
+          f"best {state.best_val_loss:.4f} | lr {row['lr']:.3g}")
 
 
 def plot_history(history: pd.DataFrame, path) -> None:
@@ -137,6 +171,53 @@ def plot_history(history: pd.DataFrame, path) -> None:
     axes[1].set_ylim(min(0.0, float(np.nanmin(history[["train_acc", "val_acc"]].values))), 1.02)
     fig.suptitle(f"Training: best validation loss {history.val_loss.min():.4f} at epoch {best_epoch:.2f}")
     common.save_figure(fig, path)
+
+
+CLASSWISE = {"acc": ("accuracy", "mean over classes (balanced accuracy)"),
+             "ap": ("average precision (one-vs-rest, softmax score)", "mean over classes (mAP)")}
+
+
+def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, path) -> None:
+    """A train panel and a validation panel: one line per class, the mean over classes thicker."""
+    plt = common.pyplot()
+    what, mean_label = CLASSWISE[metric]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, layout="constrained")
+    colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    best_epoch = history.epoch[history.val_loss.idxmin()]
+    for ax, subset, title in ((axes[0], "train", "training set (un-augmented)"), (axes[1], "val", "validation set")):
+        for i, name in enumerate(class_names):
+            ax.plot(history.epoch, history[f"{subset}_{metric}_{name}"], lw=1.1, alpha=0.85,
+                    color=colours(i % colours.N), label=name)
+        mean = history[[f"{subset}_{metric}_{name}" for name in class_names]].mean(axis=1)
+        ax.plot(history.epoch, mean, color="black", lw=3, label=mean_label)
+        ax.axvline(best_epoch, color="grey", ls=":", lw=1, label="best model")
+        ax.set_title(f"{what.split(' (')[0].capitalize()} per class, {title}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(what)
+    low = float(np.nanmin(history[[c for c in history if c.startswith(("train_" + metric + "_", "val_" + metric + "_"))]]))
+    axes[0].set_ylim(min(0.9, low) - 0.02, 1.01)
+    axes[1].legend(title="class", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8,
+                   ncol=1 if len(class_names) <= 20 else 2)
+    fig.suptitle(f"Class-wise {what} at each validation pass")
+    common.save_figure(fig, path)
+
+
+def optimizer_and_schedule(cfg, model) -> tuple[torch.optim.Optimizer, object]:
+    """The optimizer over the trainable parameters and the LR schedule (None for "none"), as the settings say."""
+    optimizer = training.make_optimizer(cfg.OPTIMIZER, training.parameter_groups(model, cfg.LR, cfg.FINETUNE_LR),
+                                        cfg.LR, cfg.WEIGHT_DECAY, cfg.MOMENTUM)
+    return optimizer, training.make_scheduler(cfg.LR_SCHEDULE, optimizer, cfg.MAX_EPOCHS, cfg.LR_STEP_EPOCHS, cfg.LR_GAMMA)
+
+
+def save_history(history: list[dict], paths, class_names: list[str]) -> None:
+    """training_history.csv and its three plots (none when no validation pass was made)."""
+    frame = pd.DataFrame(history)
+    common.save_csv(frame, paths.history, index=False)
+    if len(frame):
+        plot_history(frame, paths.training_plot)
+        plot_classwise(frame, class_names, "acc", paths.classwise_accuracy_plot)
+        plot_classwise(frame, class_names, "ap", paths.classwise_ap_plot)
 
 
 def run(cfg) -> None:
@@ -157,8 +238,8 @@ def run(cfg) -> None:
     model, arch, weights_source = build_model(cfg, split, last)
     training.place_model(model, runtime)
     trunk_sha256 = backbone.frozen_trunk_sha256(model)  # of what the cache serves: the frozen blocks
-    optimizer = torch.optim.Adam(training.parameter_groups(model, cfg.LR, cfg.FINETUNE_LR), lr=cfg.LR)
-    state = training.TrainingState.restore(last, model, optimizer) if last else training.TrainingState()
+    optimizer, scheduler = optimizer_and_schedule(cfg, model)
+    state = training.TrainingState.restore(last, model, optimizer, scheduler) if last else training.TrainingState()
     if last:
         print(f"resuming after epoch {state.epoch + 1} from {paths.last}")
     preprocess = dataloader.Preprocess.for_trunk(arch["trunk"], cfg.IMAGE_SIZE, cfg.RESIZE_MODE)
@@ -170,19 +251,18 @@ def run(cfg) -> None:
                                            settings.settings_dict(cfg), **extra)
 
     def save_last() -> None:
-        common.save_torch(record(**state.record(model, optimizer)), paths.last)
+        common.save_torch(record(**state.record(model, optimizer, scheduler)), paths.last)
 
     started = time.time()
-    fit(model, optimizer, state, sources, runtime, cfg,
-        save_best=lambda **extra: common.save_torch(record(**extra), paths.best), save_last=save_last)
-    frame = pd.DataFrame(state.history)
-    common.save_csv(frame, paths.history, index=False)
-    if len(frame):
-        plot_history(frame, paths.training_plot)
+    classwise_seconds = fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_last=save_last,
+                            save_best=lambda **extra: common.save_torch(record(**extra), paths.best))
+    save_history(state.history, paths, list(split.seen_classes))
     state.finished = True
     save_last()
-    print(f"{state.stop_reason}; {time.time() - started:.1f}s of training. Best validation loss "
-          f"{state.best_val_loss:.4f} at epoch {state.best_epoch:.2f} -> {paths.best}; plot -> {paths.training_plot}")
+    passes = max(1, sum(1 for row in state.history if "val_map" in row))
+    print(f"{state.stop_reason}; {time.time() - started:.1f}s of training, of which {classwise_seconds:.1f}s for the "
+          f"class-wise curves ({1000 * classwise_seconds / passes:.0f} ms per validation pass). Best validation "
+          f"loss {state.best_val_loss:.4f} at epoch {state.best_epoch:.2f} -> {paths.best}; plots -> {paths.out}")
 
 
 def main(argv=None):

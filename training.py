@@ -1,11 +1,14 @@
 """Reusable pieces of training and inference: placing a model on its device, the epoch's batches,
-one training epoch with validation passes, the state that is saved and restored to resume, and
-running the head over a subset. train.py strings them into the study's recipe; bench.py times them."""
+the optimizer and LR schedule, one training epoch with validation passes, the state that is saved
+and restored to resume, running the head over a subset and the class-wise figures of a pass.
+train.py strings them into the study's recipe; seeds.py repeats it; bench.py times the pieces."""
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import average_precision_score
 
 from common import Progress
 from dataloader import FeatureSource, Runtime, feature_batches, in_order
@@ -33,6 +36,31 @@ def parameter_groups(model: torch.nn.Module, lr: float, finetune_lr: float) -> l
     return groups
 
 
+def make_optimizer(name: str, param_groups, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """"adam", "adamw" or "sgd" over `param_groups`: a list of parameters, or of dicts
+    {"params": [...], "lr": ...} where a group's own lr replaces `lr` (e.g. trunk and head)."""
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")  # settings.SCHEMA lets only the three through
+
+
+def make_scheduler(name: str, optimizer, max_epochs: int, step_epochs: int = 5, gamma: float = 0.3):
+    """The LR schedule, stepped once at each epoch end: None for "none" (the LR stays), StepLR for
+    "step", CosineAnnealingLR from the LR down to 0 over max_epochs for "cosine"."""
+    if name == "none":
+        return None
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=gamma)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+    raise ValueError(f"unknown LR schedule {name!r}")
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """A shuffled order for one epoch that depends only on (seed, epoch): resumable, device-free."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -49,7 +77,7 @@ def validation_points(n_batches: int, per_epoch: int) -> set[int]:
 
 @dataclass
 class TrainingState:
-    """Where training stands; with the model, optimizer and RNG it is what last.pth holds."""
+    """Where training stands; with the model, optimizer, LR schedule and RNG it is what last.pth holds."""
     epoch: int = -1  # last completed epoch (-1: none yet)
     history: list = field(default_factory=list)  # one dict per validation pass
     best_val_loss: float = float("inf")
@@ -58,15 +86,18 @@ class TrainingState:
     finished: bool = False
     stop_reason: str = ""
 
-    def record(self, model, optimizer) -> dict:
-        """The resumable part of last.pth: this state, the optimizer and the RNG states."""
-        return dict(asdict(self), optimizer=optimizer.state_dict(), rng=rng_states())
+    def record(self, model, optimizer, scheduler=None) -> dict:
+        """The resumable part of last.pth: this state, the optimizer, the LR schedule and the RNG states."""
+        return dict(asdict(self), optimizer=optimizer.state_dict(), rng=rng_states(),
+                    scheduler=scheduler.state_dict() if scheduler is not None else None)
 
     @classmethod
-    def restore(cls, last: dict, model, optimizer) -> "TrainingState":
-        """Load a last.pth's model, optimizer and RNG states; return its training state."""
+    def restore(cls, last: dict, model, optimizer, scheduler=None) -> "TrainingState":
+        """Load a last.pth's model, optimizer, LR schedule and RNG states; return its training state."""
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(last["scheduler"])
         restore_rng(last["rng"])
         names = cls.__dataclass_fields__
         return cls(**{k: (list(v) if k == "history" else v) for k, v in last.items() if k in names})
@@ -93,9 +124,10 @@ def restore_rng(states: dict) -> None:
 # ---- one epoch -----------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runtime: Runtime, checks: set,
-                    on_check, seed: int = 0, desc: str = "") -> bool:
+                    on_check, seed: int = 0, desc: str = "", label_smoothing: float = 0.0) -> bool:
     """Train the head over `batches`; after each batch in `checks` call on_check(b, train_loss,
-    train_acc) with the running figures since the last check. Return True if on_check asked to stop."""
+    train_acc) with the running figures since the last check. Return True if on_check asked to stop.
+    label_smoothing changes the loss that is minimised; train_loss stays plain cross-entropy."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = Progress(feature_batches(source, batches, model.trunk, runtime, seed=seed), desc or "training",
@@ -103,10 +135,12 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
     try:
         for b, (features, labels) in enumerate(bar):
             logits, _ = model.forward_head(features)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if label_smoothing:
+                loss = F.cross_entropy(logits.detach(), labels)
             loss_sum += loss.item() * len(labels)  # .item() also waits for CUDA, every batch
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
@@ -144,3 +178,34 @@ def head_outputs(model, source: FeatureSource, runtime: Runtime) -> tuple[np.nda
         logits.append(out.float().cpu().numpy())
         embeddings.append(emb.float().cpu().numpy())
     return np.concatenate(logits), np.concatenate(embeddings)
+
+
+# ---- class-wise figures --------------------------------------------------------------------------
+
+def classwise_metrics(logits: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    """acc_<class> (share of the class's images predicted as it), ap_<class> (one-vs-rest average
+    precision of its softmax score, scikit-learn's), and map (their mean). NaN for a class absent
+    from `labels`."""
+    scores = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
+    predictions = scores.argmax(1)
+    present = np.bincount(labels, minlength=len(class_names)) > 0
+    with warnings.catch_warnings():  # an absent class: "no positive class found", its NaN is set below
+        warnings.simplefilter("ignore")
+        # one call for every class (an indicator matrix): a call per class costs ~7 ms of checks each
+        ap = average_precision_score(np.eye(len(class_names), dtype=int)[labels], scores, average=None)
+    row = {}
+    for i, name in enumerate(class_names):
+        row[f"acc_{name}"] = float((predictions[labels == i] == i).mean()) if present[i] else float("nan")
+        row[f"ap_{name}"] = float(ap[i]) if present[i] else float("nan")
+    row["map"] = float(np.nanmean([row[f"ap_{name}"] for name in class_names]))
+    return row
+
+
+def classwise_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, class_names: list[str]) -> dict:
+    """classwise_metrics of the model (eval mode) on each named source, keys prefixed "<name>_"."""
+    row = {}
+    for name, source in sources.items():
+        logits, _ = head_outputs(model, source, runtime)
+        row.update({f"{name}_{key}": value for key, value in
+                    classwise_metrics(logits, source.labels.numpy(), class_names).items()})
+    return row
