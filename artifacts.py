@@ -317,12 +317,15 @@ def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -
 # Each stage's output files in paths.out, as patterns: what start_stage and stale_outputs look for
 # when a stage left no provenance record.
 STAGE_OUTPUTS = {
+    "dataset_overview": ["class_counts.csv", "class_counts.png", "sample_images.png"],
     "evaluate": ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png"],
     "embed": [f"embeddings_{s}.pkl" for s in EMBEDDED_SUBSETS],
     "compute_average_distances": ["average_*_distances_*.csv", "average_*_distances_*.png"],
     "dimensionality_reduction": ["umap_embeddings.png", "umap_coordinates.csv",
                                  "close_faraway_closeotherclass_class_*.png"],
     "transfer_learning": ["transfer_learning.csv", "accuracy_*.png"],
+    "feature_maps": ["feature_map_stats.csv", "feature_map_spectra.csv", "feature_map_spectra.png",
+                     "feature_map_nonpositive.png"],
 }
 
 

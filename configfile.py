@@ -62,3 +62,10 @@ CLOSE_FAR_SPACE = "embedding"  # distances to the class centre in "embedding" (1
 TRANSFER_TEST_FRACTION = 0.30  # share of each unseen class kept for testing the transfer classifiers
 TRANSFER_REPEATS = 5  # random training subsets drawn per training-set size
 KNN_K = 10  # k of the kNN classifier
+
+# ---- dataset overview -----------------------------------------------------------------------
+OVERVIEW_SAMPLES = 8  # sample images per class in outputs/sample_images.png (dataset_overview.py)
+
+# ---- feature maps ---------------------------------------------------------------------------
+FEATURE_MODULES = "auto"  # modules whose outputs feature_maps.py hooks, named as in model.named_modules(), e.g. ["trunk.0", "head.0"]; "auto" = each trunk block and the head's convolutions
+FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images

@@ -50,7 +50,7 @@ HELP_FLAGS = ("--help", "-h")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    kind: str  # "int", "float", "bool", "str", "path", "classes" or "device"
+    kind: str  # "int", "float", "bool", "str", "path", "classes", "device" or "names"
     bounds: str = ""  # numbers only, an interval: "[1, inf)" is >= 1, "(0, 1)" is strictly between 0 and 1
     choices: tuple[str, ...] = ()  # words accepted as they are (the only values of a "str" setting)
     none_ok: bool = False  # None is accepted too
@@ -104,6 +104,11 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "TRANSFER_TEST_FRACTION": Rule("float", "(0, 1)"),
     "TRANSFER_REPEATS": Rule("int", "[1, inf)"),
     "KNN_K": Rule("int", "[1, inf)"),
+    # dataset overview
+    "OVERVIEW_SAMPLES": Rule("int", "[1, 64]"),
+    # feature maps
+    "FEATURE_MODULES": Rule("names", choices=("auto",)),
+    "FEATURE_IMAGES": Rule("int", "[2, inf)"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
@@ -111,7 +116,7 @@ SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
 OWN_FOLDERS = ("OUTPUT_DIR", "CHECKPOINT_DIR", "CACHE_DIR")
 KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "path": "a non-empty path",
               "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
-              "device": "'cuda:N' (N a GPU number)"}
+              "device": "'cuda:N' (N a GPU number)", "names": "a non-empty list of different, non-empty names"}
 
 
 def bounds_words(bounds: str) -> str:
@@ -192,8 +197,16 @@ def check_device(value, rule: Rule) -> str:
     return value
 
 
+def check_names(value, rule: Rule) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(name, str) and name for name in value):
+        raise ValueError()
+    if len(set(value)) != len(value):
+        raise ValueError()
+    return list(value)
+
+
 CHECKS = {"int": check_number, "float": check_number, "bool": check_bool, "str": check_choice,
-          "path": check_path, "classes": check_classes, "device": check_device}
+          "path": check_path, "classes": check_classes, "device": check_device, "names": check_names}
 
 
 def check_value(name: str, value, rule: Rule):
