@@ -402,6 +402,7 @@ def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -
 # Each stage's output files in paths.out, as patterns: what start_stage and stale_outputs look for
 # when a stage left no provenance record.
 STAGE_OUTPUTS = {
+    "dataset_overview": ["class_counts.csv", "class_counts.png", "sample_images.png"],
     "evaluate": ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png", "test_predictions.csv",
                  "test_scores.npz", "misclassified_test_images.png"],
     "reproduce": ["reproduction_check.csv", "reproduction_check.json"],
@@ -412,6 +413,8 @@ STAGE_OUTPUTS = {
                                  "close_faraway_closeotherclass_class_*.png"],
     "transfer_learning": ["transfer_learning.csv", "accuracy_*.png"],
     "seeds": ["seed_robustness.csv", "seed_robustness_summary.csv", "seed_training_curves.png"],
+    "feature_maps": ["feature_map_stats.csv", "feature_map_spectra.csv", "feature_map_spectra.png",
+                     "feature_map_nonpositive.png"],
 }
 
 

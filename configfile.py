@@ -86,3 +86,10 @@ COLOR_JITTER = 0.0  # brightness/contrast/saturation jitter of training images, 
 LABEL_SMOOTHING = 0.0  # label smoothing of the training loss, from 0 (off) to < 1; the reported losses stay plain cross-entropy
 SPLIT_SEED = None  # seed that draws the split; None = SEED (as before this setting). The split is drawn once per OUTPUT_DIR
 SEEDS = [0, 1, 2, 3, 4]  # seeds.py: one training run per seed on the split in OUTPUT_DIR (at least 2 different seeds)
+
+# ---- dataset overview -----------------------------------------------------------------------
+OVERVIEW_SAMPLES = 8  # sample images per class in outputs/sample_images.png (dataset_overview.py)
+
+# ---- feature maps ---------------------------------------------------------------------------
+FEATURE_MODULES = "auto"  # modules whose outputs feature_maps.py hooks, named as in model.named_modules(), e.g. ["trunk.0", "head.0"]; "auto" = each trunk block and the head's convolutions
+FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images

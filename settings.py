@@ -50,7 +50,7 @@ HELP_FLAGS = ("--help", "-h")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    kind: str  # "int", "float", "bool", "str", "path", "classes", "names", "device" or "seeds"
+    kind: str  # "int", "float", "bool", "str", "path", "classes", "names", "modules", "device" or "seeds"
     bounds: str = ""  # numbers only, an interval: "[1, inf)" is >= 1, "(0, 1)" is strictly between 0 and 1
     choices: tuple[str, ...] = ()  # words accepted as they are (the only values of a "str" setting)
     none_ok: bool = False  # None is accepted too
@@ -125,6 +125,11 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "LABEL_SMOOTHING": Rule("float", "[0, 1)"),
     "SPLIT_SEED": Rule("int", "[0, 4294967295]", none_ok=True),
     "SEEDS": Rule("seeds", "[0, 4294967295]"),
+    # dataset overview
+    "OVERVIEW_SAMPLES": Rule("int", "[1, 64]"),
+    # feature maps
+    "FEATURE_MODULES": Rule("modules", choices=("auto",)),
+    "FEATURE_IMAGES": Rule("int", "[2, inf)"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
@@ -133,7 +138,8 @@ OWN_FOLDERS = ("OUTPUT_DIR", "CHECKPOINT_DIR", "CACHE_DIR")
 KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "path": "a non-empty path",
               "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
               "names": "a list of different, non-empty class names (may be empty)",
-              "device": "'cuda:N' (N a GPU number)", "seeds": "a list of at least 2 different integers"}
+              "device": "'cuda:N' (N a GPU number)", "seeds": "a list of at least 2 different integers",
+              "modules": "a non-empty list of different module names"}
 
 
 def bounds_words(bounds: str) -> str:
@@ -224,12 +230,20 @@ def check_seeds(value, rule: Rule) -> list[int]:
         raise ValueError()
     for seed in value:
         check_number(seed, Rule("int", rule.bounds))
+    return [int(seed) for seed in value]
+
+
+def check_modules(value, rule: Rule) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(name, str) and name for name in value):
+        raise ValueError()
+    if len(set(value)) != len(value):
+        raise ValueError()
     return list(value)
 
 
 CHECKS = {"int": check_number, "float": check_number, "bool": check_bool, "str": check_choice,
           "path": check_path, "classes": check_classes, "names": check_names, "device": check_device,
-          "seeds": check_seeds}
+          "seeds": check_seeds, "modules": check_modules}
 
 
 def check_value(name: str, value, rule: Rule):

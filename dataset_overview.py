@@ -1,0 +1,143 @@
+"""What the data holds before anything is trained: images per class and subset, and a few of each class.
+
+    python dataset_overview.py
+
+Runs first in run_all.py. The split is artifacts.py's: if train.py has not drawn it yet, it is drawn
+here, from the same settings and in the same way (then train.py reads it instead of drawing it).
+
+Reads:  the image folder (DATA_DIR, or the built-in digits), outputs/split.csv.
+Writes: outputs/class_counts.csv (one row per class: kind, train, val, test, unseen, total; a last
+        row "(all classes)"), outputs/class_counts.png (stacked bars, seen and unseen apart),
+        outputs/sample_images.png (OVERVIEW_SAMPLES random images of each class, one row per class),
+        and last outputs/provenance_dataset_overview.json (see artifacts.py).
+"""
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+import artifacts
+import common
+import images
+
+COUNT_COLUMNS = ["train", "val", "test", "unseen"]
+ALL_CLASSES = "(all classes)"
+COLOURS = {"train": "#1f77b4", "val": "#9ecae1", "test": "#08519c", "unseen": "#e6550d"}
+KIND_COLOURS = {"seen": "#08519c", "unseen": "#e6550d"}
+CHAR_WIDTH = 0.011  # one digit's width in the counts chart, as a share of the longest bar
+THUMBNAIL = 160  # pixels: longest side of an image in the sample grid
+
+
+def class_counts(table: pd.DataFrame, seen: list[str], unseen: list[str]) -> pd.DataFrame:
+    """Images of each class in each subset, seen classes first, and a last row summing them."""
+    counts = pd.crosstab(table.class_name, table.subset).reindex(index=seen + unseen, columns=COUNT_COLUMNS,
+                                                                 fill_value=0)
+    counts = counts.fillna(0).astype(int)
+    counts["total"] = counts.sum(axis=1)
+    counts.insert(0, "kind", ["seen"] * len(seen) + ["unseen"] * len(unseen))
+    counts.loc[ALL_CLASSES] = ["all"] + counts[COUNT_COLUMNS + ["total"]].sum().tolist()
+    return counts.rename_axis("class_name").reset_index()
+
+
+def plot_class_counts(counts: pd.DataFrame, path) -> None:
+    """Horizontal stacked bars, one per class (seen above, unseen below a line): each part's count
+    inside it where it fits, the class total at the bar's end."""
+    plt = common.pyplot()
+    rows = counts[counts.class_name != ALL_CLASSES].reset_index(drop=True)
+    k, widest = len(rows), max(1, int(rows.total.max()))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * k + 1.8))
+    y = np.arange(k)
+    left = np.zeros(k)
+    for column in COUNT_COLUMNS:
+        values = rows[column].to_numpy()
+        ax.barh(y, values, left=left, color=COLOURS[column], label=column,
+                hatch="//" if column == "unseen" else None, edgecolor="white", linewidth=0.5)
+        for i in range(k) if column != "unseen" else ():  # an unseen bar's count is its total, at its end
+            if values[i] < CHAR_WIDTH * widest * (len(str(values[i])) + 1):
+                continue  # too narrow for its number: the CSV has it
+            ax.text(left[i] + values[i] / 2, i, str(values[i]), ha="center", va="center", fontsize=8,
+                    color="black" if column == "val" else "white")
+        left += values
+    for i, total in enumerate(rows.total):
+        ax.text(total + 0.01 * widest, i, f"{total}", ha="left", va="center", fontsize=9)
+    ax.set_yticks(y, [f"{name}  ({kind})" for name, kind in zip(rows.class_name, rows.kind)])
+    for label, kind in zip(ax.get_yticklabels(), rows.kind):
+        label.set_color(KIND_COLOURS[kind])
+    n_seen = int((rows.kind == "seen").sum())
+    if 0 < n_seen < k:
+        ax.axhline(n_seen - 0.5, color="grey", linestyle="--", linewidth=1)
+    ax.invert_yaxis()
+    ax.set_xlim(0, widest * 1.12)
+    ax.set_xlabel("images")
+    total = counts[counts.class_name == ALL_CLASSES].iloc[0]
+    ax.set_title(f"Images per class and subset ({total.total} in all: train {total.train}, val {total.val}, "
+                 f"test {total.test}, unseen {total.unseen})\nseen classes (blue) are split for training; "
+                 f"unseen classes (orange, hatched) are held out")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="subset", title_fontsize=8)
+    common.save_figure(fig, path)
+
+
+def pick_samples(table: pd.DataFrame, classes: list[str], per_class: int, seed: int) -> dict[str, pd.DataFrame]:
+    """Up to per_class random rows of each class (any subset), drawn with the seed, in file order."""
+    rng = np.random.default_rng(seed)
+    picked = {}
+    for name in classes:
+        rows = table[table.class_name == name]
+        chosen = np.sort(rng.choice(len(rows), size=min(per_class, len(rows)), replace=False))
+        picked[name] = rows.iloc[chosen]
+    return picked
+
+
+def thumbnail(path) -> np.ndarray:
+    image = images.load_rgb(path)
+    image.thumbnail((THUMBNAIL, THUMBNAIL), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def plot_samples(root, picked: dict[str, pd.DataFrame], unseen: list[str], per_class: int, path) -> None:
+    """One row per class, its name (and seen/unseen) as the row label; each image's subset under it."""
+    plt = common.pyplot()
+    k = len(picked)
+    fig, axes = plt.subplots(k, per_class, figsize=(1.25 * per_class + 1.6, 1.4 * k + 0.9), squeeze=False)
+    for r, (name, rows) in enumerate(picked.items()):
+        kind = "unseen" if name in unseen else "seen"
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(rows):
+                ax.axis("off")
+                continue
+            pixels = thumbnail(root / rows.relpath.iloc[c])
+            small = max(pixels.shape[:2]) < 64  # e.g. the 8 x 8 digits: show the pixels, not a blur
+            ax.imshow(pixels, interpolation="nearest" if small else "antialiased")
+            ax.set_xlabel(rows.subset.iloc[c], fontsize=7, labelpad=1)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(KIND_COLOURS[kind])
+                spine.set_linewidth(2.5 if kind == "unseen" else 1)
+        axes[r][0].set_ylabel(f"{name}\n({kind})", rotation=0, ha="right", va="center", fontsize=9,
+                              color=KIND_COLOURS[kind])
+    fig.suptitle(f"Up to {per_class} random images of each class (subset under each image); "
+                 f"seen classes in blue, unseen in orange (thick frame)", fontsize=10, y=1.0)
+    fig.tight_layout()  # leaves room for the suptitle
+    common.save_figure(fig, path)
+
+
+def run(cfg) -> None:
+    paths = artifacts.prepare_output_dirs(cfg)
+    split = artifacts.split_from_settings(cfg, paths, create=True)
+    inputs = artifacts.start_stage(paths, "dataset_overview", [paths.split])
+    outputs = [paths.out / name for name in ("class_counts.csv", "class_counts.png", "sample_images.png")]
+    counts = class_counts(split.table, split.seen_classes, split.unseen_classes)
+    common.save_csv(counts, outputs[0], index=False)
+    plot_class_counts(counts, outputs[1])
+    picked = pick_samples(split.table, split.seen_classes + split.unseen_classes, cfg.OVERVIEW_SAMPLES, cfg.SEED)
+    plot_samples(split.root, picked, split.unseen_classes, cfg.OVERVIEW_SAMPLES, outputs[2])
+    artifacts.save_provenance(paths, "dataset_overview", inputs, outputs)
+    print(f"-> {outputs[0]}, {outputs[1]}, {outputs[2]}")
+
+
+def main(argv=None):
+    common.run_script(run, argv)
+
+
+if __name__ == "__main__":
+    main()
