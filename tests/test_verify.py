@@ -30,10 +30,12 @@ def _mismatches(cfg, capsys) -> list[str]:
 
 
 def test_a_fresh_run_verifies_and_lists_the_package_versions(finished, capsys):
-    cfg, _ = finished
+    cfg, paths = finished
     verify.run(cfg)
     out = capsys.readouterr().out
-    assert "verified: 5 stages" in out and "torch" in out and "differs" not in out
+    stages = len(list(paths.out.glob("provenance_*.json")))
+    assert stages == len(run_all.STAGES) - 1  # every stage but train.py (best.pth records its split instead)
+    assert f"verified: {stages} stages" in out and "torch" in out and "differs" not in out
 
 
 @pytest.mark.parametrize("name", ["confusion_matrix.png", "transfer_learning.csv", "umap_coordinates.csv",
