@@ -23,8 +23,8 @@ import torch
 import backbone
 import images
 import safepickle
-from common import (PipelineError, atomic_path, code_version, package_versions, remove_abandoned_temporaries,
-                    save_csv, save_json, sha256_file)
+from common import (PipelineError, atomic_path, code_version, note_trunk_weights, package_versions,
+                    remove_abandoned_temporaries, save_csv, save_json, sha256_file)
 from dataloader import FeatureSource, Preprocess, feature_source
 
 SUBSETS = ("train", "val", "test")
@@ -262,6 +262,7 @@ def open_trained_model(cfg, paths: Paths, device: torch.device, channels_last: b
         raise PipelineError(f"{paths.best} was trained on another split.csv than the one in {paths.out}; "
                             f"re-run train.py --RESUME=False")
     model = backbone.model_from_checkpoint(checkpoint, device, channels_last)
+    note_trunk_weights(checkpoint["weights_source"])
     return TrainedModel(checkpoint, file_sha256(paths.best), split, model, Preprocess.from_checkpoint(checkpoint))
 
 
@@ -320,6 +321,7 @@ def open_embeddings(paths: Paths, subset: str) -> pd.DataFrame:
     if frame.attrs.get("checkpoint_sha256") != file_sha256(paths.best):
         raise PipelineError(f"{path} was made from another checkpoint than the current {paths.best} — "
                             f"re-run embed.py")
+    note_trunk_weights(frame.attrs.get("weights_source", "unknown (not recorded)"))
     return frame
 
 
@@ -383,6 +385,7 @@ def open_predictions(paths: Paths) -> Predictions:
     if predictions.checkpoint_sha256 != file_sha256(paths.best):
         raise PipelineError(f"{paths.scores} was made from another checkpoint than the current {paths.best} — "
                             f"re-run evaluate.py")
+    note_trunk_weights(open_checkpoint(paths.best).get("weights_source", "unknown (not recorded)"))
     return predictions
 
 
@@ -410,7 +413,7 @@ STAGE_OUTPUTS = {
     "embed": [f"embeddings_{s}.{ext}" for s in EMBEDDED_SUBSETS for ext in ("pkl", "parquet", "csv")],
     "compute_average_distances": ["average_*_distances_*.csv", "average_*_distances_*.png"],
     "dimensionality_reduction": ["umap_embeddings.png", "umap_coordinates.csv", "umap_coordinates.parquet",
-                                 "close_faraway_closeotherclass_class_*.png"],
+                                 "close_faraway_closeotherclass_class_*.png", "close_far_images.csv"],
     "transfer_learning": ["transfer_learning.csv", "accuracy_*.png"],
     "seeds": ["seed_robustness.csv", "seed_robustness_summary.csv", "seed_training_curves.png"],
     "feature_maps": ["feature_map_stats.csv", "feature_map_spectra.csv", "feature_map_spectra.png",

@@ -309,7 +309,19 @@ def class_ticks(ax, class_names: list[str]) -> None:
     ax.set_yticks(range(len(class_names)), class_names)
 
 
+FIGURE_NOTE = {"text": ""}  # set by note_trunk_weights once a stage knows which weights made its numbers
+
+
+def note_trunk_weights(weights_source: str) -> None:
+    """Every figure saved from now on says which trunk weights made it, unless they are ImageNet's:
+    a random trunk's figures look like results, and a reader of a report must not take them for any."""
+    pretrained = weights_source.startswith("ImageNet")
+    FIGURE_NOTE["text"] = "" if pretrained else f"Trunk weights: {weights_source}, not ImageNet-pretrained"
+
+
 def save_figure(fig, path: Path) -> None:
+    if FIGURE_NOTE["text"]:  # below everything else; bbox_inches="tight" grows the canvas to hold it
+        fig.text(0.5, -0.02, FIGURE_NOTE["text"], ha="center", va="top", fontsize=8, color="darkred")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     pyplot().close(fig)

@@ -7,7 +7,8 @@ Reads:  outputs/embeddings_{train,test,unseen}.pkl (checked against checkpoints/
 Writes: outputs/umap_embeddings.png (train, test, unseen panels, coloured by class),
         outputs/umap_coordinates.csv (and .parquet),
         outputs/close_faraway_closeotherclass_class_<i>.png for each seen class i,
-        and last outputs/provenance_dimensionality_reduction.json (see artifacts.py).
+        outputs/close_far_images.csv (every image those figures show: figure, row, rank, class,
+        distance to the centre, path), and last outputs/provenance_dimensionality_reduction.json.
 
 UMAP is fitted once, on all the points plotted (up to UMAP_SAMPLES from each set, standardised
 together). Close/far distances are measured to the class centre in the 128-d embedding space of the
@@ -210,6 +211,23 @@ def close_far_selections(coords: pd.DataFrame, train: pd.DataFrame, seen: list[s
     return train, selections
 
 
+ROW_NAMES = ("closest to the centre", "furthest from the centre", "closest of other classes")
+
+
+def shown_images_table(train: pd.DataFrame, selections: list, root: Path) -> pd.DataFrame:
+    """One row per image in the close/far figures: which figure and row, its rank there, its class,
+    its distance to the centre, its path (relative and full), so an outlier can be opened."""
+    records = []
+    for i, name, rows in selections:
+        for row_name, (indices, distances) in zip(ROW_NAMES, rows):
+            for rank, (j, distance) in enumerate(zip(indices, distances), 1):
+                item = train.iloc[j]
+                records.append(dict(figure_class=name, figure=f"close_faraway_closeotherclass_class_{i}.png",
+                                    row=row_name, rank=rank, image_class=item.class_name,
+                                    distance_to_centre=float(distance), path=item.path, full_path=str(root / item.path)))
+    return pd.DataFrame(records)
+
+
 def load_shown_images(train: pd.DataFrame, selections: list, root: Path) -> dict:
     """Every image the close/far figures show, by relative path, loaded before anything is written:
     one that is gone or unreadable since embed.py is one error line."""
@@ -248,6 +266,8 @@ def run(cfg) -> None:
     common.save_csv(coords, outputs[0], index=False)
     outputs += artifacts.export_table(coords, outputs[0])  # the .parquet copy (the CSV is always written)
     plot_umap(coords, class_colours(seen, unseen), unseen, outputs[1])
+    outputs.append(paths.out / "close_far_images.csv")
+    common.save_csv(shown_images_table(train, selections, root), outputs[-1], index=False)
     for i, name, rows in selections:
         outputs.append(paths.out / f"close_faraway_closeotherclass_class_{i}.png")
         plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT)

@@ -85,6 +85,7 @@ def build_model(cfg, split, last: dict | None) -> tuple[torch.nn.Module, dict, s
     print(summary(model, input_size=(1, 3, cfg.IMAGE_SIZE, cfg.IMAGE_SIZE), verbose=0, device="cpu",
                   col_names=("output_size", "num_params", "trainable")))
     print(f"trunk weights: {weights_source}")
+    common.note_trunk_weights(weights_source)
     return model, arch, weights_source
 
 

@@ -102,20 +102,27 @@ def transfer_curves(x: np.ndarray, labels: np.ndarray, test_fraction: float, rep
                          for (m, size, r, s), score in zip(jobs, scores)])
 
 
+# how the figures name each probe (the CSV and file names keep the keys of PROBES)
+PROBE_NAMES = {"SVC": "SVC (RBF kernel)", "Linear": "logistic regression (linear)", "kNN": "kNN"}
+MARKERS = "os^DvP*X"
+
+
 def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path) -> None:
     plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for method in methods:
+    fig, ax = plt.subplots(figsize=(7.8, 5.0))
+    n_classes = round(1 / chance)
+    for marker, method in zip(MARKERS, methods):
         stats = results[results.method == method].groupby("n_train").balanced_accuracy.agg(["mean", "min", "max"])
-        line, = ax.plot(stats.index, stats["mean"], "o-", label=f"{method} (mean)")
-        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2, color=line.get_color(),
-                        label=f"{method} (min–max of draws)" if len(methods) == 1 else None)
+        name = PROBE_NAMES.get(method, method)
+        line, = ax.plot(stats.index, stats["mean"], f"{marker}-", label=f"{name} (mean)")
+        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15, color=line.get_color(),
+                        label=f"{name} (min–max of draws)" if len(methods) == 1 else None)
     ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance ({chance:.2f})")
     sizes = sorted(results.n_train.unique())
     ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(s) for s in sizes], rotation=45 if len(sizes) > 6 else 0)
+    ax.set_xticks(sizes, [f"{s}\n({s / n_classes:.3g})" for s in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("number of training samples (log scale)")
+    ax.set_xlabel("training samples in all (per class in brackets; log scale)")
     ax.set_ylabel("balanced accuracy on the test part")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -156,7 +163,7 @@ def run(cfg) -> None:
     where = f"{n_classes} unseen classes, {n_test} test images"
     for method in PROBES:
         outputs.append(paths.out / f"accuracy_{method}.png")
-        plot_curves(results, [method], chance, f"{method} on the embeddings: {where}", outputs[-1])
+        plot_curves(results, [method], chance, f"{PROBE_NAMES.get(method, method)} on the embeddings: {where}", outputs[-1])
     outputs.append(paths.out / "accuracy_all.png")
     plot_curves(results, list(PROBES), chance, f"All classifiers: {where}", outputs[-1])
     artifacts.save_provenance(paths, "transfer_learning", inputs, outputs)

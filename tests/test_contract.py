@@ -2,6 +2,7 @@
 with nothing half-written, nothing lost and no later run silently wrong. Each test names the kind
 of fault it covers: runs beside each other, a full or read-only disk, a stage stopped part-way,
 stale or foreign state, a crafted pickle."""
+import contextlib
 import errno
 import json
 import os
@@ -426,3 +427,16 @@ def test_a_scripts_output_and_its_error_line_are_kept_in_a_log(tmp_path, capsys)
     err = capsys.readouterr().err
     log = (tmp_path / "outputs" / "logs" / "evaluate.log").read_text()
     assert log.startswith("# ") and err.strip() in log and "run train.py first" in log
+
+
+def test_figures_say_which_trunk_weights_made_them_unless_imagenet(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(common, "atomic_path", lambda path: contextlib.nullcontext(path))
+    plt = common.pyplot()
+    for source, expected in (("random initialisation (WEIGHTS=None)", True), ("ImageNet (efficientnet.pth)", False)):
+        common.note_trunk_weights(source)
+        fig, _ = plt.subplots()
+        monkeypatch.setattr(fig, "savefig", lambda *a, **k: saved.append([t.get_text() for t in fig.texts]))
+        common.save_figure(fig, tmp_path / "figure.png")
+        assert any("random initialisation" in text and "not ImageNet" in text for text in saved[-1]) == expected
+    common.note_trunk_weights("ImageNet")  # later tests start without a note
