@@ -339,9 +339,9 @@ def scale_rows(runs: list[dict]) -> list[tuple]:
     for r in runs:
         n = r["images"]
         rows += [(f"{n:,} images: cold / warm run_all", f"{r['cold']['wall_s']:.0f} s / {r['warm']['wall_s']:.0f} s", "", ""),
-                 (f"  cold / (trunk pass + warm UMAP fit)", f"{r['cold_ratio']:.2f}x", "<= 1.5x" if n == 5000 else "",
+                 ("  cold / (trunk pass + warm UMAP fit)", f"{r['cold_ratio']:.2f}x", "<= 1.5x" if n == 5000 else "",
                   verdict(r["cold_ratio"] <= 1.5) if n == 5000 else ""),
-                 (f"  peak memory cold / warm", f"{r['cold']['peak_mib']:.0f} / {r['warm']['peak_mib']:.0f} MiB",
+                 ("  peak memory cold / warm", f"{r['cold']['peak_mib']:.0f} / {r['warm']['peak_mib']:.0f} MiB",
                   "< 3 GB" if n >= 50_000 else "", verdict(r["cold"]["peak_mib"] < 3072) if n >= 50_000 else "")]
         rows += [(f"  {stage} (cold)", f"{1000 * s / n:.2f} ms/img", "", "")
                  for stage, s in r["cold"]["stage_s"].items() if stage != "total"]

@@ -24,7 +24,6 @@ import shutil
 import time
 import types
 
-import numpy as np
 import pandas as pd
 import torch
 

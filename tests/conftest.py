@@ -115,3 +115,20 @@ class Exploit:
 
     def __reduce__(self):
         return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def train_killed_after_first(cfg, monkeypatch, name: str = "last.pth") -> None:
+    """train.run(cfg), stopped by a KeyboardInterrupt right after its first save of `name`: a kill
+    at that moment, in-process. Undoes the test's monkeypatches afterwards."""
+    import train
+    real_save = common.save_torch
+
+    def killed_after(obj, path):
+        real_save(obj, path)
+        if Path(path).name == name:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_torch", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    monkeypatch.undo()

@@ -1,13 +1,12 @@
 """The hand-offs: checkpoints and embeddings opened safely and checked against the settings, the
 split and each other; atomic writes; changed images stop every stage."""
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
 import artifacts
 import backbone

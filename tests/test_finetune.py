@@ -19,7 +19,7 @@ import train
 import training
 import trunk_cache
 from common import PipelineError
-from conftest import assert_same_tensors, model_tensors, tiny_config
+from conftest import assert_same_tensors, model_tensors, tiny_config, train_killed_after_first
 
 PREPROCESS = dataloader.Preprocess(32, "stretch", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RUNTIME = dataloader.Runtime(torch.device("cpu"), batch_size=8, workers=0, channels_last=True, mixed_precision=False)
@@ -169,17 +169,7 @@ def test_a_killed_fine_tuning_run_resumes_to_the_same_model(tmp_path, tiny_folde
     reference = tiny_config(tmp_path / "reference", tiny_folder, **settings_)
     train.run(reference)
     cfg = tiny_config(tmp_path / "killed", tiny_folder, **settings_)
-    real_save = common.save_torch
-
-    def killed_after_first_last(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "last.pth":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_torch", killed_after_first_last)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cfg)
-    monkeypatch.undo()
+    train_killed_after_first(cfg, monkeypatch)
     with pytest.raises(PipelineError, match="FINETUNE_BLOCKS"):
         train.run(tiny_config(tmp_path / "killed", tiny_folder, **{**settings_, "FINETUNE_BLOCKS": 2}))
     train.run(cfg)

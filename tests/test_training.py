@@ -1,13 +1,11 @@
 """Training pieces: the trunk cache, cached vs uncached training, resuming, reproducibility."""
 import dataclasses
 import os
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
 import artifacts
 import backbone
@@ -16,7 +14,7 @@ import dataloader
 import evaluate
 import train
 import trunk_cache
-from conftest import assert_same_tensors, make_image_folder, model_tensors, tiny_config
+from conftest import assert_same_tensors, make_image_folder, model_tensors, tiny_config, train_killed_after_first
 
 PREPROCESS = dataloader.Preprocess(32, "stretch", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RUNTIME = dataloader.Runtime(torch.device("cpu"), batch_size=8, workers=0, channels_last=True, mixed_precision=False)
@@ -80,17 +78,8 @@ def test_a_start_over_run_killed_early_is_not_mistaken_for_the_old_finished_run(
     train.run(cfg)
     fully_trained = model_tensors(paths.best)
 
-    real_save = common.save_torch
-
-    def killed_after_first_best(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "best.pth":
-            raise KeyboardInterrupt  # stands in for a kill right after the new run's first best.pth
-
-    monkeypatch.setattr(common, "save_torch", killed_after_first_best)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=3, RESUME=False))
-    monkeypatch.undo()
+    # stands in for a kill right after the new run's first best.pth
+    train_killed_after_first(tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=3, RESUME=False), monkeypatch, "best.pth")
     capsys.readouterr()
 
     train.run(cfg)  # same settings, RESUME=True: must train (the new run has no last.pth of its own)

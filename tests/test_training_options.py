@@ -1,6 +1,5 @@
 """Training options (optimizer, LR schedule, colour jitter, label smoothing, split seed), the
 class-wise curves in the training history, and seeds.py."""
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,7 @@ import settings
 import train
 import training
 import trunk_cache
-from conftest import assert_same_tensors, model_tensors, tiny_config
+from conftest import assert_same_tensors, model_tensors, tiny_config, train_killed_after_first
 
 # common.tensors_sha256 of best.pth's model from tiny_config(MAX_EPOCHS=3) on the tiny_folder fixture,
 # computed at commit 80b26e2, before these options existed (CPU, torch 2.x). A change of the model,
@@ -113,17 +112,7 @@ def test_a_run_killed_after_its_first_epoch_resumes_the_lr_schedule(tmp_path, ti
     through = tiny_config(tmp_path / "through", tiny_folder, **options)
     train.run(through)
     killed = tiny_config(tmp_path / "killed", tiny_folder, **options)
-    real_save = common.save_torch
-
-    def kill_after_first_last(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "last.pth":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_torch", kill_after_first_last)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(killed)
-    monkeypatch.undo()
+    train_killed_after_first(killed, monkeypatch)
     assert artifacts.open_checkpoint(artifacts.Paths.from_settings(killed).last)["scheduler"]["last_epoch"] == 1
     train.run(killed)
     a, b = artifacts.Paths.from_settings(through), artifacts.Paths.from_settings(killed)
