@@ -37,6 +37,7 @@ LR = 0.0014  # Adam learning rate
 MAX_EPOCHS = 50  # upper limit on epochs
 PATIENCE = 8  # validation passes without a lower validation loss before early stopping
 VAL_PER_EPOCH = 4  # validation passes per epoch (the study validated several times an epoch); 1 = at epoch end
+CLASSWISE_SAMPLES = 5000  # class-wise curves during training: at most this many training images (a fixed random sample) at each validation pass
 RESUME = True  # True: continue from checkpoints/last.pth after a kill; False: start training over
 SEED = 0  # seeds random, numpy and torch; fixes the split, batches, dropout and UMAP; None = draw a fresh seed (printed)
 

@@ -148,6 +148,29 @@ class FeatureSource:
         return len(self.labels)
 
 
+class RowView:
+    """Some rows of a feature store or array (`indices`), indexed like one."""
+
+    def __init__(self, rows, indices: np.ndarray):
+        self.rows, self.indices = rows, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self.rows[self.indices[np.asarray(idx)]]
+
+
+def sample_source(source: FeatureSource, limit: int, seed: int) -> FeatureSource:
+    """The source itself, or a fixed random sample of `limit` of its items (sorted, so reads stay in order)."""
+    if len(source) <= limit:
+        return source
+    picked = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
+    if source.features is not None:
+        return FeatureSource(source.labels[picked], features=RowView(source.features, picked))
+    return FeatureSource(source.labels[picked], dataset=torch.utils.data.Subset(source.dataset, picked.tolist()))
+
+
 def feature_source(root: Path, relpaths: list[str], labels, preprocess: Preprocess, cache=None,
                    augment: bool = False, keys: list[str] | None = None, color_jitter: float = 0.0) -> FeatureSource:
     """Features from `cache` (a trunk_cache.TrunkCache) when one is given, else from the images

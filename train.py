@@ -101,7 +101,11 @@ def training_sources(cfg, split, preprocess, cache) -> dict:
         augment = bool(cfg.AUGMENT) and subset == "train"
         sources[subset] = split.source(subset, preprocess, cache=None if augment else cache, augment=augment,
                                        color_jitter=cfg.COLOR_JITTER if augment else 0.0)
-    sources["train_classwise"] = split.source("train", preprocess, cache) if cfg.AUGMENT else sources["train"]
+    everything = split.source("train", preprocess, cache) if cfg.AUGMENT else sources["train"]
+    sources["train_classwise"] = dataloader.sample_source(everything, cfg.CLASSWISE_SAMPLES, cfg.SEED)
+    if len(sources["train_classwise"]) < len(everything):
+        print(f"note: the class-wise training curves use a fixed random sample of {cfg.CLASSWISE_SAMPLES} of the "
+              f"{len(everything)} training images (CLASSWISE_SAMPLES)")
     if cache is None:
         print(f"note: without the trunk cache the class-wise training curves run the trunk over the "
               f"{len(sources['train'])} training images at every validation pass")

@@ -188,3 +188,20 @@ def test_seeds_writes_per_seed_results_and_their_mean_and_sd(tmp_path, tiny_fold
     assert (seed_0 / "split.csv").read_bytes() == paths.split.read_bytes()
     assert (paths.out / "seed_training_curves.png").stat().st_size > 10_000
     assert artifacts.stale_outputs(paths, "seeds") == []
+
+
+def test_class_wise_curves_use_a_fixed_sample_of_a_large_training_set(tmp_path, tiny_folder, capsys):
+    import dataloader
+    source = dataloader.FeatureSource(torch.arange(30) % 3, features=np.arange(30 * 2, dtype=np.float32).reshape(30, 2))
+    sample = dataloader.sample_source(source, 10, seed=0)
+    assert len(sample) == 10 and dataloader.sample_source(source, 10, seed=0).features.indices.tolist() == \
+        sample.features.indices.tolist()
+    rows = sample.features.indices
+    assert np.array_equal(sample.features[[0, 9]], source.features[rows[[0, 9]]])
+    assert torch.equal(sample.labels, source.labels[rows])
+    assert dataloader.sample_source(source, 30, seed=0) is source
+    cfg = tiny_config(tmp_path, tiny_folder, CLASSWISE_SAMPLES=5, MAX_EPOCHS=1)
+    train.run(cfg)
+    assert "class-wise training curves use a fixed random sample of 5 of the" in capsys.readouterr().out
+    history = pd.read_csv(artifacts.Paths.from_settings(cfg).history)
+    assert "train_map" in history and history.train_map.notna().all()
