@@ -50,7 +50,8 @@ def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = No
                 for folder in dict.fromkeys(Path(f).resolve() for f in (cfg.OUTPUT_DIR, cfg.CHECKPOINT_DIR)):
                     held.enter_context(folder_lock(folder))
                 # the console output is also kept, error line included, in <OUTPUT_DIR>/logs/<script>.log
-                held.enter_context(tee_output(Path(cfg.OUTPUT_DIR) / "logs" / f"{run.__module__}.log"))
+                script = Path(sys.argv[0]).stem if run.__module__ == "__main__" else run.__module__
+                held.enter_context(tee_output(Path(cfg.OUTPUT_DIR) / "logs" / f"{script}.log"))
             run(cfg)
         except BaseException as err:
             _exit_for(err)

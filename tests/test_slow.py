@@ -197,6 +197,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_folder):
 
     line = _assert_one_error_line(done["no_checkpoint"])
     assert "run train.py first" in line and str(tmp_path / "e" / "checkpoints" / "best.pth") in line
+    assert line in (tmp_path / "e" / "outputs" / "logs" / "evaluate.log").read_text()  # named after the script
     line = _assert_one_error_line(done["no_data"])
     assert "/nonexistent" in line and "not a folder" in line
     line = _assert_one_error_line(done["misspelt"])
