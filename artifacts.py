@@ -50,6 +50,7 @@ class Paths:
     last = property(lambda self: self.checkpoints / "last.pth")
     history = property(lambda self: self.out / "training_history.csv")
     training_plot = property(lambda self: self.out / "training_plot.png")
+    model_summary = property(lambda self: self.out / "model_summary.txt")
     predictions = property(lambda self: self.out / "test_predictions.csv")
     scores = property(lambda self: self.out / "test_scores.npz")
     classwise_accuracy_plot = property(lambda self: self.out / "training_classwise_accuracy.png")

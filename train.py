@@ -73,8 +73,9 @@ def new_model(cfg, num_classes: int) -> tuple[torch.nn.Module, dict, str]:
     return model, arch, backbone.load_trunk_weights(model, cfg.WEIGHTS)
 
 
-def build_model(cfg, split, last: dict | None) -> tuple[torch.nn.Module, dict, str]:
-    """(model, arch, weights source), fresh or as the run being resumed left it; prints its summary."""
+def build_model(cfg, split, last: dict | None, summary_path) -> tuple[torch.nn.Module, dict, str]:
+    """(model, arch, weights source), fresh or as the run being resumed left it; prints its summary
+    and keeps it in summary_path (outputs/model_summary.txt)."""
     if last:
         arch = last["arch"]
         model, weights_source = backbone.build_model(arch), last["weights_source"]
@@ -82,9 +83,12 @@ def build_model(cfg, split, last: dict | None) -> tuple[torch.nn.Module, dict, s
     else:
         model, arch, weights_source = new_model(cfg, len(split.seen_classes))
     from torchinfo import summary
-    print(summary(model, input_size=(1, 3, cfg.IMAGE_SIZE, cfg.IMAGE_SIZE), verbose=0, device="cpu",
-                  col_names=("output_size", "num_params", "trainable")))
-    print(f"trunk weights: {weights_source}")
+    stats = summary(model, input_size=(1, 3, cfg.IMAGE_SIZE, cfg.IMAGE_SIZE), verbose=0, device="cpu",
+                    col_names=("output_size", "num_params", "trainable"))
+    text = f"{stats}\ntrunk weights: {weights_source}\n"
+    print(text, end="")
+    with common.atomic_path(summary_path) as tmp:
+        tmp.write_text(text)
     common.note_trunk_weights(weights_source)
     return model, arch, weights_source
 
@@ -240,7 +244,7 @@ def run(cfg) -> None:
               f"To train again from scratch: python train.py --RESUME=False")
         return
 
-    model, arch, weights_source = build_model(cfg, split, last)
+    model, arch, weights_source = build_model(cfg, split, last, paths.model_summary)
     training.place_model(model, runtime)
     trunk_sha256 = backbone.frozen_trunk_sha256(model)  # of what the cache serves: the frozen blocks
     optimizer, scheduler = optimizer_and_schedule(cfg, model)

@@ -109,6 +109,8 @@ def test_a_finished_run_with_other_settings_says_what_differs(tmp_path, tiny_fol
     cfg = tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=2)
     train.run(cfg)
     best = artifacts.Paths.from_settings(cfg).best.read_bytes()
+    summary = artifacts.Paths.from_settings(cfg).model_summary.read_text()
+    assert "Trainable params: " in summary and "trunk weights: random initialisation" in summary
     with pytest.raises(common.PipelineError, match=r"finished training run with other settings \(MAX_EPOCHS: 2 -> 3\)"
                                                    r".*--RESUME=False"):
         train.run(tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=3))
