@@ -162,6 +162,7 @@ def run(cfg) -> None:
                                              "seed_training_curves.png")]
     common.save_csv(per_seed, outputs[0], index=False)
     common.save_csv(summary, outputs[1], index=False)
+    common.note_trunk_weights(weights_source)  # the trunk every seed started from, not its saved copy's path
     plot_seed_curves(histories, outputs[2])
     print_summary(summary)
     artifacts.save_provenance(paths, "seeds", inputs, outputs)
