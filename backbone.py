@@ -151,11 +151,6 @@ def check_finetune_blocks(trunk_name: str, finetune_blocks: int) -> None:
                             f"({', '.join(blocks)}); use 0 (frozen) to {len(blocks)}")
 
 
-def trunk_output_size(image_size: int, trunk_name: str = DEFAULT_TRUNK) -> int:
-    """Side of the trunk's square feature map (older name; trunk_output_shape gives all three)."""
-    return trunk_output_shape(trunk_name, image_size)[1]
-
-
 def build_trunk(trunk_name: str = DEFAULT_TRUNK) -> nn.Sequential:
     """The trunk's blocks, randomly initialised as torchvision initialises them, in eval mode.
     Only the kept blocks get memory: building and initialising a whole ResNet-50 or
