@@ -15,8 +15,11 @@ Writes: outputs/calibration.csv (subset val/test x before/after: temperature, im
 
 ECE = sum over bins of (images in bin / images) x |accuracy - mean confidence|, a bin (lo, hi] of
 the top softmax score; Brier = mean over images of sum over classes of (p - one-hot)^2 (0 to 2).
-Temperature scaling never changes a prediction, only how confident it is.
+Temperature scaling never changes a prediction, only how confident it is. When every validation
+image is predicted right the NLL has no minimum (it falls as T -> 0): T stays 1 and the stage says so.
 """
+import sys
+
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
@@ -74,6 +77,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(found.x))
 
 
+def validation_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
+    """(T, "" when fitted, or why T stays 1). When every validation image is predicted right, the NLL
+    falls without end as T -> 0 (each true class is already the top one): no finite T minimises it,
+    and the search would return its lower bound, a model that claims certainty on every image."""
+    if (np.asarray(logits).argmax(1) == labels).all():
+        return 1.0, (f"not fitted: all {len(labels)} validation images are predicted correctly, so the NLL has no "
+                     f"minimum (it falls as T -> 0); T = 1 kept")
+    return fit_temperature(logits, labels), ""
+
+
 def calibration_row(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
     probs = probabilities(logits, temperature)
     return dict(temperature=temperature, images=len(labels), accuracy=float((probs.argmax(1) == labels).mean()),
@@ -92,9 +105,9 @@ def calibration_tables(subsets: dict[str, tuple[np.ndarray, np.ndarray]], temper
     return pd.DataFrame(rows), bins[["subset", "when"] + [c for c in bins.columns if c not in ("subset", "when")]]
 
 
-def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path) -> None:
-    """Two panels (before, after): accuracy per confidence bin against the diagonal, the gap shaded,
-    images per bin written above each bar."""
+def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path, not_fitted: str = "") -> None:
+    """Two panels (before, after): accuracy per confidence bin against the diagonal, each bin's mean
+    confidence a red diamond joined to its bar (the gap), images per bin written above each bar."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
     for ax, when in zip(axes, ("before", "after")):
@@ -104,8 +117,9 @@ def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path)
         width = 1.0 / BINS
         ax.bar(used.bin_low, used.accuracy, width=width, align="edge", color="tab:blue", edgecolor="black",
                lw=0.5, label="accuracy in bin")
-        ax.bar(used.bin_low, used.confidence - used.accuracy, bottom=used.accuracy, width=width, align="edge",
-               color="tab:red", alpha=0.35, edgecolor="tab:red", lw=0.5, label="gap to mean confidence")
+        centres = used.bin_low + width / 2
+        ax.vlines(centres, used.accuracy, used.confidence, color="tab:red", lw=1.5)
+        ax.plot(centres, used.confidence, "D", color="tab:red", ms=4, label="mean confidence in bin (red line: gap)")
         for b in used.itertuples():
             ax.text(b.bin_low + width / 2, min(max(b.accuracy, b.confidence) + 0.02, 1.04), str(b.images),
                     ha="center", va="bottom", fontsize=7)
@@ -114,6 +128,8 @@ def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path)
         ax.set_ylim(0, 1.1)
         ax.set_xlabel("confidence (top softmax score)")
         name = "before temperature scaling (T = 1)" if when == "before" else f"after temperature scaling (T = {row.temperature:.3f})"
+        if when == "after" and not_fitted:
+            name = "after: T not fitted, kept at 1\n(every validation image right: the NLL has no minimum)"
         ax.set_title(f"{name}\nECE {row.ece:.4f}, NLL {row.nll:.4f}, Brier {row.brier:.4f}", fontsize=10)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
@@ -132,19 +148,22 @@ def run(cfg) -> None:
     cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, trained.checkpoint["trunk_sha256"],
                                       trained.preprocess, runtime)
     val_logits, _, val_labels = open_set.subset_outputs(trained, cache, runtime, "val")
-    temperature = fit_temperature(val_logits, val_labels)
+    temperature, not_fitted = validation_temperature(val_logits, val_labels)
     table, bins = calibration_tables({"val": (val_logits, val_labels), "test": (test.logits, test.labels)},
                                      temperature)
-    print(f"temperature fitted on {len(val_labels)} validation images: T = {temperature:.4f}")
+    if not_fitted:
+        print(f"warning: temperature {not_fitted}", file=sys.stderr)
+    else:
+        print(f"temperature fitted on {len(val_labels)} validation images: T = {temperature:.4f}")
     for row in table.itertuples():
         print(f"  {row.subset:>4} {row.when:>6}: accuracy {row.accuracy:.4f}  ECE {row.ece:.4f}  NLL {row.nll:.4f}  "
               f"Brier {row.brier:.4f}")
     outputs = [paths.out / name for name in artifacts.STAGE_OUTPUTS["calibration"]]
     common.save_csv(table, outputs[0], index=False)
     common.save_csv(bins, outputs[1], index=False)
-    common.save_json(dict(temperature=temperature, fitted_on="val", bins=BINS, checkpoint_sha256=trained.sha256,
-                          table=table.to_dict("records")), outputs[2])
-    plot_reliability(table, bins, "test", outputs[3])
+    common.save_json(dict(temperature=temperature, fitted_on="val", not_fitted=not_fitted, bins=BINS,
+                          checkpoint_sha256=trained.sha256, table=table.to_dict("records")), outputs[2])
+    plot_reliability(table, bins, "test", outputs[3], not_fitted)
     artifacts.save_provenance(paths, "calibration", inputs, outputs)
     print(f"-> {outputs[0]}, {outputs[3]}")
 

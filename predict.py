@@ -56,7 +56,9 @@ def find_new_images(predict_dir, paths: artifacts.Paths) -> tuple[Path, list[str
     if not files.images:
         raise PipelineError(f"PREDICT_DIR={str(predict_dir)!r} holds no image files "
                             f"({', '.join(sorted(images.IMAGE_EXTENSIONS))}) at any depth")
-    images.print_ignored_files(f"PREDICT_DIR {root}", files)
+    if files.ignored or files.linked_folders:
+        print(f"note: PREDICT_DIR: {len(files.ignored)} file(s) without an image extension ignored, "
+              f"{len(files.linked_folders)} linked folder(s) not followed", file=sys.stderr)
     bad, hashes = images.scan_images(root, files.images, paths.scan_cache(root))
     readable = [f for f in files.images if f not in bad]
     if not readable:
@@ -116,7 +118,8 @@ def sample_rows(table: pd.DataFrame, class_names: list[str], per_row: int, seed:
     return picked
 
 
-def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, score_name: str, path) -> None:
+def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, fitted: dict, score_name: str,
+                     path) -> None:
     plt = common.pyplot()
     fig, axes = plt.subplots(len(picked), per_row, figsize=(1.35 * per_row + 1.8, 1.6 * len(picked) + 1.0),
                              squeeze=False)
@@ -142,8 +145,10 @@ def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, 
         axes[r][0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8.5,
                               color="tab:red" if unknown else "black")
     fig.suptitle(f"New images: up to {per_row} random images per predicted class (kept as known) and of those "
-                 f"flagged unknown\ncaption: predicted class and its score (temperature-scaled softmax), "
-                 f"open-set score ({score_name}, higher = more unknown)", fontsize=9.5, y=1.0)
+                 f"flagged unknown\n(open-set score {score_name} > {fitted['threshold']:.3g}, the threshold keeping "
+                 f"{fitted['val_kept']:.0%} of {fitted['val_images']} validation images)\n"
+                 f"caption: predicted class and its softmax score (temperature {fitted['temperature']:.3g}), "
+                 f"open-set score", fontsize=9.5, y=1.0)
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -157,9 +162,10 @@ def reference_and_threshold(cfg, trained, cache, runtime) -> dict:
     val_logits, val_embeddings, val_labels = open_set.subset_outputs(trained, cache, runtime, "val")
     val_scores = open_set.SCORES[cfg.PREDICT_SCORE](val_logits, val_embeddings, reference)
     threshold = open_set.keep_threshold(val_scores, cfg.PREDICT_KEEP)
+    temperature, not_fitted = calibration.validation_temperature(val_logits, val_labels)
     return dict(reference=reference, threshold=threshold, val_images=len(val_labels),
-                val_kept=float((val_scores <= threshold).mean()),
-                temperature=calibration.fit_temperature(val_logits, val_labels))
+                val_kept=float((val_scores <= threshold).mean()), temperature=temperature,
+                temperature_note=not_fitted or f"fitted on {len(val_labels)} validation images")
 
 
 def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
@@ -168,7 +174,8 @@ def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
                 open_set_direction="higher = more likely unknown", threshold=fitted["threshold"],
                 keep=cfg.PREDICT_KEEP, val_images=fitted["val_images"], val_kept=fitted["val_kept"],
                 knn_k=fitted["reference"].k, knn_metric=cfg.OPEN_SET_KNN_METRIC,
-                temperature=fitted["temperature"], scores="softmax(logits / temperature), temperature fitted on val",
+                temperature=fitted["temperature"], temperature_note=fitted["temperature_note"],
+                scores="softmax(logits / temperature)",
                 predicted_per_class=table[~table.unknown].predicted_class.value_counts().to_dict(),
                 checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
                 weights_source=trained.checkpoint["weights_source"], embeddings_included=cfg.PREDICT_EMBEDDINGS)
@@ -194,14 +201,14 @@ def run(cfg) -> None:
     common.save_csv(table, outputs[0], index=False)
     common.save_json(summary(cfg, trained, root, table, bad, fitted, len(relpaths) + len(bad)), outputs[1])
     common.save_csv(bad_files_table(bad), outputs[2], index=False)
-    plot_predictions(root, sample_rows(table, names, cfg.PREDICT_SAMPLES, cfg.SEED), cfg.PREDICT_SAMPLES,
+    plot_predictions(root, sample_rows(table, names, cfg.PREDICT_SAMPLES, cfg.SEED), cfg.PREDICT_SAMPLES, fitted,
                      cfg.PREDICT_SCORE, outputs[3])
     artifacts.save_provenance(paths, "predict", inputs, outputs)
     if bad:
         print(f"warning: {len(bad)} unreadable file(s) left out; see {outputs[2]}", file=sys.stderr)
     print(f"{int(table.unknown.sum())} of {len(table)} images flagged unknown ({cfg.PREDICT_SCORE} score > "
           f"{fitted['threshold']:.4g}, the threshold keeping {fitted['val_kept']:.1%} of {fitted['val_images']} "
-          f"validation images); scores at temperature {fitted['temperature']:.3f}")
+          f"validation images); scores at temperature {fitted['temperature']:.3g} ({fitted['temperature_note']})")
     print(f"-> {outputs[0]}, {outputs[1]}, {outputs[3]}")
 
 

@@ -35,11 +35,15 @@ STAGES = (("dataset_overview", dataset_overview), ("train", train), ("evaluate",
 ON_REQUEST = (("predict", predict, "PREDICT_DIR"),)  # stages run only when their setting is not None
 
 
+def stages_for(cfg) -> tuple:
+    """STAGES, then each ON_REQUEST stage whose setting is set (predict.py when PREDICT_DIR is)."""
+    return STAGES + tuple((name, module) for name, module, setting in ON_REQUEST if getattr(cfg, setting) is not None)
+
+
 def run(cfg) -> dict:
     times, started = {}, time.time()
     logs = artifacts.Paths.from_settings(cfg).out / "logs"
-    chosen = STAGES + tuple((name, module) for name, module, setting in ON_REQUEST if getattr(cfg, setting) is not None)
-    for name, module in chosen:
+    for name, module in stages_for(cfg):
         print(f"\n======== {name}.py ========")
         stage_started = time.time()
         with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's

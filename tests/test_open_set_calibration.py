@@ -212,3 +212,22 @@ def test_prediction_table_lists_top_classes_in_order_and_flags_above_the_thresho
     assert table.top2_class.tolist() == ["c", "a"] and table.top3_class.tolist() == ["a", "b"]
     np.testing.assert_allclose(table.top1_score, [0.7, 0.4])
     assert table.unknown.tolist() == [False, True]
+
+
+def test_a_validation_set_without_mistakes_keeps_t_at_1_and_says_why():
+    logits = np.array([[3.0, 0.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.5, 4.0]])
+    labels = np.array([0, 1, 2])
+    assert calibration.fit_temperature(logits, labels) < 0.05  # the search runs to its lower bound (e^-5 = 0.0067)
+    t, why = calibration.validation_temperature(logits, labels)
+    assert t == 1.0 and "all 3 validation images are predicted correctly" in why
+    t, why = calibration.validation_temperature(logits, np.array([0, 2, 2]))
+    assert why == "" and t == pytest.approx(calibration.fit_temperature(logits, np.array([0, 2, 2])))
+
+
+def test_run_all_runs_predict_only_when_predict_dir_is_set(tiny_cfg):
+    import run_all
+    names = [name for name, _ in run_all.stages_for(tiny_cfg)]
+    assert names[-2:] == ["open_set", "calibration"] and "predict" not in names
+    assert names.index("open_set") == names.index("transfer_learning") + 1
+    tiny_cfg.PREDICT_DIR = "/some/folder"
+    assert [name for name, _ in run_all.stages_for(tiny_cfg)][-1] == "predict"
