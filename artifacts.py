@@ -56,6 +56,7 @@ class Paths:
     classwise_accuracy_plot = property(lambda self: self.out / "training_classwise_accuracy.png")
     classwise_ap_plot = property(lambda self: self.out / "training_classwise_ap.png")
     seeds = property(lambda self: self.out / "seeds")  # seeds.py: seed_<n>/ folders
+    predictions_dir = property(lambda self: self.out / "predictions")  # predict.py: new images' predictions
 
     def embeddings(self, subset: str) -> Path:
         return self.out / f"embeddings_{subset}.pkl"
@@ -419,6 +420,10 @@ STAGE_OUTPUTS = {
     "seeds": ["seed_robustness.csv", "seed_robustness_summary.csv", "seed_training_curves.png"],
     "feature_maps": ["feature_map_stats.csv", "feature_map_spectra.csv", "feature_map_spectra.png",
                      "feature_map_nonpositive.png"],
+    "open_set": ["open_set_scores.csv", "open_set_image_scores.csv", "open_set_roc.png"],
+    "calibration": ["calibration.csv", "calibration_bins.csv", "calibration.json", "reliability_diagram.png"],
+    "predict": ["predictions/predictions.csv", "predictions/predictions.json", "predictions/bad_files.csv",
+                "predictions/predictions.png"],
 }
 
 
@@ -449,7 +454,7 @@ def save_provenance(paths: Paths, stage: str, inputs: dict[str, str], outputs: l
             raise PipelineError(f"{name} changed while {stage} ran (another run beside this one?); "
                                 f"re-run {stage}.py")
     save_json(dict(stage=stage, code_version=code_version(), packages=package_versions(), inputs=inputs,
-                   outputs={Path(p).name: file_sha256(p) for p in outputs}), provenance_path(paths, stage))
+                   outputs={output_name(paths, p): file_sha256(p) for p in outputs}), provenance_path(paths, stage))
     left_over = stale_outputs(paths, stage)
     if left_over:
         print(f"note: {len(left_over)} older {stage} output(s) were not written by this run, e.g. {left_over[0]}")
@@ -472,6 +477,13 @@ def stale_outputs(paths: Paths, stage: str) -> list[str]:
                   or file_sha256(paths.out / name) != outputs[name])
 
 
+def output_name(paths: Paths, path: Path) -> str:
+    """How provenance names an output: its path relative to the output folder ("predictions/x.csv"),
+    which for the files directly in it is their name."""
+    path = Path(path)
+    return path.relative_to(paths.out).as_posix() if path.is_relative_to(paths.out) else path.name
+
+
 def existing_outputs(paths: Paths, stage: str) -> set[str]:
-    """Names of the files in the output folder that match the stage's output patterns."""
-    return {p.name for pattern in STAGE_OUTPUTS[stage] for p in paths.out.glob(pattern) if p.is_file()}
+    """Names (relative to the output folder) of the files there that match the stage's output patterns."""
+    return {output_name(paths, p) for pattern in STAGE_OUTPUTS[stage] for p in paths.out.glob(pattern) if p.is_file()}

@@ -94,3 +94,12 @@ OVERVIEW_SAMPLES = 8  # sample images per class in outputs/sample_images.png (da
 # ---- feature maps ---------------------------------------------------------------------------
 FEATURE_MODULES = "auto"  # modules whose outputs feature_maps.py hooks, named as in model.named_modules(), e.g. ["trunk.0", "head.0"]; "auto" = each trunk block and the head's convolutions
 FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images
+
+# ---- open-set detection, calibration, prediction --------------------------------------------
+OPEN_SET_K = 10  # open_set.py: the kNN score is the distance to the k-th nearest training embedding
+OPEN_SET_KNN_METRIC = "cosine"  # kNN score's distance: "cosine" (1 - cos, embeddings unit-normalised) or "euclidean"
+PREDICT_DIR = None  # predict.py: folder of new unlabelled images (searched at any depth); None = no prediction (run_all skips predict)
+PREDICT_SCORE = "knn"  # open-set score behind predict.py's unknown flag: "max_softmax", "energy", "knn" or "mahalanobis"
+PREDICT_KEEP = 0.95  # share of the validation images (seen classes) kept as known: sets the unknown threshold, from > 0 to 1
+PREDICT_EMBEDDINGS = False  # also write each new image's embedding (e0 ... e127) into predictions.csv
+PREDICT_SAMPLES = 8  # predict.py's figure: at most this many images per predicted class and of those flagged unknown

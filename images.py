@@ -97,6 +97,21 @@ def list_class_images(root: Path) -> dict[str, list[str]]:
     return {name: files.images for name, files in list_class_files(root).items()}
 
 
+def list_folder_images(root: Path) -> ClassFiles:
+    """Every file of a folder at any depth (no classes: predict.py's new images), split as
+    list_class_files splits a class's: image extensions, other files, linked folders (not followed)."""
+    images, ignored, linked = [], [], []
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: a linked folder may loop
+        linked += [os.path.relpath(os.path.join(dirpath, d), root) for d in dirnames
+                   if os.path.islink(os.path.join(dirpath, d)) and not is_hidden(d)]
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for f in filenames:
+            if not is_hidden(f):
+                is_image = os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                (images if is_image else ignored).append(os.path.relpath(os.path.join(dirpath, f), root))
+    return ClassFiles(sorted(images), sorted(ignored), sorted(linked))
+
+
 def print_ignored_files(class_name: str, files: ClassFiles) -> None:
     """One note per class for the files that are not taken as images, so none is dropped silently."""
     if files.ignored:

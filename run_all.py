@@ -4,13 +4,15 @@
     python run_all.py --config=my.py     # settings overrides pass through to every stage
 
 Stages: dataset_overview.py -> train.py -> evaluate.py -> reproduce.py -> ranked_images.py -> embed.py ->
-feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> transfer_learning.py.
+feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> transfer_learning.py ->
+open_set.py -> calibration.py, then predict.py only when PREDICT_DIR is set.
 Writes what each stage writes, plus outputs/stage_times.json. A finished training run is not repeated
 (train.py says so).
 """
 import time
 
 import artifacts
+import calibration
 import common
 import compute_average_distances
 import dataset_overview
@@ -18,6 +20,8 @@ import dimensionality_reduction
 import embed
 import evaluate
 import feature_maps
+import open_set
+import predict
 import ranked_images
 import reproduce
 import train
@@ -26,13 +30,20 @@ import transfer_learning
 STAGES = (("dataset_overview", dataset_overview), ("train", train), ("evaluate", evaluate), ("reproduce", reproduce),
           ("ranked_images", ranked_images), ("embed", embed), ("feature_maps", feature_maps),
           ("compute_average_distances", compute_average_distances),
-          ("dimensionality_reduction", dimensionality_reduction), ("transfer_learning", transfer_learning))
+          ("dimensionality_reduction", dimensionality_reduction), ("transfer_learning", transfer_learning),
+          ("open_set", open_set), ("calibration", calibration))
+ON_REQUEST = (("predict", predict, "PREDICT_DIR"),)  # stages run only when their setting is not None
+
+
+def stages_for(cfg) -> tuple:
+    """STAGES, then each ON_REQUEST stage whose setting is set (predict.py when PREDICT_DIR is)."""
+    return STAGES + tuple((name, module) for name, module, setting in ON_REQUEST if getattr(cfg, setting) is not None)
 
 
 def run(cfg) -> dict:
     times, started = {}, time.time()
     logs = artifacts.Paths.from_settings(cfg).out / "logs"
-    for name, module in STAGES:
+    for name, module in stages_for(cfg):
         print(f"\n======== {name}.py ========")
         stage_started = time.time()
         with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's

@@ -131,6 +131,14 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     # feature maps
     "FEATURE_MODULES": Rule("modules", choices=("auto",)),
     "FEATURE_IMAGES": Rule("int", "[2, inf)"),
+    # open-set detection, calibration, prediction
+    "OPEN_SET_K": Rule("int", "[1, inf)"),
+    "OPEN_SET_KNN_METRIC": Rule("str", choices=("cosine", "euclidean")),
+    "PREDICT_DIR": Rule("path", none_ok=True),
+    "PREDICT_SCORE": Rule("str", choices=("max_softmax", "energy", "knn", "mahalanobis")),
+    "PREDICT_KEEP": Rule("float", "(0, 1]"),
+    "PREDICT_EMBEDDINGS": Rule("bool"),
+    "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")

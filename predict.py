@@ -1,0 +1,220 @@
+"""Classify a folder of new, unlabelled images with the trained model and flag those that look like
+none of the seen classes.
+
+    python predict.py --PREDICT_DIR=/data/new_campaign
+
+Reads:  PREDICT_DIR (images at any depth; hidden files and folders ignored, linked folders not
+        followed), checkpoints/best.pth, outputs/split.csv, the train and val images (through the
+        trunk cache: the training embeddings are the kNN/Mahalanobis reference, the validation
+        images set the unknown threshold and the temperature). New images go through the trunk cache
+        too, each keyed by its content's SHA-256.
+Writes: outputs/predictions/predictions.csv (one row per readable image: path relative to
+        PREDICT_DIR, sha256, predicted_class, top1..top3 class and score, open_set_score, unknown;
+        e0 … e127 with PREDICT_EMBEDDINGS=True), outputs/predictions/bad_files.csv (unreadable files
+        and why; empty when none), outputs/predictions/predictions.json (the threshold, the score, the
+        temperature, counts, what made them), outputs/predictions/predictions.png (a sample of each
+        predicted class and of the images flagged unknown), and last outputs/provenance_predict.json.
+        A later run replaces them. The split, the checkpoints and every other output stay as they are.
+
+Scores are softmax(logits / T), T fitted on the validation set (calibration.fit_temperature); the
+prediction is the same as without T. The open-set score is open_set.SCORES[PREDICT_SCORE] (higher =
+more likely unknown); an image is flagged unknown when it scores above the threshold that keeps
+PREDICT_KEEP of the validation images (seen classes) as known.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import artifacts
+import calibration
+import common
+import dataloader
+import dataset_overview
+import images
+import open_set
+import training
+import trunk_cache
+from common import PipelineError
+
+TOP = 3  # classes (with scores) listed per image
+
+
+# ---- the new images ------------------------------------------------------------------------------
+
+def find_new_images(predict_dir, paths: artifacts.Paths) -> tuple[Path, list[str], list[str], dict[str, str]]:
+    """(the folder, its readable images, their SHA-256 in the same order, {unreadable file: why}).
+    A missing or empty folder, or one where no image can be read, is a PipelineError."""
+    if predict_dir is None:
+        raise PipelineError("PREDICT_DIR is not set; run python predict.py --PREDICT_DIR=/folder/of/new/images")
+    root = Path(predict_dir).expanduser()
+    if not root.is_dir():
+        raise PipelineError(f"PREDICT_DIR={str(predict_dir)!r} is not a folder; give the folder of new images")
+    root = root.resolve()
+    files = images.list_folder_images(root)
+    if not files.images:
+        raise PipelineError(f"PREDICT_DIR={str(predict_dir)!r} holds no image files "
+                            f"({', '.join(sorted(images.IMAGE_EXTENSIONS))}) at any depth")
+    if files.ignored or files.linked_folders:
+        print(f"note: PREDICT_DIR: {len(files.ignored)} file(s) without an image extension ignored, "
+              f"{len(files.linked_folders)} linked folder(s) not followed", file=sys.stderr)
+    bad, hashes = images.scan_images(root, files.images, paths.scan_cache(root))
+    readable = [f for f in files.images if f not in bad]
+    if not readable:
+        first = sorted(bad)[0]
+        raise PipelineError(f"PREDICT_DIR={str(predict_dir)!r}: none of its {len(files.images)} image files can be "
+                            f"read (e.g. {images.printable(first)!r}: {bad[first]})")
+    return root, readable, [hashes[f] for f in readable], bad
+
+
+def new_image_outputs(trained, cache, runtime, root: Path, relpaths: list[str], hashes: list[str]):
+    """(logits, embeddings) of the new images, through the trunk cache keyed by content SHA-256."""
+    source = dataloader.feature_source(root, relpaths, np.zeros(len(relpaths)), trained.preprocess, cache,
+                                       keys=hashes)
+    return training.head_outputs(trained.model, source, runtime)
+
+
+# ---- the table -----------------------------------------------------------------------------------
+
+def prediction_table(relpaths: list[str], hashes: list[str], probs: np.ndarray, class_names: list[str],
+                     open_scores: np.ndarray, threshold: float, embeddings: np.ndarray | None) -> pd.DataFrame:
+    """One row per image: path, sha256, predicted_class, top<i>_class/top<i>_score, open_set_score,
+    unknown (open_set_score > threshold), and the embedding's columns when given."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(TOP, probs.shape[1])]
+    table = pd.DataFrame(dict(path=[images.printable(p) for p in relpaths], sha256=hashes,
+                              predicted_class=[class_names[i] for i in order[:, 0]]))
+    for rank in range(order.shape[1]):
+        table[f"top{rank + 1}_class"] = [class_names[i] for i in order[:, rank]]
+        table[f"top{rank + 1}_score"] = probs[np.arange(len(probs)), order[:, rank]]
+    table["open_set_score"] = open_scores
+    table["unknown"] = open_scores > threshold
+    if embeddings is not None:
+        columns = pd.DataFrame(embeddings.astype(np.float32),
+                               columns=[f"{artifacts.EMBEDDING_PREFIX}{i}" for i in range(embeddings.shape[1])])
+        table = pd.concat([table, columns], axis=1)
+    return table
+
+
+def bad_files_table(bad: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame(sorted((images.printable(p), why) for p, why in bad.items()), columns=["path", "reason"])
+
+
+# ---- the figure ----------------------------------------------------------------------------------
+
+def sample_rows(table: pd.DataFrame, class_names: list[str], per_row: int, seed: int) -> dict[str, pd.DataFrame]:
+    """{row title: up to per_row random rows}: each predicted class among the images kept as known,
+    then the images flagged unknown (most unknown first)."""
+    rng = np.random.default_rng(seed)
+    groups = {name: table[(table.predicted_class == name) & ~table.unknown] for name in class_names}
+    groups["unknown"] = table[table.unknown]
+    picked = {}
+    for name, rows in groups.items():
+        chosen = rows.iloc[np.sort(rng.choice(len(rows), size=min(per_row, len(rows)), replace=False))]
+        if name == "unknown":
+            chosen = chosen.sort_values("open_set_score", ascending=False)
+        title = "flagged\nunknown" if name == "unknown" else f"predicted\n{name}"
+        picked[f"{title}\n({len(rows)} images)"] = chosen
+    return picked
+
+
+def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, fitted: dict, score_name: str,
+                     path) -> None:
+    plt = common.pyplot()
+    fig, axes = plt.subplots(len(picked), per_row, figsize=(1.35 * per_row + 1.8, 1.6 * len(picked) + 1.0),
+                             squeeze=False)
+    for r, (title, rows) in enumerate(picked.items()):
+        unknown = title.startswith("flagged")
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(rows):
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if c == 0:
+                    ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=9, color="grey")
+                continue
+            row = rows.iloc[c]
+            pixels = dataset_overview.thumbnail(root / row.path)
+            ax.imshow(pixels, interpolation="nearest" if max(pixels.shape[:2]) < 64 else "antialiased")
+            caption = f"{row.predicted_class} {row.top1_score:.2f}\nopen-set {row.open_set_score:.3g}"
+            ax.set_xlabel(caption, fontsize=6.5, labelpad=1)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:red" if unknown else "tab:blue")
+                spine.set_linewidth(2.0 if unknown else 1.0)
+        axes[r][0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8.5,
+                              color="tab:red" if unknown else "black")
+    fig.suptitle(f"New images: up to {per_row} random images per predicted class (kept as known) and of those "
+                 f"flagged unknown\n(open-set score {score_name} > {fitted['threshold']:.3g}, the threshold keeping "
+                 f"{fitted['val_kept']:.0%} of {fitted['val_images']} validation images)\n"
+                 f"caption: predicted class and its softmax score (temperature {fitted['temperature']:.3g}), "
+                 f"open-set score", fontsize=9.5, y=1.0)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+# ---- the script ----------------------------------------------------------------------------------
+
+def reference_and_threshold(cfg, trained, cache, runtime) -> dict:
+    """From the split's train and val images: the open-set reference, the unknown threshold on the
+    validation scores, and the temperature fitted on the validation logits."""
+    reference = open_set.reference_from_model(trained, cache, runtime, cfg.OPEN_SET_K, cfg.OPEN_SET_KNN_METRIC)
+    val_logits, val_embeddings, val_labels = open_set.subset_outputs(trained, cache, runtime, "val")
+    val_scores = open_set.SCORES[cfg.PREDICT_SCORE](val_logits, val_embeddings, reference)
+    threshold = open_set.keep_threshold(val_scores, cfg.PREDICT_KEEP)
+    temperature, not_fitted = calibration.validation_temperature(val_logits, val_labels)
+    return dict(reference=reference, threshold=threshold, val_images=len(val_labels),
+                val_kept=float((val_scores <= threshold).mean()), temperature=temperature,
+                temperature_note=not_fitted or f"fitted on {len(val_labels)} validation images")
+
+
+def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
+    return dict(predict_dir=str(root), image_files=found, images_predicted=len(table), bad_files=len(bad),
+                flagged_unknown=int(table.unknown.sum()), open_set_score=cfg.PREDICT_SCORE,
+                open_set_direction="higher = more likely unknown", threshold=fitted["threshold"],
+                keep=cfg.PREDICT_KEEP, val_images=fitted["val_images"], val_kept=fitted["val_kept"],
+                knn_k=fitted["reference"].k, knn_metric=cfg.OPEN_SET_KNN_METRIC,
+                temperature=fitted["temperature"], temperature_note=fitted["temperature_note"],
+                scores="softmax(logits / temperature)",
+                predicted_per_class=table[~table.unknown].predicted_class.value_counts().to_dict(),
+                checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
+                weights_source=trained.checkpoint["weights_source"], embeddings_included=cfg.PREDICT_EMBEDDINGS)
+
+
+def run(cfg) -> None:
+    paths = artifacts.prepare_output_dirs(cfg)
+    root, relpaths, hashes, bad = find_new_images(cfg.PREDICT_DIR, paths)
+    runtime = dataloader.runtime_from_settings(cfg)
+    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    inputs = artifacts.start_stage(paths, "predict", [paths.best, paths.split])
+    names = list(trained.checkpoint["class_names"])
+    print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {paths.best}")
+    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, trained.checkpoint["trunk_sha256"],
+                                      trained.preprocess, runtime)
+    fitted = reference_and_threshold(cfg, trained, cache, runtime)
+    logits, embeddings = new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
+    open_scores = open_set.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
+    table = prediction_table(relpaths, hashes, calibration.probabilities(logits, fitted["temperature"]), names,
+                             open_scores, fitted["threshold"], embeddings if cfg.PREDICT_EMBEDDINGS else None)
+    paths.predictions_dir.mkdir(exist_ok=True)
+    outputs = [paths.out / name for name in artifacts.STAGE_OUTPUTS["predict"]]
+    common.save_csv(table, outputs[0], index=False)
+    common.save_json(summary(cfg, trained, root, table, bad, fitted, len(relpaths) + len(bad)), outputs[1])
+    common.save_csv(bad_files_table(bad), outputs[2], index=False)
+    plot_predictions(root, sample_rows(table, names, cfg.PREDICT_SAMPLES, cfg.SEED), cfg.PREDICT_SAMPLES, fitted,
+                     cfg.PREDICT_SCORE, outputs[3])
+    artifacts.save_provenance(paths, "predict", inputs, outputs)
+    if bad:
+        print(f"warning: {len(bad)} unreadable file(s) left out; see {outputs[2]}", file=sys.stderr)
+    print(f"{int(table.unknown.sum())} of {len(table)} images flagged unknown ({cfg.PREDICT_SCORE} score > "
+          f"{fitted['threshold']:.4g}, the threshold keeping {fitted['val_kept']:.1%} of {fitted['val_images']} "
+          f"validation images); scores at temperature {fitted['temperature']:.3g} ({fitted['temperature_note']})")
+    print(f"-> {outputs[0]}, {outputs[1]}, {outputs[3]}")
+
+
+def main(argv=None):
+    common.run_script(run, argv)
+
+
+if __name__ == "__main__":
+    main()
