@@ -94,3 +94,12 @@ OVERVIEW_SAMPLES = 8  # sample images per class in outputs/sample_images.png (da
 # ---- feature maps ---------------------------------------------------------------------------
 FEATURE_MODULES = "auto"  # modules whose outputs feature_maps.py hooks, named as in model.named_modules(), e.g. ["trunk.0", "head.0"]; "auto" = each trunk block and the head's convolutions
 FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images
+
+# ---- embedding quality, leaks between splits, few-shot transfer -----------------------------
+QUALITY_SAMPLES = 5000  # embedding_quality.py: at most this many random images per subset (silhouette and pair distances grow with its square)
+QUALITY_TRUST_NEIGHBORS = 10  # embedding_quality.py: neighbours of UMAP's trustworthiness (scikit-learn's n_neighbors)
+LEAK_THRESHOLD = 0.005  # leaks.py: a val/test/unseen image whose cosine distance to a training image's pooled trunk features is at most this is a near-duplicate
+LEAK_GRID = 4  # leaks.py: trunk feature maps are average-pooled to LEAK_GRID x LEAK_GRID cells before comparing (keeps the layout, drops pixel noise)
+LEAK_FIGURE_PAIRS = 24  # leaks.py: at most this many pairs shown in outputs/leaks.png (closest first)
+FEWSHOT_DRAWS = 10  # transfer_learning.py: random training sets of exactly k images per class drawn for each k
+FEWSHOT_TEMPERATURE = 0.07  # transfer_learning.py: temperature T of the cosine-weighted kNN probe (votes weighted exp(cos / T), as DINO)
