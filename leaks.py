@@ -131,15 +131,15 @@ def print_summary(summary: dict) -> None:
                   f"see leaks.csv and leaks.png")
 
 
-def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path) -> None:
+def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, checked: str = "") -> None:
     """Each pair side by side (the val/test/unseen image, then its training image), closest first;
-    a panel saying so when there are none."""
+    a panel saying so, and what was checked (`checked`), when there are none."""
     plt = common.pyplot()
     shown = leaks.head(limit)
     if shown.empty:
         fig, ax = plt.subplots(figsize=(7, 2.5))
         ax.text(0.5, 0.5, f"No leaks found: no validation, test or unseen image is a copy of a training image\n"
-                          f"(exact: same file content; near: cosine distance <= {threshold})",
+                          f"(exact: same file content; near: cosine distance <= {threshold})\n{checked}",
                 ha="center", va="center", fontsize=11)
         ax.set_axis_off()
         ax.set_title("Leaks between splits")
@@ -191,7 +191,9 @@ def run(cfg) -> None:
     print_summary(summary)
     outputs = [paths.out / "leaks.csv", paths.out / "leaks.png", paths.leaks_summary]
     common.save_csv(leaks, outputs[0], index=False)
-    plot_leaks(leaks, trained.split.root, cfg.LEAK_THRESHOLD, cfg.LEAK_FIGURE_PAIRS, outputs[1])
+    checked = "checked: " + ", ".join(f"{c['images']} {s}" for s, c in summary["subsets"].items()) + \
+        f" images against {int((table.subset == 'train').sum())} training images"
+    plot_leaks(leaks, trained.split.root, cfg.LEAK_THRESHOLD, cfg.LEAK_FIGURE_PAIRS, outputs[1], checked)
     common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, **summary), outputs[2])
     artifacts.save_provenance(paths, "leaks", inputs, outputs)
     print(f"-> {outputs[0]}, {outputs[1]}, {outputs[2]}")
