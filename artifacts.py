@@ -57,6 +57,8 @@ class Paths:
     classwise_ap_plot = property(lambda self: self.out / "training_classwise_ap.png")
     seeds = property(lambda self: self.out / "seeds")  # seeds.py: seed_<n>/ folders
     predictions_dir = property(lambda self: self.out / "predictions")  # predict.py: new images' predictions
+    umap_coordinates = property(lambda self: self.out / "umap_coordinates.csv")  # dimensionality_reduction.py
+    leaks_summary = property(lambda self: self.out / "leaks_summary.json")  # leaks.py: counts beside evaluate's
 
     def embeddings(self, subset: str) -> Path:
         return self.out / f"embeddings_{subset}.pkl"
@@ -391,6 +393,29 @@ def open_predictions(paths: Paths) -> Predictions:
     return predictions
 
 
+# ---- UMAP coordinates ----------------------------------------------------------------------------
+
+UMAP_COLUMNS = ["label", "class_name", "path", "subset", "x", "y"]
+
+
+def open_umap_coordinates(paths: Paths) -> pd.DataFrame:
+    """umap_coordinates.csv, refused unless dimensionality_reduction.py's provenance vouches for it
+    (written by the recorded run, from the current best.pth and embeddings)."""
+    path = paths.umap_coordinates
+    if not path.is_file():
+        raise PipelineError(f"no UMAP coordinates at {path} — run dimensionality_reduction.py first")
+    if str(path) in stale_outputs(paths, "dimensionality_reduction"):
+        raise PipelineError(f"{path} was not made from the current checkpoint and embeddings (or its provenance "
+                            f"record is missing) — re-run dimensionality_reduction.py")
+    try:
+        coords = pd.read_csv(path, dtype={"path": str, "class_name": str, "subset": str}, keep_default_na=False)
+    except ValueError as err:
+        raise PipelineError(f"cannot read {path} ({str(err).strip().splitlines()[0]}); re-run dimensionality_reduction.py")
+    if list(coords.columns) != UMAP_COLUMNS:
+        raise PipelineError(f"{path} has columns {list(coords.columns)}, not {UMAP_COLUMNS}; re-run dimensionality_reduction.py")
+    return coords
+
+
 # ---- provenance ----------------------------------------------------------------------------------
 
 def file_sha256(path: Path) -> str:
@@ -416,7 +441,10 @@ STAGE_OUTPUTS = {
     "compute_average_distances": ["average_*_distances_*.csv", "average_*_distances_*.png"],
     "dimensionality_reduction": ["umap_embeddings.png", "umap_coordinates.csv", "umap_coordinates.parquet",
                                  "close_faraway_closeotherclass_class_*.png", "close_far_images.csv"],
-    "transfer_learning": ["transfer_learning.csv", "accuracy_*.png"],
+    "transfer_learning": ["transfer_learning.csv", "accuracy_*.png", "fewshot.csv", "fewshot_summary.csv",
+                          "fewshot_all.png", "fewshot_per_class.png"],
+    "leaks": ["leaks.csv", "leaks.png", "leaks_summary.json"],
+    "embedding_quality": ["embedding_quality.csv"],
     "seeds": ["seed_robustness.csv", "seed_robustness_summary.csv", "seed_training_curves.png"],
     "feature_maps": ["feature_map_stats.csv", "feature_map_spectra.csv", "feature_map_spectra.png",
                      "feature_map_nonpositive.png"],

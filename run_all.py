@@ -3,9 +3,9 @@
     python run_all.py                    # built-in digits, or DATA_DIR from configfile.py
     python run_all.py --config=my.py     # settings overrides pass through to every stage
 
-Stages: dataset_overview.py -> train.py -> evaluate.py -> reproduce.py -> ranked_images.py -> embed.py ->
-feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> transfer_learning.py ->
-open_set.py -> calibration.py, then predict.py only when PREDICT_DIR is set.
+Stages: dataset_overview.py -> train.py -> evaluate.py -> leaks.py -> reproduce.py -> ranked_images.py -> embed.py ->
+feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> embedding_quality.py ->
+transfer_learning.py -> open_set.py -> calibration.py, then predict.py only when PREDICT_DIR is set.
 Writes what each stage writes, plus outputs/stage_times.json. A finished training run is not repeated
 (train.py says so).
 """
@@ -18,8 +18,10 @@ import compute_average_distances
 import dataset_overview
 import dimensionality_reduction
 import embed
+import embedding_quality
 import evaluate
 import feature_maps
+import leaks
 import open_set
 import predict
 import ranked_images
@@ -27,11 +29,11 @@ import reproduce
 import train
 import transfer_learning
 
-STAGES = (("dataset_overview", dataset_overview), ("train", train), ("evaluate", evaluate), ("reproduce", reproduce),
-          ("ranked_images", ranked_images), ("embed", embed), ("feature_maps", feature_maps),
+STAGES = (("dataset_overview", dataset_overview), ("train", train), ("evaluate", evaluate), ("leaks", leaks),
+          ("reproduce", reproduce), ("ranked_images", ranked_images), ("embed", embed), ("feature_maps", feature_maps),
           ("compute_average_distances", compute_average_distances),
-          ("dimensionality_reduction", dimensionality_reduction), ("transfer_learning", transfer_learning),
-          ("open_set", open_set), ("calibration", calibration))
+          ("dimensionality_reduction", dimensionality_reduction), ("embedding_quality", embedding_quality),
+          ("transfer_learning", transfer_learning), ("open_set", open_set), ("calibration", calibration))
 ON_REQUEST = (("predict", predict, "PREDICT_DIR"),)  # stages run only when their setting is not None
 
 

@@ -139,6 +139,14 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "PREDICT_KEEP": Rule("float", "(0, 1]"),
     "PREDICT_EMBEDDINGS": Rule("bool"),
     "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
+    # embedding quality, leaks between splits, few-shot transfer
+    "QUALITY_SAMPLES": Rule("int", "[3, inf)"),
+    "QUALITY_TRUST_NEIGHBORS": Rule("int", "[1, inf)"),
+    "LEAK_THRESHOLD": Rule("float", "[0, 2]"),
+    "LEAK_GRID": Rule("int", "[1, 16]"),
+    "LEAK_FIGURE_PAIRS": Rule("int", "[1, 200]"),
+    "FEWSHOT_DRAWS": Rule("int", "[2, inf)"),
+    "FEWSHOT_TEMPERATURE": Rule("float", "(0, inf)"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")

@@ -29,7 +29,9 @@ def test_all_six_stages_end_to_end(tiny_cfg):
     expected += [f"embeddings_{s}.pkl" for s in ("train", "test", "unseen")]
     expected += [f"average_{k}_distances_{s}.{e}" for k in ("euclidean", "angular") for s in ("test", "unseen")
                  for e in ("csv", "png")]
-    expected += [f"accuracy_{m}.png" for m in ("SVC", "Linear", "kNN")]
+    expected += [f"accuracy_{m}.png" for m in ("SVC", "Linear", "kNN", "kNN_cosine", "NCM")]
+    expected += ["leaks.csv", "leaks.png", "leaks_summary.json", "embedding_quality.csv", "fewshot.csv",
+                 "fewshot_summary.csv", "fewshot_all.png", "fewshot_per_class.png"]
     expected += [f"close_faraway_closeotherclass_class_{i}.png" for i in range(3)]
     for name in expected:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
