@@ -4,9 +4,10 @@
     python run_all.py --config=my.py     # settings overrides pass through to every stage
 
 Stages: dataset_overview.py -> train.py -> evaluate.py -> reproduce.py -> ranked_images.py -> embed.py ->
-feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> transfer_learning.py.
-Writes what each stage writes, plus outputs/stage_times.json. A finished training run is not repeated
-(train.py says so).
+feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> transfer_learning.py ->
+report.py (last: one HTML page of everything the others wrote).
+Writes what each stage writes, plus outputs/stage_times.json (rewritten after each stage, so the report
+sees the times of the stages before it). A finished training run is not repeated (train.py says so).
 """
 import time
 
@@ -19,6 +20,7 @@ import embed
 import evaluate
 import feature_maps
 import ranked_images
+import report
 import reproduce
 import train
 import transfer_learning
@@ -26,23 +28,26 @@ import transfer_learning
 STAGES = (("dataset_overview", dataset_overview), ("train", train), ("evaluate", evaluate), ("reproduce", reproduce),
           ("ranked_images", ranked_images), ("embed", embed), ("feature_maps", feature_maps),
           ("compute_average_distances", compute_average_distances),
-          ("dimensionality_reduction", dimensionality_reduction), ("transfer_learning", transfer_learning))
+          ("dimensionality_reduction", dimensionality_reduction), ("transfer_learning", transfer_learning),
+          ("report", report))
 
 
 def run(cfg) -> dict:
     times, started = {}, time.time()
-    logs = artifacts.Paths.from_settings(cfg).out / "logs"
+    out = artifacts.Paths.from_settings(cfg).out
+    logs = out / "logs"
     for name, module in STAGES:
         print(f"\n======== {name}.py ========")
         stage_started = time.time()
         with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's
             module.run(cfg)
         times[name] = time.time() - stage_started
+        common.save_json(times, out / "stage_times.json")  # so far: the report stage shows them
     times["total"] = time.time() - started
     print("\n======== stage wall times ========")
     for name, seconds in times.items():
         print(f"{name:>28}: {seconds:7.1f} s")
-    common.save_json(times, artifacts.Paths.from_settings(cfg).out / "stage_times.json")
+    common.save_json(times, out / "stage_times.json")
     return times
 
 
