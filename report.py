@@ -38,6 +38,7 @@ TABLE_COLUMNS = 20  # columns shown at most (an embeddings table has 131)
 THUMBNAIL_PX = 48  # longest side of the UMAP hover thumbnails, in pixels (smaller images stay as they are)
 TEXT_LIMIT = 20_000  # a .txt output up to this many characters is shown as text; larger ones are linked
 SHA_PREFIX = 12  # hex digits of each SHA-256 shown in the provenance table
+HALF_ROW_PX = 1000  # a figure at most this many pixels wide is shown two to a row, scaled to fit
 REPORT_NAME = "report.html"
 
 # The sections before the stages, with the files each shows (by name, in outputs/).
@@ -58,7 +59,8 @@ h1{margin-top:28px} h2{border-bottom:2px solid #ccd;padding-bottom:4px;margin-to
 nav{columns:3;font-size:14px;background:#f5f6fa;padding:10px 16px;border-radius:6px} nav a{display:block}
 .warn{background:#fff1f0;border-left:4px solid #c0392b;padding:8px 12px}
 .note{color:#555;font-style:italic} .explain{color:#333;background:#f7f7f2;padding:6px 10px;border-radius:4px}
-figure{margin:14px 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
+.figures{display:flex;flex-wrap:wrap;gap:6px 18px;align-items:flex-start}
+figure{margin:8px 0;max-width:100%} figure img{width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:13px;color:#555}
 .scroll{overflow-x:auto;max-width:100%}
 table.data{border-collapse:collapse;font-size:12.5px;margin:6px 0}
@@ -92,8 +94,13 @@ def note(text: str) -> str:
 
 
 def png_figure(path: Path) -> str:
+    """A PNG inside the page; one up to HALF_ROW_PX wide shares its row with the next (see group_figures)."""
+    from PIL import Image
+    with Image.open(path) as img:
+        width = img.size[0]
+    layout = f"flex:1 1 560px;max-width:{width}px" if width <= HALF_ROW_PX else "flex:1 1 100%"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(path.name)}">'
+    return (f'<figure style="{layout}"><img src="data:image/png;base64,{data}" alt="{esc(path.name)}">'
             f'<figcaption>{esc(path.name)}</figcaption></figure>')
 
 
@@ -140,7 +147,18 @@ def render_files(paths: list[Path], read: list[Path], keep_order: bool = False) 
             continue
         shown.append((png_figure, csv_table, text_block)[kind](path))
         read.append(path)
-    return "\n".join(shown) + link_list(others)
+    return "\n".join(group_figures(shown)) + link_list(others)
+
+
+def group_figures(parts: list[str]) -> list[str]:
+    """Consecutive figures side by side where they fit (a flex row that wraps)."""
+    grouped = []
+    for part in parts:
+        if part.startswith("<figure") and grouped and grouped[-1].startswith('<div class="figures">'):
+            grouped[-1] = grouped[-1][:-len("</div>")] + part + "</div>"
+        else:
+            grouped.append(f'<div class="figures">{part}</div>' if part.startswith("<figure") else part)
+    return grouped
 
 
 # ---- the sections --------------------------------------------------------------------------------
@@ -219,12 +237,12 @@ def stage_section(paths: artifacts.Paths, stage: str, module, front: dict, read:
     return section(f"Stage: {stage}", body + render_files(rest, read))
 
 
-def stages_in_order() -> list[tuple[str, object]]:
-    """run_all's stages, then the optional stages that record outputs (seeds.py), all but the report."""
+def stages_in_order(paths: artifacts.Paths) -> list[tuple[str, object]]:
+    """run_all's stages, then the optional stages (seeds.py) whose outputs are there; all but the report."""
     import run_all  # here, not at the top: run_all imports this module
     stages = [(name, module) for name, module in run_all.STAGES if name != "report"]
     for name in artifacts.STAGE_OUTPUTS:
-        if name not in dict(stages) and name != "report":
+        if name not in dict(stages) and name != "report" and artifacts.existing_outputs(paths, name):
             try:
                 stages.append((name, importlib.import_module(name)))
             except ImportError:
@@ -267,9 +285,9 @@ def provenance_section(paths: artifacts.Paths, stages: list[str], read: list[Pat
     package_rows = "".join(f"<tr><td>{esc(p)}</td><td>{esc(', '.join(sorted(versions.get(p, {'not recorded'}))))}</td>"
                            f"<td>{esc(v)}</td></tr>" for p, v in now.items())
     body = (note("SHA-256 prefixes of every file each stage read and wrote (python verify.py checks them all).")
-            + f'<div class="scroll"><table class="data"><tr><th>role</th><th>file</th><th>SHA-256</th></tr>'
+            + '<div class="scroll"><table class="data text"><tr><th>role</th><th>file</th><th>SHA-256</th></tr>'
             + "".join(rows) + "</table></div><h3>Package versions</h3>"
-            + f'<table class="data"><tr><th>package</th><th>recorded by the stages</th><th>installed now</th></tr>'
+            + '<table class="data"><tr><th>package</th><th>recorded by the stages</th><th>installed now</th></tr>'
             + package_rows + "</table>")
     return section("Provenance", body)
 
@@ -401,7 +419,7 @@ def page(head: str, sections: list[str]) -> str:
 
 def build_report(cfg, paths: artifacts.Paths, read: list[Path]) -> str:
     """The whole page; every file it shows is added to `read`."""
-    stages = stages_in_order()
+    stages = stages_in_order(paths)
     front = {n: title for title, names in FRONT_SECTIONS for n in names}
     sections = [settings_section(cfg)] + front_sections(paths.out, read)
     sections += [stage_section(paths, name, module, front, read) for name, module in stages]
