@@ -109,3 +109,10 @@ def test_a_csv_table_is_capped_and_says_so(tmp_path):
     table = report.csv_table(path)
     assert "first 30 of 45 rows, first 20 of 25 columns" in table
     assert table.count("</tr>") == 31 and "<td>744</td>" in table and "<td>745</td>" not in table  # 30 rows, 20 columns
+
+
+def test_without_chromium_the_browser_test_fails_saying_how_to_install(monkeypatch):
+    import test_report_browser
+    monkeypatch.setattr(test_report_browser.shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="install them with `apt-get install chromium chromium-driver`"):
+        test_report_browser.chromium_driver()
