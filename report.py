@@ -323,6 +323,7 @@ document.getElementById('umap-tapped').innerHTML =
 MARKERS = {"train": dict(marker="circle", fill_alpha=0.45, line_alpha=0.0),
            "test": dict(marker="circle", fill_alpha=0.9, line_alpha=0.9),
            "unseen": dict(marker="triangle", fill_alpha=0.8, line_alpha=0.9)}
+LEGEND_GREYS = {"train": "#c4c4c4", "test": "#505050", "unseen": "#8a8a8a"}  # the subset legend's markers
 
 
 def umap_plot(coords: pd.DataFrame, colours: dict[str, str]):
@@ -351,7 +352,8 @@ def umap_plot(coords: pd.DataFrame, colours: dict[str, str]):
             renderers += mine
     plot.add_layout(Legend(items=class_items, title="class (click: hide)", click_policy="hide"), "right")
     # a subset's legend entry: its renderers, then an empty grey one drawn over their glyphs (the entry's marker)
-    subset_items = [LegendItem(label=s, renderers=r + [plot.scatter([nan], [nan], color="grey", **MARKERS[s])])
+    subset_items = [LegendItem(label=s, renderers=r + [plot.scatter([nan], [nan], color=LEGEND_GREYS[s],
+                                                                     **dict(MARKERS[s], fill_alpha=1.0))])
                     for s, r in by_subset.items()]
     plot.add_layout(Legend(items=subset_items, title="subset (click: hide)", click_policy="hide"), "right")
     plot.add_tools(HoverTool(tooltips=TOOLTIP, renderers=renderers))
