@@ -6,7 +6,8 @@ Each is written, opened and checked here and nowhere else.
     checkpoints/best.pth      model + everything needed to rebuild and trust it (see checkpoint_record)
     embeddings_<subset>.pkl   pickled DataFrame: label, class_name, path, e0..e<d-1>; attrs = provenance
     test_scores.npz           logits and softmax scores (float32) of every test image, labels, paths, classes,
-                              the checkpoint's SHA-256 (see save_predictions); test_predictions.csv beside it
+                              the checkpoint's SHA-256 (see save_predictions); test_predictions.csv (and
+                              .parquet, same columns) beside it
     provenance_<stage>.json   SHA-256 of every file a stage wrote and of its inputs; written last, so a
                               stage's outputs without it are incomplete (see start_stage, stale_outputs)
 """
@@ -352,7 +353,7 @@ PREDICTION_ARRAYS = ("logits", "scores", "labels", "relpaths", "class_names", "d
 
 def save_predictions(paths: Paths, predictions: Predictions) -> list[Path]:
     """test_scores.npz (exact, for reuse) and test_predictions.csv (path, true_class, predicted_class,
-    score_<class> for each class), each written atomically. Returns the two paths."""
+    score_<class> for each class) with its .parquet copy, each written atomically. Returns the paths."""
     p = predictions
     arrays = dict(logits=p.logits.astype(np.float32), scores=p.scores.astype(np.float32),
                   labels=p.labels.astype(np.int64), relpaths=np.array(p.relpaths, dtype=str),
@@ -365,7 +366,7 @@ def save_predictions(paths: Paths, predictions: Predictions) -> list[Path]:
     for i, name in enumerate(p.class_names):
         table[f"score_{name}"] = p.scores[:, i]
     save_csv(table, paths.predictions, index=False)
-    return [paths.predictions, paths.scores]
+    return [paths.predictions, paths.scores] + export_table(table, paths.predictions)  # + .parquet
 
 
 def open_predictions(paths: Paths) -> Predictions:
@@ -434,7 +435,7 @@ def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -
 STAGE_OUTPUTS = {
     "dataset_overview": ["class_counts.csv", "class_counts.png", "sample_images.png"],
     "evaluate": ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png", "test_predictions.csv",
-                 "test_scores.npz", "misclassified_test_images.png"],
+                 "test_predictions.parquet", "test_scores.npz", "misclassified_test_images.png"],
     "reproduce": ["reproduction_check.csv", "reproduction_check.json"],
     "ranked_images": ["ranked_*_*.png"],
     "embed": [f"embeddings_{s}.{ext}" for s in EMBEDDED_SUBSETS for ext in ("pkl", "parquet", "csv")],
@@ -452,6 +453,7 @@ STAGE_OUTPUTS = {
     "calibration": ["calibration.csv", "calibration_bins.csv", "calibration.json", "reliability_diagram.png"],
     "predict": ["predictions/predictions.csv", "predictions/predictions.json", "predictions/bad_files.csv",
                 "predictions/predictions.png"],
+    "report": ["report.html"],
 }
 
 

@@ -7,7 +7,7 @@ Reads:  checkpoints/best.pth, outputs/split.csv, the test images (through the tr
         misclassified ones are also decoded for the gallery).
 Writes: outputs/test_metrics.csv (per class and overall: accuracy, precision, recall, F1, average
         precision, balanced accuracy), outputs/test_metrics.json,
-        outputs/test_predictions.csv (path, true_class, predicted_class, score_<class> per class),
+        outputs/test_predictions.csv (path, true_class, predicted_class, score_<class> per class; and .parquet),
         outputs/test_scores.npz (logits and softmax scores, float32, for exact reuse; artifacts.py),
         outputs/confusion_matrix.png, outputs/misclassified_test_images.png,
         and last outputs/provenance_evaluate.json (see artifacts.py).

@@ -5,9 +5,10 @@
 
 Stages: dataset_overview.py -> train.py -> evaluate.py -> leaks.py -> reproduce.py -> ranked_images.py -> embed.py ->
 feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> embedding_quality.py ->
-transfer_learning.py -> open_set.py -> calibration.py, then predict.py only when PREDICT_DIR is set.
-Writes what each stage writes, plus outputs/stage_times.json. A finished training run is not repeated
-(train.py says so).
+transfer_learning.py -> open_set.py -> calibration.py, then predict.py only when PREDICT_DIR is set, then
+report.py (last: one HTML page of everything the others wrote).
+Writes what each stage writes, plus outputs/stage_times.json (rewritten after each stage, so the report
+sees the times of the stages before it). A finished training run is not repeated (train.py says so).
 """
 import time
 
@@ -25,6 +26,7 @@ import leaks
 import open_set
 import predict
 import ranked_images
+import report
 import reproduce
 import train
 import transfer_learning
@@ -33,29 +35,34 @@ STAGES = (("dataset_overview", dataset_overview), ("train", train), ("evaluate",
           ("reproduce", reproduce), ("ranked_images", ranked_images), ("embed", embed), ("feature_maps", feature_maps),
           ("compute_average_distances", compute_average_distances),
           ("dimensionality_reduction", dimensionality_reduction), ("embedding_quality", embedding_quality),
-          ("transfer_learning", transfer_learning), ("open_set", open_set), ("calibration", calibration))
+          ("transfer_learning", transfer_learning), ("open_set", open_set), ("calibration", calibration),
+          ("report", report))
 ON_REQUEST = (("predict", predict, "PREDICT_DIR"),)  # stages run only when their setting is not None
 
 
 def stages_for(cfg) -> tuple:
-    """STAGES, then each ON_REQUEST stage whose setting is set (predict.py when PREDICT_DIR is)."""
-    return STAGES + tuple((name, module) for name, module, setting in ON_REQUEST if getattr(cfg, setting) is not None)
+    """STAGES with each ON_REQUEST stage whose setting is set (predict.py when PREDICT_DIR is) before
+    the report, which stays last so that it shows them."""
+    requested = tuple((name, module) for name, module, setting in ON_REQUEST if getattr(cfg, setting) is not None)
+    return STAGES[:-1] + requested + STAGES[-1:]
 
 
 def run(cfg) -> dict:
     times, started = {}, time.time()
-    logs = artifacts.Paths.from_settings(cfg).out / "logs"
+    out = artifacts.Paths.from_settings(cfg).out
+    logs = out / "logs"
     for name, module in stages_for(cfg):
         print(f"\n======== {name}.py ========")
         stage_started = time.time()
         with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's
             module.run(cfg)
         times[name] = time.time() - stage_started
+        common.save_json(times, out / "stage_times.json")  # so far: the report stage shows them
     times["total"] = time.time() - started
     print("\n======== stage wall times ========")
     for name, seconds in times.items():
         print(f"{name:>28}: {seconds:7.1f} s")
-    common.save_json(times, artifacts.Paths.from_settings(cfg).out / "stage_times.json")
+    common.save_json(times, out / "stage_times.json")
     return times
 
 

@@ -296,12 +296,16 @@ def test_evaluate_and_embed_record_provenance_and_refuse_a_copied_data_folder(tr
     evaluate.run(cfg)
     embed.run(cfg)
     for stage, outputs in (("evaluate", ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png",
-                                         "test_predictions.csv", "test_scores.npz", "misclassified_test_images.png"]),
+                                         "test_predictions.csv", "test_predictions.parquet", "test_scores.npz",
+                                         "misclassified_test_images.png"]),
                            ("embed", [f"embeddings_{s}.{e}" for s in ("train", "test", "unseen") for e in ("pkl", "parquet")])):
         record = json.loads(artifacts.provenance_path(paths, stage).read_text())
         assert sorted(record["outputs"]) == sorted(outputs)
         assert sorted(record["inputs"]) == sorted([str(paths.best), str(paths.split)])
         assert artifacts.stale_outputs(paths, stage) == []
+    as_csv = pd.read_csv(paths.predictions, dtype={"true_class": str, "predicted_class": str})
+    pd.testing.assert_frame_equal(pd.read_parquet(paths.predictions.with_suffix(".parquet")), as_csv,
+                                  check_dtype=False)  # the Parquet copy: the same columns and values
 
     # 4. the same file names in another folder are not the images the model was trained on
     copy = shutil.copytree(cfg.DATA_DIR, tmp_path / "same_names")

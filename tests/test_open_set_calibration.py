@@ -227,7 +227,7 @@ def test_a_validation_set_without_mistakes_keeps_t_at_1_and_says_why():
 def test_run_all_runs_predict_only_when_predict_dir_is_set(tiny_cfg):
     import run_all
     names = [name for name, _ in run_all.stages_for(tiny_cfg)]
-    assert names[-2:] == ["open_set", "calibration"] and "predict" not in names
+    assert names[-3:] == ["open_set", "calibration", "report"] and "predict" not in names
     assert names.index("open_set") == names.index("transfer_learning") + 1
     tiny_cfg.PREDICT_DIR = "/some/folder"
-    assert [name for name, _ in run_all.stages_for(tiny_cfg)][-1] == "predict"
+    assert [name for name, _ in run_all.stages_for(tiny_cfg)][-2:] == ["predict", "report"]  # the report stays last

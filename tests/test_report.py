@@ -1,0 +1,118 @@
+"""report.py on a small made-up output folder (no pipeline run, no browser): one self-contained page
+with every section, the stages' figures and tables, and the UMAP's thumbnails inside its Bokeh data."""
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import artifacts
+import common
+import report
+import run_all
+import verify
+from conftest import make_image_folder, tiny_config
+
+
+def _png(path, width=60, height=40, value=90):
+    Image.fromarray(np.full((height, width, 3), value, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def made_up_run(tmp_path):
+    """An output folder with a few files of some stages (others left out), a checkpoint that names
+    the classes and data folder, UMAP coordinates of real images, and evaluate's provenance record."""
+    folder = make_image_folder(tmp_path / "images", {"a": 4, "b": 4, "c": 4, "u": 3, "v": 3})
+    cfg = tiny_config(tmp_path, folder)
+    paths = artifacts.prepare_output_dirs(cfg)
+    common.save_torch(dict(data_dir=str(folder), class_names=["a", "b", "c"], unseen_classes=["u", "v"],
+                           weights_source="random initialisation (WEIGHTS=None)"), paths.best)
+    pd.DataFrame(dict(class_name=["a", "b"], train=[3, 3])).to_csv(paths.out / "class_counts.csv", index=False)
+    _png(paths.out / "class_counts.png")
+    (paths.out / "model_summary.txt").write_text("PlanktonNet <head>\nTotal params: 12")
+    pd.DataFrame(dict(class_name=["a", "overall"], accuracy=[0.5, 0.75])).to_csv(paths.out / "test_metrics.csv",
+                                                                                 index=False)
+    _png(paths.out / "confusion_matrix.png", value=30)
+    rows = [(c, f"{c}/img_{j:03d}.png", "unseen" if c in "uv" else ("train", "test")[j % 2])
+            for c, n in dict(a=4, b=4, c=4, u=3, v=3).items() for j in range(n)]
+    coords = pd.DataFrame(rows, columns=["class_name", "path", "subset"])
+    coords.insert(0, "label", 0)
+    coords["x"], coords["y"] = np.arange(len(coords), dtype=float), np.arange(len(coords), dtype=float) ** 0.5
+    coords.to_csv(paths.out / "umap_coordinates.csv", index=False)
+    _png(paths.out / "umap_embeddings.png", value=200)
+    pd.DataFrame(dict(n=np.arange(50), value=np.linspace(0, 1, 50))).to_csv(paths.out / "transfer_learning.csv",
+                                                                            index=False)
+    inputs = artifacts.start_stage(paths, "evaluate", [paths.best])
+    artifacts.save_provenance(paths, "evaluate", inputs, [paths.out / "test_metrics.csv",
+                                                          paths.out / "confusion_matrix.png"])
+    common.save_json(dict(dataset_overview=1.5, train=10.0), paths.out / "stage_times.json")
+    return cfg, paths, coords, folder
+
+
+def test_the_page_is_self_contained_with_every_section(made_up_run):
+    cfg, paths, coords, folder = made_up_run
+    report.run(cfg)
+    page = (paths.out / "report.html").read_text(encoding="utf-8")
+    assert not re.findall(r"<(?:script|link|img)[^>]*(?:src|href)=[\"']?https?:", page)  # nothing fetched
+    assert "Bokeh" in page and "<script" in page  # bokeh.min.js itself is in the file
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    expected = (["Settings", "Data overview", "Model summary", "Training curves", "Test metrics"]
+                + [f"Stage: {name}" for name, _ in run_all.STAGES if name != "report"]
+                + ["Stage timings", "Provenance"])
+    assert [h for h in headings if h in expected] == expected
+    assert "PlanktonNet &lt;head&gt;" in page  # the model summary, escaped
+    assert "first 30 of 50 rows" in page  # transfer_learning.csv, capped
+    assert "No outputs of embed in" in page  # a stage that has not run says so
+    assert "not ImageNet-pretrained" in page
+    pngs = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(pngs) == 3  # class counts, confusion matrix (once: its stage says "shown above"), UMAP
+    assert Image.open(io.BytesIO(base64.b64decode(pngs[0]))).size == (60, 40)
+
+
+def test_the_umap_data_carries_each_points_thumbnail_class_and_subset(made_up_run):
+    cfg, paths, coords, folder = made_up_run
+    report.run(cfg)
+    page = (paths.out / "report.html").read_text(encoding="utf-8")
+    data = page[page.index("docs_json = '"):]  # the Bokeh document, as components() embeds it
+    for row in coords.itertuples():
+        assert report.thumbnail_uri(folder / row.path) in data, row.path
+    assert data.count('"subset"') >= 1 and '"unseen"' in data and '"triangle"' in data
+    assert "click_policy" in data or '"hide"' in data
+
+
+def test_the_report_records_provenance_that_verifies(made_up_run):
+    cfg, paths, _, _ = made_up_run
+    report.run(cfg)
+    record = json.loads(artifacts.provenance_path(paths, "report").read_text())
+    assert list(record["outputs"]) == ["report.html"]
+    assert str(paths.out / "provenance_evaluate.json") in record["inputs"]
+    assert verify.stage_mismatches(paths, "report", record) == []
+
+
+def test_thumbnails_shrink_to_the_longest_side_and_never_grow(tmp_path):
+    _png(tmp_path / "wide.png", width=120, height=60)
+    _png(tmp_path / "small.png", width=20, height=10)
+    for name, size in (("wide.png", (48, 24)), ("small.png", (20, 10))):
+        uri = report.thumbnail_uri(tmp_path / name)
+        assert uri.startswith("data:image/")
+        assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == size
+    assert report.thumbnail_uri(tmp_path / "gone.png") == ""
+
+
+def test_a_csv_table_is_capped_and_says_so(tmp_path):
+    path = tmp_path / "t.csv"
+    pd.DataFrame(np.arange(45 * 25).reshape(45, 25)).to_csv(path, index=False)
+    table = report.csv_table(path)
+    assert "first 30 of 45 rows, first 20 of 25 columns" in table
+    assert table.count("</tr>") == 31 and "<td>744</td>" in table and "<td>745</td>" not in table  # 30 rows, 20 columns
+
+
+def test_without_chromium_the_browser_test_fails_saying_how_to_install(monkeypatch):
+    import test_report_browser
+    monkeypatch.setattr(test_report_browser.shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="install them with `apt-get install chromium chromium-driver`"):
+        test_report_browser.chromium_driver()
