@@ -1,0 +1,158 @@
+"""torchrun: the shard and gather helpers (fast, two gloo processes), and train.py and embed.py run
+as two CPU processes against a single-process run (slow)."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed
+from conftest import REPO, env, make_image_folder, settings_file
+
+TORCHRUN = str(Path(REPO) / ".venv" / "bin" / "torchrun")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 7, 64])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_are_contiguous_blocks_covering_everything_once(n, world):
+    items = list(range(n))
+    blocks = [distributed.shard(items, r, world) for r in range(world)]
+    assert sum(blocks, []) == items  # in rank order they are the list itself
+    sizes = [len(b) for b in blocks]
+    assert max(sizes) - min(sizes) <= 1
+    assert [distributed.shard_bounds(n, r, world) for r in range(world)] == \
+        [(sum(sizes[:r]), sum(sizes[:r + 1])) for r in range(world)]
+
+
+def test_helpers_pass_through_in_one_process():
+    rows = np.arange(6.0).reshape(3, 2)
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.gather_rows(rows) is rows
+    assert distributed.broadcast({"a": 1}) == {"a": 1}
+    assert distributed.sum_all([1.5, 2]) == [1.5, 2]
+    assert distributed.all_true(True) and not distributed.all_true(False)
+
+
+def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """One of `world` gloo processes: its block of 0..10 (as rows i, i^2), gathered; the other collectives."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        start, stop = distributed.shard_bounds(11)
+        mine = np.array([[i, i * i] for i in range(start, stop)], dtype=np.float32).reshape(-1, 2)
+        gathered = distributed.gather_rows(mine)
+        result = dict(gathered=gathered, total=distributed.sum_all([rank + 1.0, 1.0]),
+                      agreed=distributed.all_true(rank != 1), decision=distributed.broadcast(f"rank {rank}"))
+        torch.save(result, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_returns_every_rank_rows_in_order_on_rank_0(tmp_path):
+    world = 3
+    # fork: the children need not import torch and the project again (spawn: ~20 s on 2 cores)
+    mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=world,
+                       join=True, start_method="fork")
+    results = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(world)]
+    expected = np.array([[i, i * i] for i in range(11)], dtype=np.float32)
+    np.testing.assert_array_equal(results[0]["gathered"], expected)
+    assert results[1]["gathered"] is None and results[2]["gathered"] is None
+    for result in results:
+        assert result["total"] == [1.0 + 2.0 + 3.0, 3.0]
+        assert result["agreed"] is False  # rank 1 said no
+        assert result["decision"] == "rank 0"
+
+
+# ---- train.py and embed.py as two gloo processes -------------------------------------------------
+
+def _torchrun(script: str, settings: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", script, f"--config={settings}", *args],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def _python(script: str, settings: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(REPO) / ".venv" / "bin" / "python"), script, f"--config={settings}"], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=600)
+
+
+def _ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _cached_rows(cache_dir: Path) -> dict[str, np.ndarray]:
+    """Every complete chunk's rows by image key, read straight from the files."""
+    rows = {}
+    for keys_file in sorted(cache_dir.glob("trunk_*/chunk-*.keys")):
+        array = np.load(keys_file.with_suffix(".npy"))
+        rows.update(zip(keys_file.read_text().split("\n")[:-1], array))
+    return rows
+
+
+def _run_settings(tmp: Path, data: Path) -> Path:
+    tmp.mkdir()
+    return settings_file(tmp / "settings.py", DATA_DIR=str(data), SEEN_CLASSES=["a", "b", "c"],
+                         UNSEEN_CLASSES=["u", "v"], IMAGE_SIZE=32, WEIGHTS=None, NUM_WORKERS=0, DEVICE="cpu",
+                         BATCH_SIZE=8, MAX_EPOCHS=2, PATIENCE=100, VAL_PER_EPOCH=2, UMAP_SAMPLES=200,
+                         UMAP_NEIGHBORS=5, CLOSE_FAR_COUNT=3, TRANSFER_REPEATS=2, OUTPUT_DIR=str(tmp / "outputs"),
+                         CHECKPOINT_DIR=str(tmp / "checkpoints"), CACHE_DIR=str(tmp / "cache"))
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_cache_and_embeddings_of_one(tmp_path):
+    data = make_image_folder(tmp_path / "images", {"a": 20, "b": 20, "c": 20, "u": 9, "v": 9}, size=24)
+    two, one = tmp_path / "two", tmp_path / "one"
+    two_settings, one_settings = _run_settings(two, data), _run_settings(one, data)
+
+    # training as two processes (DDP, each its block of every batch, each its block of the trunk pass)
+    trained = _torchrun("train.py", two_settings)
+    _ok(trained)
+    assert "processes=2 (torchrun)" in trained.stdout and "shared out over 2 processes" in trained.stdout
+    assert trained.stdout.count("epoch 2:") == 1  # rank 1's console is silent
+    last = torch.load(two / "checkpoints" / "last.pth", weights_only=False)
+    assert last["finished"] and len(last["history"]) == 2 * 2
+    assert sorted(p.name for p in (two / "outputs" / "logs").iterdir()) == ["train.log"]
+
+    # the same checkpoint embedded by one process (its own cache) and by two
+    (one / "outputs").mkdir(), (one / "checkpoints").mkdir()
+    shutil.copy(two / "outputs" / "split.csv", one / "outputs")
+    shutil.copy(two / "checkpoints" / "best.pth", one / "checkpoints")
+    _ok(_python("embed.py", one_settings))
+    _ok(_torchrun("embed.py", two_settings))
+
+    # cache: the same images, the same values up to float16 rounding. The trunk runs in float32 on
+    # batches of other sizes in the two runs, so its last bits may differ and round to neighbouring
+    # float16 values: allow 2 float16 steps (2 x 2^-10 relative), and 1e-3 near zero
+    single, shared = _cached_rows(one / "cache"), _cached_rows(two / "cache")
+    assert len(single) == 12 + 45 + 18 and set(single) <= set(shared)  # test, train, unseen (+ val in two)
+    for key, row in single.items():
+        np.testing.assert_allclose(shared[key].astype(np.float32), row.astype(np.float32), rtol=2 ** -9, atol=1e-3)
+    # embeddings: the same rows in the same order, equal up to what that rounding moves (float32 head)
+    for subset in ("train", "test", "unseen"):
+        a = pd.read_pickle(two / "outputs" / f"embeddings_{subset}.pkl")
+        b = pd.read_pickle(one / "outputs" / f"embeddings_{subset}.pkl")
+        assert list(a.path) == list(b.path) and list(a.label) == list(b.label) and a.attrs == b.attrs
+        columns = [c for c in a if c.startswith("e") and c[1:].isdigit()]
+        np.testing.assert_allclose(a[columns].to_numpy(), b[columns].to_numpy(), rtol=1e-3, atol=1e-4)
+    assert sorted(p.name for p in (two / "outputs" / "logs").iterdir()) == ["embed.log", "train.log"]
+
+    # every later stage takes the checkpoint two processes trained (run_all: train is already done)
+    everything = _python("run_all.py", two_settings)
+    _ok(everything)
+    assert "training already finished" in everything.stdout
+    for stage in ("evaluate", "embed", "compute_average_distances", "dimensionality_reduction", "transfer_learning"):
+        assert (two / "outputs" / f"provenance_{stage}.json").is_file(), stage
+
+
+@pytest.mark.slow
+def test_an_error_under_torchrun_is_one_line(tmp_path, tiny_folder):
+    settings = _run_settings(tmp_path / "run", tiny_folder)
+    missing = _torchrun("embed.py", settings)  # after the group started: rank 0 fails, rank 1 is stopped
+    refused = _torchrun("evaluate.py", settings)  # before it: every rank would fail alike
+    for done, says in ((missing, "run train.py first"), (refused, "runs in one process")):
+        assert done.returncode != 0
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and says in errors[0], done.stderr[-3000:]
