@@ -40,6 +40,7 @@ def test_helpers_pass_through_in_one_process():
 
 def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     """One of `world` gloo processes: its block of 0..10 (as rows i, i^2), gathered; the other collectives."""
+    torch.set_num_threads(1)  # forked: OpenMP's pool, if the parent used it, is not fork-safe
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         start, stop = distributed.shard_bounds(11)
@@ -65,6 +66,61 @@ def test_gather_returns_every_rank_rows_in_order_on_rank_0(tmp_path):
         assert result["total"] == [1.0 + 2.0 + 3.0, 3.0]
         assert result["agreed"] is False  # rank 1 said no
         assert result["decision"] == "rank 0"
+
+
+class _TinyHead(torch.nn.Module):
+    """A model as train_one_epoch sees it: a trunk (nothing) and forward_head, one linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.fc = torch.nn.Identity(), torch.nn.Linear(4, 3)
+
+    def forward_head(self, features):
+        return self.fc(features), features
+
+    forward = forward_head
+
+
+def _one_epoch(world: int, init_file: str | None, out_file: str, rank: int = 0) -> None:
+    """Two SGD steps of training.train_one_epoch on 13 fixed rows, batches of 7 and 6 (uneven
+    blocks over 2 ranks), in one process (world 1) or as `rank` of `world` gloo processes with DDP."""
+    import training
+    from dataloader import FeatureSource, Runtime
+    if world > 1:  # a forked child: one thread (OpenMP's pool, used by the parent's training, is not fork-safe)
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = _TinyHead()
+    forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+    rows = np.random.default_rng(1).normal(size=(13, 4)).astype(np.float32)
+    source = FeatureSource(torch.arange(13) % 3, features=rows)
+    figures = []
+    training.train_one_epoch(model, torch.optim.SGD(model.parameters(), lr=0.5), source,
+                             [[3, 0, 7, 12, 5, 1, 9], [2, 4, 6, 8, 10, 11]], Runtime(torch.device("cpu"), 8, 0, False, False),
+                             {0, 1}, lambda b, loss, acc: figures.append((loss, acc)) or False, forward=forward)
+    torch.save(dict(weights={k: v.detach().clone() for k, v in model.state_dict().items()}, figures=figures),
+               f"{out_file}.{rank}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    _one_epoch(world, init_file, out_file, rank)
+
+
+def test_data_parallel_steps_equal_one_process(tmp_path):
+    """Each rank's share of the batch's mean loss, averaged by DDP, is the whole batch's gradient;
+    the running figures summed over ranks are the whole batches'."""
+    _one_epoch(1, None, str(tmp_path / "single"))
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp")), nprocs=2, join=True,
+                       start_method="fork")
+    single = torch.load(tmp_path / "single.0", weights_only=False)
+    for rank in (0, 1):
+        ddp = torch.load(tmp_path / f"ddp.{rank}", weights_only=False)
+        for name, value in single["weights"].items():
+            torch.testing.assert_close(ddp["weights"][name], value, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ddp["figures"], single["figures"], rtol=1e-5)
+    assert single["weights"]["fc.bias"].abs().sum() > 0  # the steps did move the weights
 
 
 # ---- train.py and embed.py as two gloo processes -------------------------------------------------
