@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 import backbone
+import distributed
 import images
 import safepickle
 from common import (PipelineError, atomic_path, code_version, note_trunk_weights, package_versions,
@@ -70,11 +71,13 @@ class Paths:
 
 
 def prepare_output_dirs(cfg) -> Paths:
-    """Create the output tree and remove the temporary files of killed runs (never a running one's)."""
+    """Create the output tree and remove the temporary files of killed runs (never a running one's;
+    under torchrun only rank 0 looks, as another node cannot tell whether a process is alive)."""
     paths = Paths.from_settings(cfg)
     for folder in (paths.out, paths.checkpoints, paths.cache):
         folder.mkdir(parents=True, exist_ok=True)
-        remove_abandoned_temporaries(folder)
+        if distributed.is_main():
+            remove_abandoned_temporaries(folder)
     return paths
 
 

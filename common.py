@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import distributed
+
 REPO_DIR = Path(__file__).resolve().parent
 # temporary files are named "<name>.tmp-plankton-<pid>-<8 hex digits>" beside their target; only
 # names of exactly this form, of processes no longer alive, are ever cleaned up
@@ -34,24 +36,33 @@ class PipelineError(Exception):
 # ---- running a script ----------------------------------------------------------------------
 
 def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = None,
-               lock_folders: bool = True) -> None:
+               lock_folders: bool = True, distributed_ok: bool = False) -> None:
     """Run a script's run(cfg); a PipelineError ends in one line on stderr and exit status 1.
 
     While it runs, the script holds OUTPUT_DIR and CHECKPOINT_DIR (lock_folders): a second run of
     the pipeline on the same folders stops at once instead of interleaving its files with this
     one's. numba keeps compiled code (umap-learn's, the distance pass) in <CACHE_DIR>/numba, or in
-    `numba_cache`: set here, once, before anything imports numba."""
+    `numba_cache`: set here, once, before anything imports numba. Under torchrun (distributed_ok:
+    train.py, embed.py) every process joins the group, rank 0 alone holds the folders and keeps the
+    log, and the others start once it does; another script under torchrun stops with one line."""
     import settings  # settings.py raises PipelineError: imported here, not at the top
     with contextlib.ExitStack() as held:
         try:
             cfg = settings.load_settings(argv)
             use_numba_cache(numba_cache or Path(cfg.CACHE_DIR) / "numba")
-            if lock_folders:
+            script = Path(sys.argv[0]).stem if run.__module__ == "__main__" else run.__module__
+            if distributed.launched():
+                if not distributed_ok:
+                    raise PipelineError(f"{script}.py runs in one process: start it with python, not torchrun "
+                                        f"(only train.py and embed.py run distributed)")
+                held.enter_context(distributed.quiet_unless_main())
+                held.enter_context(distributed.process_group(pick_device(cfg.DEVICE)))
+            if lock_folders and distributed.is_main():
                 for folder in dict.fromkeys(Path(f).resolve() for f in (cfg.OUTPUT_DIR, cfg.CHECKPOINT_DIR)):
                     held.enter_context(folder_lock(folder))
                 # the console output is also kept, error line included, in <OUTPUT_DIR>/logs/<script>.log
-                script = Path(sys.argv[0]).stem if run.__module__ == "__main__" else run.__module__
                 held.enter_context(tee_output(Path(cfg.OUTPUT_DIR) / "logs" / f"{script}.log"))
+            distributed.barrier()  # the other ranks start once rank 0 holds the folders
             run(cfg)
         except BaseException as err:
             _exit_for(err)
@@ -66,9 +77,12 @@ def _exit_for(err: BaseException) -> None:
     elif isinstance(err, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    elif distributed.launched() and distributed.another_rank_failed():
+        sys.exit(1)  # a collective broken by a rank that failed first and said why
     else:
         raise err
-    print(f"error: {message}", file=sys.stderr)
+    if distributed.should_print_error():  # once, not once per process
+        print(f"error: {message}", file=distributed.error_stream())
     sys.exit(1)
 
 

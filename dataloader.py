@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import distributed
 from common import Progress, num_workers, pick_device
 from images import load_rgb, resize
 
@@ -44,8 +45,8 @@ class Runtime:
 
 
 def runtime_from_settings(cfg) -> Runtime:
-    """The device chosen once (CUDA if present, else CPU), and the speed settings."""
-    return Runtime(pick_device(cfg.DEVICE), int(cfg.BATCH_SIZE), num_workers(cfg.NUM_WORKERS),
+    """The device chosen once (CUDA if present, else CPU; under torchrun cuda:LOCAL_RANK), and the speed settings."""
+    return Runtime(distributed.local_device(pick_device(cfg.DEVICE)), int(cfg.BATCH_SIZE), num_workers(cfg.NUM_WORKERS),
                    bool(cfg.CHANNELS_LAST), bool(cfg.MIXED_PRECISION))
 
 
@@ -165,7 +166,12 @@ def sample_source(source: FeatureSource, limit: int, seed: int) -> FeatureSource
     """The source itself, or a fixed random sample of `limit` of its items (sorted, so reads stay in order)."""
     if len(source) <= limit:
         return source
-    picked = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
+    return select_rows(source, np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False)))
+
+
+def select_rows(source: FeatureSource, picked: np.ndarray) -> FeatureSource:
+    """The items `picked` (indices, in that order) of a source, as a source."""
+    picked = np.asarray(picked, dtype=np.int64)
     if source.features is not None:
         return FeatureSource(source.labels[picked], features=RowView(source.features, picked))
     return FeatureSource(source.labels[picked], dataset=torch.utils.data.Subset(source.dataset, picked.tolist()))

@@ -2,6 +2,7 @@
 classes and of every image of the unseen classes.
 
     python embed.py
+    torchrun --standalone --nproc_per_node=4 embed.py   # each process embeds a block of the images
 
 Reads:  checkpoints/best.pth, outputs/split.csv, the images (through the trunk cache).
 Writes: outputs/embeddings_train.pkl, outputs/embeddings_test.pkl, outputs/embeddings_unseen.pkl
@@ -9,29 +10,47 @@ Writes: outputs/embeddings_train.pkl, outputs/embeddings_test.pkl, outputs/embed
         pickled pandas DataFrames with columns label, class_name, path, e0 … e127; frame.attrs
         records the checkpoint's SHA-256, the split's SHA-256, the subset and the class list.
         Last, outputs/provenance_embed.json (see artifacts.py).
+Under torchrun the processes share out the images (and the missing trunk features) in contiguous
+blocks; rank 0 gathers the embeddings in the split's order and alone writes the same files.
 """
 import time
+
+import numpy as np
 
 import artifacts
 import common
 import dataloader
+import distributed
 import training
 import trunk_cache
+
+
+def embeddings_of(model, source: dataloader.FeatureSource, runtime: dataloader.Runtime) -> np.ndarray | None:
+    """The embedding of every item of `source`, in order: in a single process, all of it; under
+    torchrun each rank runs its contiguous block and rank 0 gets them all (the others None)."""
+    start, stop = distributed.shard_bounds(len(source))
+    mine = None
+    if stop > start:
+        _, mine = training.head_outputs(model, dataloader.select_rows(source, np.arange(start, stop)), runtime)
+    return distributed.gather_rows(mine)
 
 
 def run(cfg) -> None:
     paths = artifacts.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
-    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    with distributed.main_first():  # rank 0 checks the images first (and refreshes their scan cache)
+        trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     checkpoint, split = trained.checkpoint, trained.split
-    inputs = artifacts.start_stage(paths, "embed", [paths.best, paths.split])
+    main = distributed.is_main()
+    inputs = artifacts.start_stage(paths, "embed", [paths.best, paths.split]) if main else {}
     cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
                                       trained.preprocess, runtime)
     outputs = []
     for subset in artifacts.EMBEDDED_SUBSETS:
         started = time.time()
-        source = trained.source(subset, cache)
-        _, embeddings = training.head_outputs(trained.model, source, runtime)
+        embeddings = embeddings_of(trained.model, trained.source(subset, cache), runtime)
+        if not main:
+            continue
         relpaths, labels = split.subset(subset)
         names = split.classes(subset)
         frame = artifacts.embeddings_frame(embeddings, labels, names, relpaths, dict(
@@ -41,11 +60,12 @@ def run(cfg) -> None:
         outputs += [paths.embeddings(subset)] + artifacts.export_table(frame, paths.embeddings(subset), cfg.EXPORT_CSV)
         print(f"{subset}: {len(frame)} embeddings of size {embeddings.shape[1]} in {time.time() - started:.1f}s "
               f"-> {paths.embeddings(subset)}")
-    artifacts.save_provenance(paths, "embed", inputs, outputs)
+    if main:
+        artifacts.save_provenance(paths, "embed", inputs, outputs)
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    common.run_script(run, argv, distributed_ok=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python train.py                      # settings from configfile.py
     python train.py --RESUME=False       # start over instead of resuming checkpoints/last.pth
+    torchrun --standalone --nproc_per_node=4 train.py   # one process per GPU (DistributedDataParallel)
 
 Reads:  the image folder (DATA_DIR, or the built-in digits).
 Writes: outputs/split.csv (drawn once with SPLIT_SEED, then re-read), checkpoints/best.pth (lowest
@@ -12,6 +13,8 @@ Writes: outputs/split.csv (drawn once with SPLIT_SEED, then re-read), checkpoint
 
 The optimizer (OPTIMIZER, WEIGHT_DECAY, MOMENTUM), LR schedule (LR_SCHEDULE, stepped at each epoch
 end), COLOR_JITTER and LABEL_SMOOTHING come from the settings; their defaults train as before them.
+Under torchrun each process trains on its block of every batch (BATCH_SIZE is the whole batch) and
+computes its block of the missing trunk features; rank 0 alone writes (distributed.py).
 """
 import time
 
@@ -23,6 +26,7 @@ import artifacts
 import backbone
 import common
 import dataloader
+import distributed
 import settings
 import training
 import trunk_cache
@@ -45,7 +49,7 @@ def resumable_checkpoint(cfg, paths, split) -> dict | None:
     """last.pth to resume from (or a finished run made with these settings), or None to start
     fresh. Starting over (RESUME=False) deletes an old last.pth first: a finished one must not
     vouch for the new best.pth."""
-    if not cfg.RESUME:
+    if not cfg.RESUME and distributed.is_main():
         paths.last.unlink(missing_ok=True)
     if not paths.last.is_file():
         return None
@@ -87,8 +91,9 @@ def build_model(cfg, split, last: dict | None, summary_path) -> tuple[torch.nn.M
                     col_names=("output_size", "num_params", "trainable"))
     text = f"{stats}\ntrunk weights: {weights_source}\n"
     print(text, end="")
-    with common.atomic_path(summary_path) as tmp:
-        tmp.write_text(text)
+    if distributed.is_main():
+        with common.atomic_path(summary_path) as tmp:
+            tmp.write_text(text)
     common.note_trunk_weights(weights_source)
     return model, arch, weights_source
 
@@ -118,14 +123,18 @@ def training_sources(cfg, split, preprocess, cache) -> dict:
     return sources
 
 
-def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, save_last) -> float:
+def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, save_last, forward=None) -> float:
     """Epochs until MAX_EPOCHS or PATIENCE validation passes without a lower validation loss; the
-    LR schedule steps at each epoch end. Returns the seconds spent on the class-wise figures."""
+    LR schedule steps at each epoch end. Returns the seconds spent on the class-wise figures.
+    Under torchrun (`forward` from training.data_parallel) every rank validates on the whole
+    validation set and rank 0's verdict stops them all; a last batch with fewer images than ranks
+    is left out of its epoch (each rank needs one; a different few images each epoch)."""
     state.stop_reason = f"reached MAX_EPOCHS={cfg.MAX_EPOCHS}"
     classwise = dict(train=sources["train_classwise"], val=sources["val"])
     classwise_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.MAX_EPOCHS):
         batches = training.epoch_batches(len(sources["train"]), cfg.BATCH_SIZE, cfg.SEED, epoch)
+        batches = [batch for batch in batches if len(batch) >= distributed.world_size()]
 
         def validate(b: int, train_loss: float, train_acc: float) -> bool:
             nonlocal classwise_seconds
@@ -146,7 +155,7 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
         stopped = training.train_one_epoch(model, optimizer, sources["train"], batches, runtime,
                                            training.validation_points(len(batches), cfg.VAL_PER_EPOCH), validate,
                                            seed=cfg.SEED * 100_003 + epoch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCHS}",
-                                           label_smoothing=cfg.LABEL_SMOOTHING)
+                                           label_smoothing=cfg.LABEL_SMOOTHING, forward=forward)
         state.epoch = epoch
         print_epoch(epoch, state)
         if stopped:
@@ -220,7 +229,9 @@ def optimizer_and_schedule(cfg, model) -> tuple[torch.optim.Optimizer, object]:
 
 
 def save_history(history: list[dict], paths, class_names: list[str]) -> None:
-    """training_history.csv and its three plots (none when no validation pass was made)."""
+    """training_history.csv and its three plots (none when no validation pass was made); rank 0's."""
+    if not distributed.is_main():
+        return
     frame = pd.DataFrame(history)
     common.save_csv(frame, paths.history, index=False)
     if len(frame):
@@ -235,9 +246,15 @@ def run(cfg) -> None:
     runtime = dataloader.runtime_from_settings(cfg)
     if cfg.DETERMINISTIC:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    print(f"train.py  device={runtime.device}  seed={cfg.SEED}  code={common.code_version()}")
-    split = artifacts.split_from_settings(cfg, paths, create=True)
-    last = resumable_checkpoint(cfg, paths, split)
+    ranks = distributed.world_size()
+    print(f"train.py  device={runtime.device}  seed={cfg.SEED}  code={common.code_version()}"
+          + (f"  processes={ranks} (torchrun)" if ranks > 1 else ""))
+    if cfg.BATCH_SIZE < ranks:
+        raise PipelineError(f"BATCH_SIZE={cfg.BATCH_SIZE} is smaller than the {ranks} processes; each needs an "
+                            f"image of every batch: raise BATCH_SIZE or start fewer processes")
+    with distributed.main_first():  # rank 0 draws and writes the split; the others then read it
+        split = artifacts.split_from_settings(cfg, paths, create=True)
+        last = resumable_checkpoint(cfg, paths, split)
     if last and last.get("finished"):
         print(f"training already finished ({last['stop_reason']}); {paths.best} holds epoch "
               f"{last['best_epoch']:.2f}, validation loss {last['best_val_loss']:.4f}.\n"
@@ -251,6 +268,7 @@ def run(cfg) -> None:
     state = training.TrainingState.restore(last, model, optimizer, scheduler) if last else training.TrainingState()
     if last:
         print(f"resuming after epoch {state.epoch + 1} from {paths.last}")
+    forward = training.data_parallel(model, runtime)  # model.forward_head, or DDP under torchrun
     preprocess = dataloader.Preprocess.for_trunk(arch["trunk"], cfg.IMAGE_SIZE, cfg.RESIZE_MODE)
     cache = trunk_cache.from_settings(cfg, paths.cache, model.trunk, trunk_sha256, preprocess, runtime)
     sources = training_sources(cfg, split, preprocess, cache)
@@ -259,12 +277,17 @@ def run(cfg) -> None:
         return artifacts.checkpoint_record(model, arch, preprocess, split, weights_source, trunk_sha256,
                                            settings.settings_dict(cfg), **extra)
 
-    def save_last() -> None:
-        common.save_torch(record(**state.record(model, optimizer, scheduler)), paths.last)
+    def save_last() -> None:  # rank 0's files only, here and below: the other ranks write nothing
+        if distributed.is_main():
+            common.save_torch(record(**state.record(model, optimizer, scheduler)), paths.last)
+
+    def save_best(**extra) -> None:
+        if distributed.is_main():
+            common.save_torch(record(**extra), paths.best)
 
     started = time.time()
-    classwise_seconds = fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_last=save_last,
-                            save_best=lambda **extra: common.save_torch(record(**extra), paths.best))
+    classwise_seconds = fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best=save_best,
+                            save_last=save_last, forward=forward)
     save_history(state.history, paths, list(split.seen_classes))
     state.finished = True
     save_last()
@@ -275,7 +298,7 @@ def run(cfg) -> None:
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    common.run_script(run, argv, distributed_ok=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 
+import backbone
+import distributed
 from common import Progress
 from dataloader import FeatureSource, Runtime, feature_batches, in_order
 
@@ -124,29 +126,41 @@ def restore_rng(states: dict) -> None:
 # ---- one epoch -----------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runtime: Runtime, checks: set,
-                    on_check, seed: int = 0, desc: str = "", label_smoothing: float = 0.0) -> bool:
+                    on_check, seed: int = 0, desc: str = "", label_smoothing: float = 0.0, forward=None) -> bool:
     """Train the head over `batches`; after each batch in `checks` call on_check(b, train_loss,
     train_acc) with the running figures since the last check. Return True if on_check asked to stop.
-    label_smoothing changes the loss that is minimised; train_loss stays plain cross-entropy."""
+    label_smoothing changes the loss that is minimised; train_loss stays plain cross-entropy.
+
+    Under torchrun, `forward` is data_parallel's wrapper: each rank trains on its block of every
+    batch (no batch may be shorter than the ranks), with its share of the batch's mean loss, so the
+    averaged gradient is the whole batch's; the figures handed to on_check are the whole batches',
+    and rank 0's answer is every rank's."""
+    forward, ranks = forward or model.forward_head, distributed.world_size()
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = Progress(feature_batches(source, batches, model.trunk, runtime, seed=seed), desc or "training",
+    mine = [distributed.shard(batch) for batch in batches]
+    bar = Progress(feature_batches(source, mine, model.trunk, runtime, seed=seed), desc or "training",
                    total=len(batches), unit="batches")
     try:
         for b, (features, labels) in enumerate(bar):
-            logits, _ = model.forward_head(features)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            logits, _ = forward(features)
+            if ranks == 1:
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            else:  # DDP averages the ranks' gradients: each contributes ranks / batch size x its sum
+                loss = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing) \
+                    * (ranks / len(batches[b]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if label_smoothing:
+            if label_smoothing or ranks > 1:
                 loss = F.cross_entropy(logits.detach(), labels)
             loss_sum += loss.item() * len(labels)  # .item() also waits for CUDA, every batch
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
             if b in checks:
-                stop = on_check(b, loss_sum / seen, correct / seen)
+                loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen])
+                stop = distributed.broadcast(on_check(b, loss_sum / seen, correct / seen))
                 model.train()
                 loss_sum, correct, seen = 0.0, 0, 0
                 if stop:
@@ -154,6 +168,30 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
         return False
     finally:
         bar.close()
+
+
+class TrainablePart(torch.nn.Module):
+    """The modules forward_head runs (tuned blocks, head, embedding, classifier), shared with the
+    model, as one module for DistributedDataParallel: the frozen trunk stays outside it, so its
+    buffers are never sent between ranks."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.tuned_trunk, self.head, self.embed, self.classifier = (model.tuned_trunk, model.head, model.embed,
+                                                                    model.classifier)
+
+    forward = backbone.PlanktonNet.forward_head  # the model's own, run on these same modules
+
+
+def data_parallel(model, runtime: Runtime):
+    """The forward pass train_one_epoch trains with: under torchrun, the trainable part wrapped in
+    DistributedDataParallel (it starts from rank 0's weights and averages gradients, and rank 0's
+    BatchNorm statistics are sent to every rank each step); in a single process, model.forward_head."""
+    if distributed.world_size() == 1:
+        return model.forward_head
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(TrainablePart(model), device_ids=device_ids)
 
 
 @torch.no_grad()

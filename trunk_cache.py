@@ -20,6 +20,11 @@ one warning, never served, and its images are computed again; deleting dead file
 cleanup. The lock only saves a second run from computing what the first is computing: nothing
 relies on it, and where the file system has no locks (some NFS mounts) runs simply go without.
 
+Under torchrun (distributed.py) every rank asks for the same images: rank 0's list of the missing
+ones is shared out in contiguous blocks, each rank writes its block into chunks of its own (a chunk's
+name holds its pid and random digits, so none collide; appends need no lock), rank 0 alone holds the
+lock, and after a barrier every rank reads the same folder.
+
 Old-layout folders (features.npy + index.csv, before chunks) are not read: their images are
 computed again into chunks, and a note says the old files can be deleted."""
 import contextlib
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 
 import dataloader
+import distributed
 from common import atomic_path
 from dataloader import Preprocess, Runtime
 
@@ -81,17 +87,19 @@ class TrunkCache:
             raise ValueError("an image key is empty or holds a line break")
         _note_old_layout(folder)
         found, distinct = _find(folder, keys, DTYPES[self.dtype]), len(set(keys))
-        if len(found.where) < distinct:
-            with _filling(folder, self.lock):
+        if not distributed.all_true(len(found.where) == distinct):
+            with _filling(folder, self.lock and distributed.is_main()):
                 found = _find(folder, keys, DTYPES[self.dtype])  # another run may have filled it meanwhile
-                todo = {}  # key -> one image with that key (identical files share a content key)
-                for key, rel in zip(keys, relpaths):
-                    if key not in found.where:
-                        todo.setdefault(key, rel)
+                todo = distributed.broadcast(_missing(keys, relpaths, found))  # under torchrun: rank 0's list
                 if todo:
-                    print(f"trunk cache: computing {len(todo)} of {distinct} images into {folder}")
-                    self._fill(root, folder, todo)
-                    found = _find(folder, keys, DTYPES[self.dtype])
+                    ranks = distributed.world_size()
+                    print(f"trunk cache: computing {len(todo)} of {distinct} images into {folder}"
+                          + (f", shared out over {ranks} processes" if ranks > 1 else ""))
+                    mine = dict(distributed.shard(list(todo.items())))  # each rank its block, its own chunks
+                    if mine:
+                        self._fill(root, folder, mine)
+                distributed.barrier()  # every rank's chunks are in place before any rank reads
+                found = _find(folder, keys, DTYPES[self.dtype])
         missing = [k for k in keys if k not in found.where]
         if missing:  # only a chunk torn the moment after it was written gets here
             raise RuntimeError(f"{folder}: {len(missing)} images still missing after the trunk pass, "
@@ -112,6 +120,16 @@ class TrunkCache:
         if pending:
             written += _write_chunk(folder, keys[written:], np.concatenate(pending))
         assert written == len(keys), (written, len(keys))
+
+
+def _missing(keys: list[str], relpaths: list[str], found: "_Found") -> dict[str, str]:
+    """key -> one image with that key, for the keys no complete chunk holds (identical files share a
+    content key), in the images' order."""
+    todo = {}
+    for key, rel in zip(keys, relpaths):
+        if key not in found.where:
+            todo.setdefault(key, rel)
+    return todo
 
 
 # ---- chunks on disk ------------------------------------------------------------------------------
