@@ -94,3 +94,9 @@ OVERVIEW_SAMPLES = 8  # sample images per class in outputs/sample_images.png (da
 # ---- feature maps ---------------------------------------------------------------------------
 FEATURE_MODULES = "auto"  # modules whose outputs feature_maps.py hooks, named as in model.named_modules(), e.g. ["trunk.0", "head.0"]; "auto" = each trunk block and the head's convolutions
 FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images
+
+# ---- multi-label task -----------------------------------------------------------------------
+TASK = "multiclass"  # "multiclass" (one class per image: class sub-folders, softmax) or "multilabel" (a label set per image from LABELS_CSV, sigmoid + BCE)
+LABELS_CSV = None  # multilabel: CSV with columns path (relative to DATA_DIR) and labels (separated by ";"); None = <DATA_DIR>/labels.csv
+BUILTIN_MULTILABEL_DIR = "data/digit_mosaics"  # multilabel with DATA_DIR = None: 2x2 mosaics of the built-in digits and their labels.csv (git-ignored)
+TAIL_THRESHOLDS = 10  # evaluate.py: thresholds of the tail-accuracy curves, evenly from 0.5 to the highest test score

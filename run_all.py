@@ -2,10 +2,12 @@
 
     python run_all.py                    # built-in digits, or DATA_DIR from configfile.py
     python run_all.py --config=my.py     # settings overrides pass through to every stage
+    python run_all.py --TASK=multilabel  # the built-in multi-label demo (2x2 digit mosaics)
 
 Stages: dataset_overview.py -> train.py -> evaluate.py -> reproduce.py -> ranked_images.py -> embed.py ->
 feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> transfer_learning.py.
-Writes what each stage writes, plus outputs/stage_times.json. A finished training run is not repeated
+A stage whose TASKS tuple lacks TASK is skipped with one line (multilabel: dataset_overview,
+ranked_images, transfer_learning). Writes what each stage writes, plus outputs/stage_times.json. A finished training run is not repeated
 (train.py says so).
 """
 import time
@@ -34,6 +36,9 @@ def run(cfg) -> dict:
     logs = artifacts.Paths.from_settings(cfg).out / "logs"
     for name, module in STAGES:
         print(f"\n======== {name}.py ========")
+        if cfg.TASK not in module.TASKS:  # a stage for one task only says so in its TASKS
+            print(f"skipped: {name}.py is {' and '.join(module.TASKS)} only (TASK={cfg.TASK!r})")
+            continue
         stage_started = time.time()
         with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's
             module.run(cfg)

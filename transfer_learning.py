@@ -26,6 +26,7 @@ from sklearn.svm import SVC
 
 import artifacts
 import common
+import tasks
 
 # The probes fitted on the embeddings: name -> (training labels, KNN_K, seed) -> an unfitted
 # scikit-learn classifier. Adding a probe is one entry here; its own plot and its line in the
@@ -35,6 +36,9 @@ PROBES = {
     "Linear": lambda y, k, seed: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
     "kNN": lambda y, k, seed: KNeighborsClassifier(n_neighbors=knn_k(y, k)),
 }
+
+
+TASKS = ("multiclass",)  # single-label only: learns the unseen classes as single labels; run_all.py skips it for TASK="multilabel"
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +136,7 @@ def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path)
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "transfer_learning.py")
     paths = artifacts.prepare_output_dirs(cfg)
     frame = artifacts.open_embeddings(paths, "unseen")
     names = list(frame.attrs["class_names"])
