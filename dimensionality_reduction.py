@@ -169,7 +169,7 @@ def close_and_far(points: np.ndarray, labels: np.ndarray, class_index: int, coun
 
 
 def plot_close_far(frame: pd.DataFrame, rows: list, pictures: dict, class_name: str, space: str, path,
-                   count: int) -> None:
+                   count: int, noun: str = "class") -> None:
     plt = common.pyplot()
     row_titles = [f"closest to the centre of {class_name}", f"furthest from the centre of {class_name}",
                   "closest from other classes"]
@@ -186,11 +186,11 @@ def plot_close_far(frame: pd.DataFrame, rows: list, pictures: dict, class_name: 
             ax.imshow(pictures[item.path], interpolation="nearest")
             caption = f"d={distances[c]:.2f}"
             if r == 2:
-                caption = f"class {item.class_name}\n{caption}"
+                caption = f"{noun} {item.class_name}\n{caption}"
             ax.set_xlabel(caption, fontsize=9)
         axes[r, 0].set_ylabel(row_titles[r].replace(" from the", "\nfrom the").replace(" to the", "\nto the")
                               .replace(" from other", "\nfrom other"), fontsize=9)
-    fig.suptitle(f"Class {class_name}: distances to its centre in the {space} space (training images)")
+    fig.suptitle(f"{noun.capitalize()} {class_name}: distances to its centre in the {space} space (training images)")
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -280,7 +280,8 @@ def run(cfg) -> None:
     common.save_csv(shown_images_table(train, selections, root), outputs[-1], index=False)
     for i, name, rows in selections:
         outputs.append(paths.out / f"close_faraway_closeotherclass_class_{i}.png")
-        plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT)
+        plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT,
+                       "rarest label" if frames["train"].attrs.get("task") == "multilabel" else "class")
     artifacts.save_provenance(paths, "dimensionality_reduction", inputs, outputs)
     print(f"-> {paths.out / 'umap_embeddings.png'}, {paths.out}/close_faraway_closeotherclass_class_*.png")
 
