@@ -3,8 +3,9 @@ persisted split, the self-describing checkpoint, the embeddings tables and the p
 Each is written, opened and checked here and nowhere else.
 
     split.csv                 relpath, class_name, subset (train/val/test/unseen), sha256; drawn once
+                              (multilabel: relpath, labels, subset, sha256; see labelsets.py)
     checkpoints/best.pth      model + everything needed to rebuild and trust it (see checkpoint_record)
-    embeddings_<subset>.pkl   pickled DataFrame: label, class_name, path, e0..e<d-1>; attrs = provenance
+    embeddings_<subset>.pkl   pickled DataFrame: label, class_name, path, [labels,] e0..e<d-1>; attrs = provenance
     test_scores.npz           logits and softmax scores (float32) of every test image, labels, paths, classes,
                               the checkpoint's SHA-256 (see save_predictions); test_predictions.csv (and
                               .parquet, same columns) beside it
@@ -24,6 +25,7 @@ import torch
 import backbone
 import distributed
 import images
+import labelsets
 import safepickle
 from common import (PipelineError, atomic_path, code_version, note_trunk_weights, package_versions,
                     remove_abandoned_temporaries, save_csv, save_json, sha256_file)
@@ -86,17 +88,33 @@ def prepare_output_dirs(cfg) -> Paths:
 @dataclass
 class Split:
     root: Path
-    table: pd.DataFrame  # relpath, class_name, subset, sha256 (of the image file)
+    table: pd.DataFrame  # relpath, class_name, subset, sha256 (of the image file); multilabel: labels for class_name
     seen_classes: list[str]
     unseen_classes: list[str]
     sha256: str
+    labels_csv: str | None = None  # the labels CSV of a multi-label split; None: single-label
+
+    @property
+    def task(self) -> str:
+        return "multiclass" if self.labels_csv is None else "multilabel"
 
     def subset(self, name: str) -> tuple[list[str], np.ndarray]:
-        """Relative paths and label indices of train/val/test (seen) or unseen."""
+        """Relative paths and targets of train/val/test (seen) or unseen: label indices, or for a
+        multi-label split a multi-hot matrix over the subset's classes (seen, or unseen)."""
         part = self.table[self.table.subset == name]
         classes = self.unseen_classes if name == "unseen" else self.seen_classes
+        if self.labels_csv is not None:
+            return list(part.relpath), labelsets.multi_hot(list(part.labels), classes)
         index = {c: i for i, c in enumerate(classes)}
         return list(part.relpath), np.array([index[c] for c in part.class_name], dtype=np.int64)
+
+    def label_counts(self, classes: list[str]) -> np.ndarray:
+        """Images of the whole split carrying each of `classes` (multi-label splits)."""
+        return labelsets.multi_hot(list(self.table.labels), classes).sum(0)
+
+    def label_texts(self, name: str) -> list[str] | None:
+        """Each image's whole label set ("1;3;5") of a multi-label split, in subset order; None if single-label."""
+        return None if self.labels_csv is None else list(self.table[self.table.subset == name].labels)
 
     def hashes(self, name: str) -> list[str]:
         """SHA-256 of each image file of a subset, in the order of subset(name)."""
@@ -116,42 +134,62 @@ class Split:
 
 def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], create: bool,
                   bad_images: str = "skip", val_fraction: float = 0.05, test_fraction: float = 0.2,
-                  seed: int = 0) -> Split:
+                  seed: int = 0, labels_csv: Path | None = None) -> Split:
     """Find and check the images, then draw the split (create=True) or verify the persisted one.
+    With a labels_csv, the images and label sets are those of the labels CSV (labelsets.py).
 
     A split that no longer matches the usable images on disk (added, removed or modified, by
     content) stops the run: re-drawing it silently could move test images into training."""
     seen, unseen = list(seen), list(unseen)
-    usable, hashes = images.usable_images(root, seen, unseen, paths.scan_cache(root), paths.bad_images,
-                                          bad_images)
-    if create:  # train.py reports the data; later scripts only check it
-        images.print_class_counts("Seen classes", seen, {c: len(usable[c]) for c in seen})
-        images.print_class_counts("Unseen classes", unseen, {c: len(usable[c]) for c in unseen})
+    if labels_csv is not None:
+        found, hashes = labelsets.usable_label_sets(root, Path(labels_csv), seen, unseen, paths.scan_cache(root),
+                                                    paths.bad_images, bad_images)
+        if create:
+            labelsets.print_label_counts(found, seen, unseen)
+        check = lambda table: labelsets.check_split(table, found, hashes, seen, unseen, paths.split)  # noqa: E731
+        draw = lambda: labelsets.draw_split(found, unseen, hashes, val_fraction, test_fraction, seed)  # noqa: E731
+    else:
+        usable, hashes = images.usable_images(root, seen, unseen, paths.scan_cache(root), paths.bad_images,
+                                              bad_images)
+        if create:  # train.py reports the data; later scripts only check it
+            images.print_class_counts("Seen classes", seen, {c: len(usable[c]) for c in seen})
+            images.print_class_counts("Unseen classes", unseen, {c: len(usable[c]) for c in unseen})
+        check = lambda table: _check_split_matches(table, usable, hashes, seen, unseen, paths.split)  # noqa: E731
+        draw = lambda: images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen},  # noqa: E731
+                                         hashes, val_fraction, test_fraction, seed)
     if paths.split.is_file():
         try:
             table = pd.read_csv(paths.split, dtype=str, keep_default_na=False).fillna("")
         except ValueError as err:  # not CSV, not UTF-8, empty, ragged rows
             raise PipelineError(f"cannot read {paths.split} ({str(err).strip().splitlines()[0]}); restore it, "
                                 f"or delete it and the checkpoints to re-split and retrain")
-        _check_split_matches(table, usable, hashes, seen, unseen, paths.split)
+        check(table)
     elif not create:
         raise PipelineError(f"no split file at {paths.split} — run train.py first")
     else:
-        table = images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen}, hashes,
-                                  val_fraction, test_fraction, seed)
+        table = draw()
         save_csv(table, paths.split, index=False)
         print(f"split drawn and saved to {paths.split}")
     counts = table.subset.value_counts()
     print("split: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in SUBSETS + ("unseen",)) + " images")
-    return Split(root, table, seen, unseen, sha256_file(paths.split))
+    return Split(root, table, seen, unseen, sha256_file(paths.split), None if labels_csv is None else str(labels_csv))
+
+
+def data_root(cfg) -> tuple[Path, Path | None]:
+    """(image folder, labels CSV) for the settings: DATA_DIR or the built-in digits (multiclass) or
+    digit mosaics (multilabel); the labels CSV is None for a single-label run."""
+    if cfg.TASK == "multilabel":
+        root = labelsets.data_dir(cfg.DATA_DIR, cfg.BUILTIN_MULTILABEL_DIR)
+        return root, labelsets.labels_csv_path(cfg.LABELS_CSV, root)
+    return images.data_dir(cfg.DATA_DIR, cfg.BUILTIN_DATA_DIR), None
 
 
 def split_from_settings(cfg, paths: Paths, create: bool) -> Split:
     """The split for the settings' data folder and classes (train.py), drawn with SPLIT_SEED (None: SEED)."""
-    root = images.data_dir(cfg.DATA_DIR, cfg.BUILTIN_DATA_DIR)
+    root, labels_csv = data_root(cfg)
     split_seed = cfg.SEED if cfg.SPLIT_SEED is None else cfg.SPLIT_SEED
     return prepare_split(paths, root, cfg.SEEN_CLASSES, cfg.UNSEEN_CLASSES, create, cfg.BAD_IMAGES,
-                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, split_seed)
+                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, split_seed, labels_csv)
 
 
 def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_path) -> None:
@@ -210,7 +248,8 @@ def checkpoint_record(model: torch.nn.Module, arch: dict, preprocess: Preprocess
                 image_size=preprocess.image_size, resize_mode=preprocess.resize_mode,
                 normalization=dict(mean=list(preprocess.mean), std=list(preprocess.std)),
                 weights_source=weights_source, trunk_sha256=trunk_sha256, split_sha256=split.sha256,
-                data_dir=str(split.root), config=settings, code_version=code_version(), **extra)
+                data_dir=str(split.root), task=split.task, labels_csv=split.labels_csv, config=settings,
+                code_version=code_version(), **extra)
 
 
 def open_checkpoint(path: Path, step_hint: str = "run train.py first") -> dict:
@@ -228,6 +267,10 @@ def open_checkpoint(path: Path, step_hint: str = "run train.py first") -> dict:
 def check_checkpoint(checkpoint: dict, cfg, path: Path) -> None:
     """The checkpoint must belong to the current settings: same classes, images and data folder."""
     redo = "restore them or re-run train.py --RESUME=False"
+    task = checkpoint.get("task", "multiclass")  # checkpoints from before TASK are single-label
+    if task != cfg.TASK:
+        raise PipelineError(f"{path} was trained for TASK={task!r}, but the settings say TASK={cfg.TASK!r}; "
+                            f"run with --TASK={task}, or re-run train.py --RESUME=False")
     trained = (list(checkpoint["class_names"]), list(checkpoint.get("unseen_classes", cfg.UNSEEN_CLASSES)))
     if trained != (list(cfg.SEEN_CLASSES), list(cfg.UNSEEN_CLASSES)):
         raise PipelineError(f"{path} was trained with seen classes {trained[0]} / unseen {trained[1]}, but the "
@@ -238,10 +281,13 @@ def check_checkpoint(checkpoint: dict, cfg, path: Path) -> None:
     trunk = checkpoint["arch"].get("trunk", backbone.DEFAULT_TRUNK)
     if trunk != getattr(cfg, "TRUNK", backbone.DEFAULT_TRUNK):
         raise PipelineError(f"{path} was trained with TRUNK={trunk!r}, but the settings say {cfg.TRUNK!r}; {redo}")
-    root = images.data_dir(cfg.DATA_DIR, cfg.BUILTIN_DATA_DIR)
+    root, labels_csv = data_root(cfg)
     if str(root) != checkpoint["data_dir"]:
         raise PipelineError(f"{path} was trained on images in {checkpoint['data_dir']}, but DATA_DIR is now "
                             f"{root}; {redo}")
+    if labels_csv is not None and str(labels_csv) != checkpoint.get("labels_csv"):
+        raise PipelineError(f"{path} was trained with the labels in {checkpoint.get('labels_csv')}, but LABELS_CSV "
+                            f"now gives {labels_csv}; {redo}")
 
 
 @dataclass
@@ -265,7 +311,7 @@ def open_trained_model(cfg, paths: Paths, device: torch.device, channels_last: b
     checkpoint = open_checkpoint(paths.best)
     check_checkpoint(checkpoint, cfg, paths.best)
     split = prepare_split(paths, Path(checkpoint["data_dir"]), checkpoint["class_names"],
-                          checkpoint["unseen_classes"], create=False)
+                          checkpoint["unseen_classes"], create=False, labels_csv=checkpoint.get("labels_csv"))
     if checkpoint["split_sha256"] != split.sha256:
         raise PipelineError(f"{paths.best} was trained on another split.csv than the one in {paths.out}; "
                             f"re-run train.py --RESUME=False")
@@ -277,10 +323,18 @@ def open_trained_model(cfg, paths: Paths, device: torch.device, channels_last: b
 # ---- embeddings ----------------------------------------------------------------------------------
 
 def embeddings_frame(embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     relpaths: list[str], attrs: dict) -> pd.DataFrame:
-    """label, class_name, path, e0..e<d-1> (float32); attrs record where the numbers came from."""
+                     relpaths: list[str], attrs: dict, label_texts: list[str] | None = None,
+                     label_counts: np.ndarray | None = None) -> pd.DataFrame:
+    """label, class_name, path, e0..e<d-1> (float32); attrs record where the numbers came from.
+    Multi-label (`labels` a multi-hot matrix, `label_texts` each image's whole label set): label and
+    class_name are the image's rarest label among `class_names` (fewest images of the split carry it:
+    `label_counts`), and a `labels` column after path
+    holds its whole set ("1;3;5", seen labels of a held-out image included)."""
     columns = [f"{EMBEDDING_PREFIX}{i}" for i in range(embeddings.shape[1])]
     frame = pd.DataFrame(embeddings.astype(np.float32), columns=columns)
+    if label_texts is not None:
+        frame.insert(0, "labels", list(label_texts))
+        labels = labelsets.rarest_labels(labels, label_counts)
     frame.insert(0, "path", relpaths)
     frame.insert(0, "class_name", [class_names[i] for i in labels])
     frame.insert(0, "label", labels.astype(np.int64))
@@ -345,10 +399,12 @@ class Predictions:
     class_names: list[str]
     data_dir: str
     checkpoint_sha256: str
+    task: str = "multiclass"  # "multilabel": labels is a multi-hot matrix, scores are sigmoids
 
     @property
     def predicted(self) -> np.ndarray:
-        return self.logits.argmax(1)
+        """The arg-max class index of each image, or (multilabel) a 0/1 matrix: score >= 0.5."""
+        return self.logits.argmax(1) if self.task == "multiclass" else (self.logits >= 0).astype(np.int64)
 
 
 PREDICTION_ARRAYS = ("logits", "scores", "labels", "relpaths", "class_names", "data_dir", "checkpoint_sha256")
@@ -356,16 +412,24 @@ PREDICTION_ARRAYS = ("logits", "scores", "labels", "relpaths", "class_names", "d
 
 def save_predictions(paths: Paths, predictions: Predictions) -> list[Path]:
     """test_scores.npz (exact, for reuse) and test_predictions.csv (path, true_class, predicted_class,
-    score_<class> for each class) with its .parquet copy, each written atomically. Returns the paths."""
+    score_<class> for each class; multilabel: path, true_labels, predicted_labels (score >= 0.5,
+    joined by ";"), score_<label>) with its .parquet copy, each written atomically. Returns the paths."""
     p = predictions
     arrays = dict(logits=p.logits.astype(np.float32), scores=p.scores.astype(np.float32),
                   labels=p.labels.astype(np.int64), relpaths=np.array(p.relpaths, dtype=str),
                   class_names=np.array(p.class_names, dtype=str), data_dir=np.array(p.data_dir),
                   checkpoint_sha256=np.array(p.checkpoint_sha256))
+    if p.task != "multiclass":  # a single-label file stays as it was before TASK
+        arrays["task"] = np.array(p.task)
     with atomic_path(paths.scores) as tmp, open(tmp, "wb") as handle:  # a handle: savez adds no ".npz"
         np.savez(handle, **arrays)
-    table = pd.DataFrame(dict(path=p.relpaths, true_class=[p.class_names[i] for i in p.labels],
-                              predicted_class=[p.class_names[i] for i in p.predicted]))
+    if p.task == "multiclass":
+        table = pd.DataFrame(dict(path=p.relpaths, true_class=[p.class_names[i] for i in p.labels],
+                                  predicted_class=[p.class_names[i] for i in p.predicted]))
+    else:
+        def joined(matrix):
+            return [labelsets.LABEL_SEPARATOR.join(np.asarray(p.class_names)[row > 0]) for row in matrix]
+        table = pd.DataFrame(dict(path=p.relpaths, true_labels=joined(p.labels), predicted_labels=joined(p.predicted)))
     for i, name in enumerate(p.class_names):
         table[f"score_{name}"] = p.scores[:, i]
     save_csv(table, paths.predictions, index=False)
@@ -381,14 +445,16 @@ def open_predictions(paths: Paths) -> Predictions:
     try:
         with np.load(paths.scores, allow_pickle=False) as stored:  # arrays only, never code
             arrays = {name: stored[name] for name in PREDICTION_ARRAYS}
+            task = str(stored["task"]) if "task" in stored.files else "multiclass"
     except (OSError, ValueError, KeyError, EOFError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PipelineError(f"cannot read {paths.scores} ({first_line}); re-run evaluate.py")
     predictions = Predictions(arrays["logits"], arrays["scores"], arrays["labels"], arrays["relpaths"].tolist(),
                               arrays["class_names"].tolist(), str(arrays["data_dir"]),
-                              str(arrays["checkpoint_sha256"]))
+                              str(arrays["checkpoint_sha256"]), task)
     n, k = len(predictions.relpaths), len(predictions.class_names)
-    if predictions.logits.shape != (n, k) or predictions.scores.shape != (n, k) or predictions.labels.shape != (n,):
+    label_shape = (n,) if task == "multiclass" else (n, k)
+    if predictions.logits.shape != (n, k) or predictions.scores.shape != (n, k) or predictions.labels.shape != label_shape:
         raise PipelineError(f"{paths.scores} holds arrays of mismatched shapes; re-run evaluate.py")
     if predictions.checkpoint_sha256 != file_sha256(paths.best):
         raise PipelineError(f"{paths.scores} was made from another checkpoint than the current {paths.best} — "
@@ -438,7 +504,8 @@ def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -
 STAGE_OUTPUTS = {
     "dataset_overview": ["class_counts.csv", "class_counts.png", "sample_images.png"],
     "evaluate": ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png", "test_predictions.csv",
-                 "test_predictions.parquet", "test_scores.npz", "misclassified_test_images.png"],
+                 "test_predictions.parquet", "test_scores.npz", "misclassified_test_images.png", "tail_accuracy.csv",
+                 "tail_accuracy.png", "test_label_metrics.png"],
     "reproduce": ["reproduction_check.csv", "reproduction_check.json"],
     "ranked_images": ["ranked_*_*.png"],
     "embed": [f"embeddings_{s}.{ext}" for s in EMBEDDED_SUBSETS for ext in ("pkl", "parquet", "csv")],

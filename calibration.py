@@ -29,10 +29,13 @@ import artifacts
 import common
 import dataloader
 import open_set
+import tasks
 import trunk_cache
 
 BINS = 15  # equal-width confidence bins of the ECE and the reliability diagram
 LOG_T_BOUNDS = (-5.0, 5.0)  # the fitted temperature lies in [e^-5, e^5] = [0.0067, 148]
+
+TASKS = ("multiclass",)  # single-label only: calibration of the softmax's top class (run_all.py skips it)
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -140,6 +143,7 @@ def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path,
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "calibration.py")
     paths = artifacts.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
     trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)

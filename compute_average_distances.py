@@ -9,6 +9,7 @@ Writes: outputs/average_{euclidean,angular}_distances_{test,unseen}.csv and .png
 
 Entry (a, b) is the mean distance over all pairs of one sample of class a and one of class b; the
 diagonal is the mean over pairs of *distinct* samples of a class. Angular distance is 1 - cos.
+TASK="multilabel": a label's samples are the images carrying it (rows_per_label).
 """
 import numpy as np
 import pandas as pd
@@ -16,6 +17,11 @@ import torch
 
 import artifacts
 import common
+import labelsets
+import tasks
+
+
+TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
 
 
 def class_order(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +183,25 @@ def at_most_per_class(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep)) if keep else np.arange(0)
 
 
+def rows_per_label(frame: pd.DataFrame) -> pd.DataFrame:
+    """Multi-label embeddings (a `labels` column): one row per image and label it carries among the
+    table's classes, so each label's distances are over the images carrying it (an image with two
+    labels counts in both; its pair with itself, distance 0, is in their off-diagonal entry).
+    Single-label tables come back as they are."""
+    if "labels" not in frame.columns:
+        return frame
+    names = list(frame.attrs["class_names"])
+    index = {name: i for i, name in enumerate(names)}
+    pairs = [(row, index[label]) for row, text in enumerate(frame["labels"])
+             for label in text.split(labelsets.LABEL_SEPARATOR) if label in index]
+    rows, labels = (list(column) for column in zip(*pairs))
+    exploded = frame.iloc[rows].reset_index(drop=True)
+    exploded["label"] = np.array(labels, dtype=np.int64)
+    exploded["class_name"] = [names[i] for i in labels]
+    exploded.attrs = dict(frame.attrs)
+    return exploded
+
+
 KINDS = {"euclidean": "Average Euclidean distance", "angular": "Average angular distance (1 - cos)"}
 
 
@@ -207,7 +232,7 @@ def shared_range(matrices: list[np.ndarray]) -> tuple[float, float]:
 def run(cfg) -> None:
     paths = artifacts.prepare_output_dirs(cfg)
     device = common.pick_device(cfg.DEVICE)
-    frames = {subset: artifacts.open_embeddings(paths, subset) for subset in ("test", "unseen")}
+    frames = {subset: rows_per_label(artifacts.open_embeddings(paths, subset)) for subset in ("test", "unseen")}
     inputs = artifacts.start_stage(paths, "compute_average_distances",
                                    [paths.best] + [paths.embeddings(s) for s in frames])
     matrices = {subset: class_distances(frame, cfg.DISTANCE_SAMPLES, cfg.SEED, device) for subset, frame in frames.items()}
@@ -222,8 +247,13 @@ def run(cfg) -> None:
             outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
             common.save_csv(table, stem.with_suffix(".csv"))
             what = "test data (seen classes)" if subset == "test" else "unseen classes"
+            samples = f"{len(frame)} samples"
+            if frame.attrs.get("task") == "multilabel":
+                what = ("test images carrying each seen label" if subset == "test"
+                        else "held-out images carrying each unseen label")
+                samples = f"{len(frame)} image-label pairs"
             sampled = matrices[subset]["sampled"] if kind == "euclidean" else ""
-            plot_matrix(matrix, names, f"{label}, {what}\n{len(frame)} samples{sampled}; diagonal: distinct pairs "
+            plot_matrix(matrix, names, f"{label}, {what}\n{samples}{sampled}; diagonal: distinct pairs "
                         f"within a class\n(colour scale shared with the {'unseen' if subset == 'test' else 'test'} figure)",
                         stem.with_suffix(".png"), value_range, label)
     artifacts.save_provenance(paths, "compute_average_distances", inputs, outputs)

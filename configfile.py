@@ -112,3 +112,9 @@ LEAK_GRID = 4  # leaks.py: trunk feature maps are average-pooled to LEAK_GRID x 
 LEAK_FIGURE_PAIRS = 24  # leaks.py: at most this many pairs shown in outputs/leaks.png (closest first)
 FEWSHOT_DRAWS = 10  # transfer_learning.py: random training sets of exactly k images per class drawn for each k
 FEWSHOT_TEMPERATURE = 0.07  # transfer_learning.py: temperature T of the cosine-weighted kNN probe (votes weighted exp(cos / T), as DINO)
+
+# ---- multi-label task -----------------------------------------------------------------------
+TASK = "multiclass"  # "multiclass" (one class per image: class sub-folders, softmax) or "multilabel" (a label set per image from LABELS_CSV, sigmoid + BCE)
+LABELS_CSV = None  # multilabel: CSV with columns path (relative to DATA_DIR) and labels (separated by ";"); None = <DATA_DIR>/labels.csv
+BUILTIN_MULTILABEL_DIR = "data/digit_mosaics"  # multilabel with DATA_DIR = None: 2x2 mosaics of the built-in digits and their labels.csv (git-ignored)
+TAIL_THRESHOLDS = 10  # evaluate.py: thresholds of the tail-accuracy curves, evenly from 0.5 to the highest test score

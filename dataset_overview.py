@@ -17,6 +17,7 @@ from PIL import Image
 
 import artifacts
 import common
+import tasks
 import images
 
 COUNT_COLUMNS = ["train", "val", "test", "unseen"]
@@ -25,6 +26,9 @@ COLOURS = {"train": "#1f77b4", "val": "#9ecae1", "test": "#08519c", "unseen": "#
 KIND_COLOURS = {"seen": "#08519c", "unseen": "#e6550d"}
 CHAR_WIDTH = 0.011  # one digit's width in the counts chart, as a share of the longest bar
 THUMBNAIL = 160  # pixels: longest side of an image in the sample grid
+
+
+TASKS = ("multiclass",)  # single-label only: the class folders' counts and samples; run_all.py skips it for TASK="multilabel"
 
 
 def class_counts(table: pd.DataFrame, seen: list[str], unseen: list[str]) -> pd.DataFrame:
@@ -122,6 +126,7 @@ def plot_samples(root, picked: dict[str, pd.DataFrame], unseen: list[str], per_c
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "dataset_overview.py")
     paths = artifacts.prepare_output_dirs(cfg)
     split = artifacts.split_from_settings(cfg, paths, create=True)
     inputs = artifacts.start_stage(paths, "dataset_overview", [paths.split])

@@ -25,9 +25,13 @@ import torch
 
 import artifacts
 import common
+import tasks
 import images
 
 SUBSETS = ("train", "test", "unseen")
+
+
+TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
 
 
 def sample_rows(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -119,13 +123,17 @@ def class_colours(seen: list[str], unseen: list[str]) -> dict[str, tuple]:
 UNSEEN_MARKER = "^"  # unseen classes are triangles, seen classes dots
 
 
-def plot_umap(coords: pd.DataFrame, colours: dict, unseen: list[str], path) -> None:
+def plot_umap(coords: pd.DataFrame, colours: dict, unseen: list[str], path, multilabel: bool = False) -> None:
     """Train, test and unseen panels on one plane. Within a panel the points are drawn in a random
-    order, so that no class is hidden under the one drawn after it."""
+    order, so that no class is hidden under the one drawn after it. Multi-label: each image in the
+    hue of its rarest label (embed.py's class_name)."""
     from matplotlib.lines import Line2D
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), sharex=True, sharey=True)  # one fit: one plane
     titles = dict(train="Training data (seen classes)", test="Test data (seen classes)", unseen="Unseen classes")
+    if multilabel:
+        titles = dict(train="Training images (seen labels only)", test="Test images (seen labels only)",
+                      unseen="Held-out images (an unseen label)")
     rng = np.random.default_rng(0)
     for ax, subset in zip(axes, SUBSETS):
         part = coords[coords.subset == subset].iloc[rng.permutation((coords.subset == subset).sum())]
@@ -138,9 +146,11 @@ def plot_umap(coords: pd.DataFrame, colours: dict, unseen: list[str], path) -> N
         ax.set_title(f"{titles[subset]}: {len(part)} points")
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
-        ax.legend(handles=handles, title="class (points)", fontsize=8, loc="best", framealpha=0.8)
-    fig.suptitle("UMAP of the embeddings (one fit on all plotted points; each class its own hue, "
-                 "unseen classes as triangles)")
+        ax.legend(handles=handles, title="rarest label (points)" if multilabel else "class (points)", fontsize=8,
+                  loc="best", framealpha=0.8)
+    fig.suptitle("UMAP of the embeddings (one fit on all plotted points; each image in the hue of its rarest "
+                 "label, unseen labels as triangles)" if multilabel else "UMAP of the embeddings (one fit on all "
+                 "plotted points; each class its own hue, unseen classes as triangles)")
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -159,7 +169,7 @@ def close_and_far(points: np.ndarray, labels: np.ndarray, class_index: int, coun
 
 
 def plot_close_far(frame: pd.DataFrame, rows: list, pictures: dict, class_name: str, space: str, path,
-                   count: int) -> None:
+                   count: int, noun: str = "class") -> None:
     plt = common.pyplot()
     row_titles = [f"closest to the centre of {class_name}", f"furthest from the centre of {class_name}",
                   "closest from other classes"]
@@ -176,11 +186,11 @@ def plot_close_far(frame: pd.DataFrame, rows: list, pictures: dict, class_name: 
             ax.imshow(pictures[item.path], interpolation="nearest")
             caption = f"d={distances[c]:.2f}"
             if r == 2:
-                caption = f"class {item.class_name}\n{caption}"
+                caption = f"{noun} {item.class_name}\n{caption}"
             ax.set_xlabel(caption, fontsize=9)
         axes[r, 0].set_ylabel(row_titles[r].replace(" from the", "\nfrom the").replace(" to the", "\nto the")
                               .replace(" from other", "\nfrom other"), fontsize=9)
-    fig.suptitle(f"Class {class_name}: distances to its centre in the {space} space (training images)")
+    fig.suptitle(f"{noun.capitalize()} {class_name}: distances to its centre in the {space} space (training images)")
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -265,12 +275,13 @@ def run(cfg) -> None:
     outputs = [paths.out / "umap_coordinates.csv", paths.out / "umap_embeddings.png"]
     common.save_csv(coords, outputs[0], index=False)
     outputs += artifacts.export_table(coords, outputs[0])  # the .parquet copy (the CSV is always written)
-    plot_umap(coords, class_colours(seen, unseen), unseen, outputs[1])
+    plot_umap(coords, class_colours(seen, unseen), unseen, outputs[1], frames["train"].attrs.get("task") == "multilabel")
     outputs.append(paths.out / "close_far_images.csv")
     common.save_csv(shown_images_table(train, selections, root), outputs[-1], index=False)
     for i, name, rows in selections:
         outputs.append(paths.out / f"close_faraway_closeotherclass_class_{i}.png")
-        plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT)
+        plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT,
+                       "rarest label" if frames["train"].attrs.get("task") == "multilabel" else "class")
     artifacts.save_provenance(paths, "dimensionality_reduction", inputs, outputs)
     print(f"-> {paths.out / 'umap_embeddings.png'}, {paths.out}/close_faraway_closeotherclass_class_*.png")
 

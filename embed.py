@@ -8,7 +8,9 @@ Reads:  checkpoints/best.pth, outputs/split.csv, the images (through the trunk c
 Writes: outputs/embeddings_train.pkl, outputs/embeddings_test.pkl, outputs/embeddings_unseen.pkl
         (and the same tables as .parquet, and .csv with EXPORT_CSV=True):
         pickled pandas DataFrames with columns label, class_name, path, e0 … e127; frame.attrs
-        records the checkpoint's SHA-256, the split's SHA-256, the subset and the class list.
+        records the checkpoint's SHA-256, the split's SHA-256, the subset, the class list and the task.
+        TASK="multilabel": a `labels` column after path holds each image's label set ("1;3;5"), and
+        label/class_name are its rarest label among the subset's labels (seen, or unseen for "unseen").
         Last, outputs/provenance_embed.json (see artifacts.py).
 Under torchrun the processes share out the images (and the missing trunk features) in contiguous
 blocks; rank 0 gathers the embeddings in the split's order and alone writes the same files.
@@ -21,8 +23,12 @@ import artifacts
 import common
 import dataloader
 import distributed
+import tasks
 import training
 import trunk_cache
+
+
+TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
 
 
 def embeddings_of(model, source: dataloader.FeatureSource, runtime: dataloader.Runtime) -> np.ndarray | None:
@@ -55,7 +61,9 @@ def run(cfg) -> None:
         names = split.classes(subset)
         frame = artifacts.embeddings_frame(embeddings, labels, names, relpaths, dict(
             checkpoint_sha256=trained.sha256, split_sha256=split.sha256, subset=subset, class_names=names,
-            data_dir=str(split.root), weights_source=checkpoint["weights_source"]))
+            data_dir=str(split.root), weights_source=checkpoint["weights_source"], task=split.task),
+            label_texts=split.label_texts(subset),
+            label_counts=split.label_counts(names) if split.task == "multilabel" else None)
         artifacts.save_embeddings(frame, paths.embeddings(subset))
         outputs += [paths.embeddings(subset)] + artifacts.export_table(frame, paths.embeddings(subset), cfg.EXPORT_CSV)
         print(f"{subset}: {len(frame)} embeddings of size {embeddings.shape[1]} in {time.time() - started:.1f}s "

@@ -35,9 +35,12 @@ from sklearn.metrics import silhouette_score
 
 import artifacts
 import common
+import tasks
 
 SUBSETS = ("test", "unseen")
 RECALL_AT = (1, 5, 10)
+
+TASKS = ("multiclass",)  # single-label only: silhouette and recall need one class per image (run_all.py skips it)
 
 
 def pairwise_pass(x: np.ndarray, labels: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, dict]:
@@ -119,6 +122,7 @@ def subset_quality(frame: pd.DataFrame, coords: pd.DataFrame, subset: str, limit
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "embedding_quality.py")
     paths = artifacts.prepare_output_dirs(cfg)
     frames = {s: artifacts.open_embeddings(paths, s) for s in SUBSETS}
     coords = artifacts.open_umap_coordinates(paths)

@@ -1,5 +1,5 @@
 """Test-set metrics of the trained classifier, per class and overall, every test image's prediction,
-a confusion matrix and the misclassified images.
+a confusion matrix and the misclassified images, and tail accuracy against a score threshold.
 
     python evaluate.py
 
@@ -10,7 +10,14 @@ Writes: outputs/test_metrics.csv (per class and overall: accuracy, precision, re
         outputs/test_predictions.csv (path, true_class, predicted_class, score_<class> per class; and .parquet),
         outputs/test_scores.npz (logits and softmax scores, float32, for exact reuse; artifacts.py),
         outputs/confusion_matrix.png, outputs/misclassified_test_images.png,
+        outputs/tail_accuracy.csv / .png (per class and threshold t from 0.5 to the highest score, in
+        TAIL_THRESHOLDS steps: images whose score for the class is >= t, their share, and the share
+        of them truly of the class; NaN where none is left),
         and last outputs/provenance_evaluate.json (see artifacts.py).
+TASK="multilabel": test_metrics per label (images carrying it, AP of its sigmoid score, precision,
+recall and F1 at 0.5; overall: mAP, macro and micro precision/recall, exact-match accuracy),
+test_predictions.csv with true_labels/predicted_labels, outputs/test_label_metrics.png (per-label
+AP, precision and recall) instead of the confusion matrix and the misclassified gallery.
 """
 import textwrap
 
@@ -23,11 +30,15 @@ import artifacts
 import common
 import dataloader
 import images
+import tasks
 import training
 import trunk_cache
 
 FEW = 20  # a per-class figure resting on fewer test images than this is flagged
 GALLERY_LIMIT = 40  # misclassified test images shown at most (the most confident mistakes first)
+
+
+TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
 
 
 def average_precisions(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
@@ -60,11 +71,7 @@ METRICS = {
 }
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over classes, computed in float64 and returned as float32."""
-    shifted = np.asarray(logits, dtype=np.float64) - np.max(logits, axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return (exp / exp.sum(1, keepdims=True)).astype(np.float32)
+softmax = tasks.softmax  # (tasks.py owns what a task's outputs mean)
 
 
 def metrics_table(labels: np.ndarray, predictions: np.ndarray, scores: np.ndarray,
@@ -152,13 +159,152 @@ def plot_misclassified(predictions: artifacts.Predictions, root, path, limit: in
 
 
 def predict_test_set(trained: artifacts.TrainedModel, cache, runtime) -> artifacts.Predictions:
-    """Logits and softmax scores of every test image (through `cache`, a trunk_cache.TrunkCache, or
-    from the images when it is None), in the split's test order."""
+    """Logits and scores (softmax, or sigmoid for multilabel) of every test image (through `cache`, a
+    trunk_cache.TrunkCache, or from the images when it is None), in the split's test order."""
     source = trained.source("test", cache)
     logits, _ = training.head_outputs(trained.model, source, runtime)
     relpaths, _ = trained.split.subset("test")
-    return artifacts.Predictions(logits.astype(np.float32), softmax(logits), source.labels.numpy(), relpaths,
-                                 list(trained.checkpoint["class_names"]), str(trained.split.root), trained.sha256)
+    task = tasks.for_name(trained.split.task)
+    return artifacts.Predictions(logits.astype(np.float32), task.scores(logits), source.labels.numpy(), relpaths,
+                                 list(trained.checkpoint["class_names"]), str(trained.split.root), trained.sha256,
+                                 task.name)
+
+
+# ---- tail accuracy (both tasks) ------------------------------------------------------------------
+
+def plot_tail_accuracy(table: pd.DataFrame, class_names: list[str], score_words: str, n_images: int, path) -> None:
+    """Left: tail accuracy against threshold, one line per class, the mean thick and black; right:
+    how many test images score >= t for each class (the points the left panel rests on)."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+    colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for i, name in enumerate(class_names + ["mean"]):
+        rows = table[table.label == name]
+        style = dict(color="black", lw=3) if name == "mean" else dict(color=colours(i % colours.N), lw=1.2, alpha=0.9)
+        label = "mean over classes" if name == "mean" else name
+        axes[0].plot(rows.threshold, rows.tail_accuracy, "o-", ms=3, label=label, **style)
+        if name != "mean":
+            axes[1].plot(rows.threshold, rows.n_above, "o-", ms=3, label=label, **style)
+    axes[0].set_title(f"Tail accuracy: share of images with {score_words} >= t\nthat truly carry the class "
+                      f"(gaps: no image left above t)", fontsize=10)
+    axes[0].set_ylabel("tail accuracy (precision above t)")
+    low = float(np.nanmin(table.tail_accuracy)) if table.tail_accuracy.notna().any() else 0.0
+    axes[0].set_ylim(min(0.9, low) - 0.02, 1.01)  # near-perfect curves stay apart; the axis says where it starts
+    axes[1].set_title(f"Test images with {score_words} >= t, per class (of {n_images})", fontsize=10)
+    axes[1].set_ylabel("images above the threshold")
+    axes[1].set_ylim(bottom=0)
+    for ax in axes:
+        ax.set_xlabel(f"threshold t on the {score_words}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(title="class", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8,
+                   ncol=1 if len(class_names) <= 20 else 2)
+    axes[0].legend(handles=axes[0].lines[-1:], loc="lower left", fontsize=9)
+    fig.suptitle("Tail accuracy against threshold, test set (one colour per class, legend on the right; "
+                 "the mean over classes in black)")
+    common.save_figure(fig, path)
+
+
+def save_tail_accuracy(predictions: artifacts.Predictions, steps: int, out) -> list:
+    """tail_accuracy.csv and .png from the saved test scores; returns the two paths."""
+    task = tasks.for_name(predictions.task)
+    names = list(predictions.class_names)
+    targets = task.indicator(predictions.labels, len(names))
+    table = tasks.tail_accuracy(targets, predictions.scores, names, tasks.tail_thresholds(predictions.scores, steps))
+    paths = [out / "tail_accuracy.csv", out / "tail_accuracy.png"]
+    common.save_csv(table, paths[0], index=False)
+    plot_tail_accuracy(table, names, task.score_words, len(predictions.relpaths), paths[1])
+    mean = table[table.label == "mean"]
+    print("tail accuracy (mean over classes) at t = " + ", ".join(
+        f"{r.threshold:.2f}: {r.tail_accuracy:.3f} ({r.n_above})" for r in mean.iloc[::max(1, len(mean) // 4)].itertuples()))
+    return paths
+
+
+# ---- the single-label evaluation -----------------------------------------------------------------
+
+def evaluate_multiclass(trained: artifacts.TrainedModel, predictions: artifacts.Predictions, out) -> list:
+    """Metrics table, confusion matrix and misclassified gallery; returns the files written."""
+    labels, predicted, names = predictions.labels, predictions.predicted, predictions.class_names
+    table = metrics_table(labels, predicted, predictions.scores, names)
+    print_table(table)
+    outputs = [out / name for name in ("test_metrics.csv", "test_metrics.json", "confusion_matrix.png",
+                                       "misclassified_test_images.png")]
+    common.save_csv(table, outputs[0], index=False)
+    common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
+                          weights_source=trained.checkpoint["weights_source"], overall=table.iloc[-1].to_dict(),
+                          per_class=table.to_dict("records")), outputs[1])
+    plot_confusion(confusion_matrix(labels, predicted, labels=range(len(names))), names,
+                   float(table.accuracy.iloc[-1]), outputs[2])
+    plot_misclassified(predictions, trained.split.root, outputs[3])
+    return outputs
+
+
+# ---- the multi-label evaluation ------------------------------------------------------------------
+
+def multilabel_metrics_table(targets: np.ndarray, scores: np.ndarray, label_names: list[str]) -> pd.DataFrame:
+    """One row per label and an "overall" row: test images carrying the label, images scored >= 0.5,
+    average precision of its sigmoid score (NaN if no test image carries it), precision, recall and
+    F1 at 0.5 (precision 0 for a label never predicted, as for classes). Overall: all images, mAP,
+    macro precision/recall/F1, micro precision and recall, exact-match accuracy (every label right)."""
+    predicted = (scores >= 0.5).astype(np.int64)
+    ap = tasks.average_precisions(targets, scores)
+    per_label = {name: metric(targets, predicted, average=None, zero_division=zero)
+                 for name, metric, zero in (("precision", precision_score, 0.0), ("recall", recall_score, np.nan),
+                                            ("f1", f1_score, 0.0))}
+    table = pd.DataFrame(dict(label=label_names + ["overall"], n_test=list(targets.sum(0)) + [len(targets)],
+                              n_predicted=list(predicted.sum(0)) + [int(predicted.sum())],
+                              average_precision=list(ap) + [np.nanmean(ap)]))
+    for name, values in per_label.items():
+        table[name] = list(np.asarray(values, dtype=float)) + [float(np.nanmean(values))]
+    table["micro_precision"] = [np.nan] * len(label_names) + [precision_score(targets, predicted, average="micro",
+                                                                              zero_division=0.0)]
+    table["micro_recall"] = [np.nan] * len(label_names) + [recall_score(targets, predicted, average="micro",
+                                                                        zero_division=np.nan)]
+    table["exact_match"] = [np.nan] * len(label_names) + [float((predicted == targets).all(1).mean())]
+    return table
+
+
+def plot_label_metrics(table: pd.DataFrame, path) -> None:
+    """Grouped bars per label: AP, precision and recall at 0.5; the mAP in the title."""
+    plt = common.pyplot()
+    rows, overall = table.iloc[:-1], table.iloc[-1]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(rows) + 3), 4.6), layout="constrained")
+    for offset, (column, words) in zip((-0.27, 0, 0.27), (("average_precision", "average precision"),
+                                                           ("precision", "precision at 0.5"),
+                                                           ("recall", "recall at 0.5"))):
+        bars = ax.bar(x + offset, rows[column].fillna(0), width=0.26, label=words)
+        ax.bar_label(bars, labels=[f"{v:.2f}" if np.isfinite(v) else "n/a" for v in rows[column]], fontsize=7,
+                     padding=1)
+    ax.set_xticks(x, [f"{name}\n({n} img.)" for name, n in zip(rows.label, rows.n_test)])
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("score")
+    ax.set_xlabel("label (test images carrying it)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=9)
+    ax.set_title(f"Test set, per label: mAP {overall.average_precision:.3f}, exact-match accuracy "
+                 f"{overall.exact_match:.3f} on {int(overall.n_test)} images")
+    common.save_figure(fig, path)
+
+
+def evaluate_multilabel(trained: artifacts.TrainedModel, predictions: artifacts.Predictions, out) -> list:
+    """Per-label metrics table and its bar chart; returns the files written."""
+    table = multilabel_metrics_table(predictions.labels, predictions.scores, list(predictions.class_names))
+    print("Test set, per label (images carrying it / AP / precision / recall / F1 at score 0.5):")
+    for row in table.itertuples():
+        print(f"  {row.label}: {row.n_test}  AP {row.average_precision:.3f}  P {row.precision:.3f}  "
+              f"R {row.recall:.3f}  F1 {row.f1:.3f}")
+    overall = table.iloc[-1]
+    print(f"mAP {overall.average_precision:.4f}, macro P {overall.precision:.4f} R {overall.recall:.4f}, micro P "
+          f"{overall.micro_precision:.4f} R {overall.micro_recall:.4f}, exact match {overall.exact_match:.4f}")
+    outputs = [out / "test_metrics.csv", out / "test_metrics.json", out / "test_label_metrics.png"]
+    common.save_csv(table, outputs[0], index=False)
+    common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, task="multilabel",
+                          weights_source=trained.checkpoint["weights_source"], overall=overall.to_dict(),
+                          per_label=table.to_dict("records")), outputs[1])
+    plot_label_metrics(table, outputs[2])
+    return outputs
+
+
+EVALUATIONS = {"multiclass": evaluate_multiclass, "multilabel": evaluate_multilabel}  # one entry per task
 
 
 def run(cfg) -> None:
@@ -171,21 +317,11 @@ def run(cfg) -> None:
     cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
                                       trained.preprocess, runtime)
     predictions = predict_test_set(trained, cache, runtime)
-    labels, predicted, names = predictions.labels, predictions.predicted, predictions.class_names
-    table = metrics_table(labels, predicted, predictions.scores, names)
-    print_table(table)
-    outputs = [paths.out / name for name in ("test_metrics.csv", "test_metrics.json", "confusion_matrix.png",
-                                             "misclassified_test_images.png")]
-    common.save_csv(table, outputs[0], index=False)
-    common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
-                          weights_source=checkpoint["weights_source"], overall=table.iloc[-1].to_dict(),
-                          per_class=table.to_dict("records")), outputs[1])
-    plot_confusion(confusion_matrix(labels, predicted, labels=range(len(names))), names,
-                   float(table.accuracy.iloc[-1]), outputs[2])
-    plot_misclassified(predictions, trained.split.root, outputs[3])
+    outputs = EVALUATIONS[predictions.task](trained, predictions, paths.out)
+    outputs += save_tail_accuracy(predictions, cfg.TAIL_THRESHOLDS, paths.out)
     outputs += artifacts.save_predictions(paths, predictions)
     artifacts.save_provenance(paths, "evaluate", inputs, outputs)
-    print(f"-> {outputs[0]}, {paths.predictions}, {outputs[2]}, {outputs[3]}")
+    print(f"-> {', '.join(str(p) for p in outputs)}")
 
 
 def main(argv=None):

@@ -34,6 +34,7 @@ import torch
 import artifacts
 import backbone
 import common
+import tasks
 import dataloader
 from common import PipelineError
 
@@ -46,6 +47,9 @@ CONDITIONS = {  # name: (what the legend says, image subset, which modules it me
     "random_trunk": ("fresh random trunk, seen test images", "test", "trunk"),
 }
 CONDITION_COLOURS = {"seen_test": "#1f77b4", "unseen": "#e6550d", "head_init": "#7f7f7f", "random_trunk": "#2ca02c"}
+
+
+TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
 
 
 # ---- the modules ---------------------------------------------------------------------------------

@@ -279,6 +279,18 @@ def usable_images(root: Path, seen: list[str], unseen: list[str], scan_cache: Pa
     for c in seen + unseen:
         print_ignored_files(c, found[c])
     wanted = [f for c in seen + unseen for f in found[c].images]
+    bad, hashes = scan_and_report(root, wanted, scan_cache, bad_report, bad_images)
+    usable = {c: [f for f in found[c].images if f not in bad] for c in seen + unseen}
+    for c, files in usable.items():
+        if not files:
+            raise PipelineError(f"class {c!r} has no readable images (see {bad_report})")
+    return usable, {f: hashes[f] for files in usable.values() for f in files}
+
+
+def scan_and_report(root: Path, wanted: list[str], scan_cache: Path, bad_report: Path,
+                    bad_images: str) -> tuple[dict[str, str], dict[str, str]]:
+    """scan_images, then the unusable files listed in `bad_report` and left out (bad_images="skip")
+    or the run stopped ("error"). Returns scan_images' ({path: reason}, {path: SHA-256})."""
     bad, hashes = scan_images(root, wanted, scan_cache)
     if bad:
         report = sorted((printable(rel), reason) for rel, reason in bad.items())
@@ -287,11 +299,7 @@ def usable_images(root: Path, seen: list[str], unseen: list[str], scan_cache: Pa
             raise PipelineError(f"{len(bad)} unreadable image(s), listed in {bad_report} "
                                 f"(BAD_IMAGES='error'); remove or fix them")
         print(f"warning: {len(bad)} unreadable image(s) left out; see {bad_report}", file=sys.stderr)
-    usable = {c: [f for f in found[c].images if f not in bad] for c in seen + unseen}
-    for c, files in usable.items():
-        if not files:
-            raise PipelineError(f"class {c!r} has no readable images (see {bad_report})")
-    return usable, {f: hashes[f] for files in usable.values() for f in files}
+    return bad, hashes
 
 
 # ---- the split -----------------------------------------------------------------------------------

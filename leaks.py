@@ -34,10 +34,13 @@ import artifacts
 import common
 import dataloader
 import images
+import tasks
 import trunk_cache
 
 QUERY_SUBSETS = ("val", "test", "unseen")
 COLUMNS = ["subset", "path", "class_name", "train_path", "train_class", "same_class", "distance", "kind"]
+
+TASKS = ("multiclass",)  # single-label only: pairs are reported with their class folders (run_all.py skips it)
 
 
 def pooled_trunk_features(source: dataloader.FeatureSource, trunk, runtime, grid: int) -> np.ndarray:
@@ -178,6 +181,7 @@ def nearest_per_subset(trained, cache, runtime, grid: int) -> dict:
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "leaks.py")
     paths = artifacts.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
     trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)

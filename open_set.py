@@ -30,11 +30,14 @@ from sklearn.metrics import roc_auc_score, roc_curve
 import artifacts
 import common
 import dataloader
+import tasks
 import training
 import trunk_cache
 
 TPR_LEVEL = 0.95  # FPR is read where this share of the seen images is kept as known
 BLOCK = 4096  # query rows per matrix product in the kNN distance (memory stays bounded)
+
+TASKS = ("multiclass",)  # single-label only: softmax-based scores of one class per image (run_all.py skips it)
 
 
 @dataclass
@@ -185,6 +188,7 @@ def image_table(trained, scores: dict) -> pd.DataFrame:
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "open_set.py")
     paths = artifacts.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
     trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)

@@ -34,6 +34,7 @@ import dataloader
 import dataset_overview
 import images
 import open_set
+import tasks
 import training
 import trunk_cache
 from common import PipelineError
@@ -66,6 +67,8 @@ def find_new_images(predict_dir, paths: artifacts.Paths) -> tuple[Path, list[str
         raise PipelineError(f"PREDICT_DIR={str(predict_dir)!r}: none of its {len(files.images)} image files can be "
                             f"read (e.g. {images.printable(first)!r}: {bad[first]})")
     return root, readable, [hashes[f] for f in readable], bad
+
+TASKS = ("multiclass",)  # single-label only: one predicted class per new image (run_all.py skips it)
 
 
 def new_image_outputs(trained, cache, runtime, root: Path, relpaths: list[str], hashes: list[str]):
@@ -182,6 +185,7 @@ def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "predict.py")
     paths = artifacts.prepare_output_dirs(cfg)
     root, relpaths, hashes, bad = find_new_images(cfg.PREDICT_DIR, paths)
     runtime = dataloader.runtime_from_settings(cfg)

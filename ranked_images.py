@@ -22,9 +22,13 @@ import numpy as np
 
 import artifacts
 import common
+import tasks
 import images
 
 SHOWN = 10  # images per row
+
+
+TASKS = ("multiclass",)  # single-label only: ranks each class's softmax score; run_all.py skips it for TASK="multilabel"
 
 
 def ranked(scores: np.ndarray, labels: np.ndarray, class_index: int, among: str,
@@ -99,6 +103,7 @@ def plot_ranked(predictions: artifacts.Predictions, class_index: int, rows: tupl
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "ranked_images.py")
     paths = artifacts.prepare_output_dirs(cfg)
     predictions = artifacts.open_predictions(paths)
     classes = chosen_classes(list(cfg.RANKED_CLASSES), predictions.class_names)

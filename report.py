@@ -32,6 +32,7 @@ import common
 import dimensionality_reduction
 import images
 import settings
+import tasks
 
 TABLE_ROWS = 30  # rows of a CSV table shown in the report (the file itself has them all)
 TABLE_COLUMNS = 20  # columns shown at most (an embeddings table has 131)
@@ -40,6 +41,7 @@ TEXT_LIMIT = 20_000  # a .txt output up to this many characters is shown as text
 SHA_PREFIX = 12  # hex digits of each SHA-256 shown in the provenance table
 HALF_ROW_PX = 1000  # a figure at most this many pixels wide is shown two to a row, scaled to fit
 REPORT_NAME = "report.html"
+TASKS = tasks.ALL_TASKS  # reports what either task's stages wrote
 
 # The sections before the stages, with the files each shows (by name, in outputs/).
 FRONT_SECTIONS = (

@@ -22,7 +22,11 @@ import artifacts
 import common
 import dataloader
 import evaluate
+import tasks
 import trunk_cache
+
+
+TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
 
 
 def _compare(saved: np.ndarray, now: np.ndarray, saved_pred: np.ndarray, now_pred: np.ndarray) -> dict:
@@ -32,19 +36,35 @@ def _compare(saved: np.ndarray, now: np.ndarray, saved_pred: np.ndarray, now_pre
                 same_prediction_share=float((saved_pred == now_pred).mean()) if len(saved) else 1.0)
 
 
+def class_part(predictions: artifacts.Predictions, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, predictions) a class's row compares: its test images' scores for every class
+    (multiclass), or every test image's score and 0/1 prediction for the label (multilabel)."""
+    if predictions.task == "multiclass":
+        mine = predictions.labels == c
+        return predictions.scores[mine], predictions.predicted[mine]
+    return predictions.scores[:, c], predictions.predicted[:, c]
+
+
+def class_average_precisions(predictions: artifacts.Predictions) -> np.ndarray:
+    """Each class's (one-vs-rest) or label's average precision of its score."""
+    if predictions.task == "multiclass":
+        return evaluate.average_precisions(predictions.labels, predictions.scores, len(predictions.class_names))
+    return tasks.average_precisions(predictions.labels, predictions.scores)
+
+
 def compare_predictions(saved: artifacts.Predictions, now: artifacts.Predictions) -> pd.DataFrame:
-    """Per class (its test images) and overall: score differences over every class's score, share of
-    identical predictions, and each class's average precision saved vs recomputed (overall: mAP)."""
-    if saved.relpaths != now.relpaths or not np.array_equal(saved.labels, now.labels):
+    """Per class (its test images; multilabel: the label's score on every test image) and overall:
+    score differences, share of identical predictions (multilabel: of the 0/1 decisions at 0.5), and
+    each class's average precision saved vs recomputed (overall: mAP)."""
+    if (saved.relpaths != now.relpaths or saved.task != now.task
+            or not np.array_equal(saved.labels, now.labels)):
         raise common.PipelineError("the saved test predictions list other images than the current split's "
                                    "test set; re-run evaluate.py")
-    k = len(saved.class_names)
-    ap_saved = evaluate.average_precisions(saved.labels, saved.scores, k)
-    ap_now = evaluate.average_precisions(now.labels, now.scores, k)
+    ap_saved, ap_now = class_average_precisions(saved), class_average_precisions(now)
     rows = []
     for c, name in enumerate(saved.class_names):
-        rows.append(dict(class_name=name, **_compare(saved.scores[saved.labels == c], now.scores[now.labels == c],
-                                                     saved.predicted[saved.labels == c], now.predicted[now.labels == c]),
+        (saved_scores, saved_pred), (now_scores, now_pred) = class_part(saved, c), class_part(now, c)
+        rows.append(dict(class_name=name, **_compare(saved_scores, now_scores, saved_pred, now_pred),
                          saved_ap=ap_saved[c], recomputed_ap=ap_now[c], ap_difference=abs(ap_now[c] - ap_saved[c])))
     map_saved, map_now = np.nanmean(ap_saved), np.nanmean(ap_now)
     rows.append(dict(class_name="overall", **_compare(saved.scores, now.scores, saved.predicted, now.predicted),

@@ -2,11 +2,13 @@
 
     python run_all.py                    # built-in digits, or DATA_DIR from configfile.py
     python run_all.py --config=my.py     # settings overrides pass through to every stage
+    python run_all.py --TASK=multilabel  # the built-in multi-label demo (2x2 digit mosaics)
 
 Stages: dataset_overview.py -> train.py -> evaluate.py -> leaks.py -> reproduce.py -> ranked_images.py -> embed.py ->
 feature_maps.py -> compute_average_distances.py -> dimensionality_reduction.py -> embedding_quality.py ->
 transfer_learning.py -> open_set.py -> calibration.py, then predict.py only when PREDICT_DIR is set, then
 report.py (last: one HTML page of everything the others wrote).
+A stage whose TASKS tuple lacks TASK is skipped with one line (see the README's multi-label section).
 Writes what each stage writes, plus outputs/stage_times.json (rewritten after each stage, so the report
 sees the times of the stages before it). A finished training run is not repeated (train.py says so).
 """
@@ -53,6 +55,9 @@ def run(cfg) -> dict:
     logs = out / "logs"
     for name, module in stages_for(cfg):
         print(f"\n======== {name}.py ========")
+        if cfg.TASK not in module.TASKS:  # a stage for one task only says so in its TASKS
+            print(f"skipped: {name}.py is {' and '.join(module.TASKS)} only (TASK={cfg.TASK!r})")
+            continue
         stage_started = time.time()
         with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's
             module.run(cfg)

@@ -29,6 +29,7 @@ import torch
 
 import artifacts
 import common
+import tasks
 import dataloader
 import evaluate
 import train
@@ -36,6 +37,9 @@ import training
 import transfer_learning
 import trunk_cache
 from common import PipelineError
+
+
+TASKS = ("multiclass",)  # single-label only: the single-label recipe per seed; run_all.py skips it for TASK="multilabel"
 
 
 def initial_trunk(cfg, paths, split) -> tuple[str, str]:
@@ -143,6 +147,7 @@ def print_summary(summary: pd.DataFrame) -> None:
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "seeds.py")
     paths = artifacts.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
     split = artifacts.split_from_settings(cfg, paths, create=True)

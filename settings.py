@@ -147,6 +147,11 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "LEAK_FIGURE_PAIRS": Rule("int", "[1, 200]"),
     "FEWSHOT_DRAWS": Rule("int", "[2, inf)"),
     "FEWSHOT_TEMPERATURE": Rule("float", "(0, inf)"),
+    # multi-label task
+    "TASK": Rule("str", choices=("multiclass", "multilabel")),
+    "LABELS_CSV": Rule("path", none_ok=True),
+    "BUILTIN_MULTILABEL_DIR": Rule("path"),
+    "TAIL_THRESHOLDS": Rule("int", "[2, 1000]"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
@@ -299,6 +304,12 @@ def check_together(values: dict) -> None:
     if values["FINETUNE_BLOCKS"]:  # backbone.py counts the trunk's blocks; torchvision is imported only then
         import backbone
         backbone.check_finetune_blocks(values["TRUNK"], values["FINETUNE_BLOCKS"])
+    if values["LABELS_CSV"] is not None and values["TASK"] != "multilabel":  # it would silently do nothing
+        raise PipelineError(f"LABELS_CSV={values['LABELS_CSV']!r}: read only with TASK='multilabel' (TASK is "
+                            f"{values['TASK']!r}); set TASK='multilabel' or LABELS_CSV=None")
+    if values["LABEL_SMOOTHING"] > 0 and values["TASK"] == "multilabel":
+        raise PipelineError(f"LABEL_SMOOTHING={values['LABEL_SMOOTHING']!r}: smooths the multiclass loss only; "
+                            f"set LABEL_SMOOTHING=0 with TASK='multilabel'")
     if values["COLOR_JITTER"] > 0 and not values["AUGMENT"]:  # it would silently do nothing
         raise PipelineError(f"COLOR_JITTER={values['COLOR_JITTER']!r}: needs AUGMENT=True (jitter changes the trunk's "
                             f"input, so training images then go through the trunk); set AUGMENT=True or COLOR_JITTER=0")

@@ -28,6 +28,7 @@ import common
 import dataloader
 import distributed
 import settings
+import tasks
 import training
 import trunk_cache
 from common import PipelineError
@@ -36,13 +37,18 @@ from common import PipelineError
 RESUME_KEYS = ("SEEN_CLASSES", "UNSEEN_CLASSES", "IMAGE_SIZE", "RESIZE_MODE", "AUGMENT", "WEIGHTS", "TRUNK",
                "EMBEDDING_DIM", "DROPOUT", "BATCH_SIZE", "LR", "SEED", "VAL_PER_EPOCH", "CACHE_TRUNK",
                "CACHE_DTYPE", "FINETUNE_BLOCKS", "FINETUNE_LR", "OPTIMIZER", "MOMENTUM", "WEIGHT_DECAY", "LR_SCHEDULE",
-               "LR_STEP_EPOCHS", "LR_GAMMA", "COLOR_JITTER", "LABEL_SMOOTHING")
+               "LR_STEP_EPOCHS", "LR_GAMMA", "COLOR_JITTER", "LABEL_SMOOTHING", "TASK")
 # what a checkpoint made before these settings existed trained with (so that it still resumes)
 BEFORE_TRAINING_OPTIONS = dict(OPTIMIZER="adam", MOMENTUM=0.9, WEIGHT_DECAY=0.0, LR_SCHEDULE="none", LR_STEP_EPOCHS=5,
                                LR_GAMMA=0.3, COLOR_JITTER=0.0, LABEL_SMOOTHING=0.0, SPLIT_SEED=None,
-                               TRUNK="efficientnet_v2_s", FINETUNE_BLOCKS=0, FINETUNE_LR=0.0001)
+                               TRUNK="efficientnet_v2_s", FINETUNE_BLOCKS=0, FINETUNE_LR=0.0001, TASK="multiclass",
+                               LABELS_CSV=None)
 # settings a finished run must share with this one for its best.pth to stand for these settings
-FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
+FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION",
+                               "LABELS_CSV")
+
+
+TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
 
 
 def resumable_checkpoint(cfg, paths, split) -> dict | None:
@@ -124,11 +130,13 @@ def training_sources(cfg, split, preprocess, cache) -> dict:
 
 
 def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, save_last, forward=None) -> float:
-    """Epochs until MAX_EPOCHS or PATIENCE validation passes without a lower validation loss; the
-    LR schedule steps at each epoch end. Returns the seconds spent on the class-wise figures.
+    """Epochs until MAX_EPOCHS or PATIENCE validation passes without a better monitored figure (the
+    task's: validation loss, or validation mAP for multilabel); the LR schedule steps at each epoch
+    end. Returns the seconds spent on the class-wise figures.
     Under torchrun (`forward` from training.data_parallel) every rank validates on the whole
     validation set and rank 0's verdict stops them all; a last batch with fewer images than ranks
     is left out of its epoch (each rank needs one; a different few images each epoch)."""
+    task = tasks.for_name(cfg.TASK)
     state.stop_reason = f"reached MAX_EPOCHS={cfg.MAX_EPOCHS}"
     classwise = dict(train=sources["train_classwise"], val=sources["val"])
     classwise_seconds = 0.0
@@ -138,26 +146,26 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
 
         def validate(b: int, train_loss: float, train_acc: float) -> bool:
             nonlocal classwise_seconds
-            val_loss, val_acc = training.evaluate_loss(model, sources["val"], runtime)
+            val_loss, val_acc = training.evaluate_loss(model, sources["val"], runtime, task)
             position = epoch + (b + 1) / len(batches)
             if not np.isfinite(val_loss) or not np.isfinite(train_loss):
                 raise PipelineError(f"training diverged at epoch {position:.2f} (train loss {train_loss}, validation "
                                     f"loss {val_loss}); lower LR (now {cfg.LR}) and run train.py --RESUME=False")
             started = time.perf_counter()
-            per_class = training.classwise_pass(model, classwise, runtime, list(cfg.SEEN_CLASSES))
+            per_class = training.classwise_pass(model, classwise, runtime, list(cfg.SEEN_CLASSES), task)
             classwise_seconds += time.perf_counter() - started
             state.history.append(dict(epoch=position, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                                       val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], **per_class))
-            if state.improved(val_loss, position):
-                save_best(epoch=position, val_loss=val_loss, val_acc=val_acc)
+            if state.improved(task.monitor_sign * state.history[-1][task.monitor], position):
+                save_best(epoch=position, val_loss=val_loss, val_acc=val_acc, val_map=per_class["val_map"])
             return state.bad_passes >= cfg.PATIENCE
 
         stopped = training.train_one_epoch(model, optimizer, sources["train"], batches, runtime,
                                            training.validation_points(len(batches), cfg.VAL_PER_EPOCH), validate,
                                            seed=cfg.SEED * 100_003 + epoch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCHS}",
-                                           label_smoothing=cfg.LABEL_SMOOTHING, forward=forward)
+                                           label_smoothing=cfg.LABEL_SMOOTHING, forward=forward, task=task)
         state.epoch = epoch
-        print_epoch(epoch, state)
+        print_epoch(epoch, state, task)
         if stopped:
             state.stop_reason = f"early stop: {state.bad_passes} validation passes without improvement"
             return classwise_seconds
@@ -167,41 +175,64 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
     return classwise_seconds
 
 
-def print_epoch(epoch: int, state) -> None:
+def print_epoch(epoch: int, state, task=tasks.MULTICLASS) -> None:
     row = state.history[-1]
     print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
           f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} mAP {row['val_map']:.4f} | "
-          f"best {state.best_val_loss:.4f} | lr {row['lr']:.3g}")
+          f"best {best_words(state.best_val_loss, task).split()[-1]} | lr {row['lr']:.3g}")
 
 
-def plot_history(history: pd.DataFrame, path) -> None:
+def best_words(monitored: float, task) -> str:
+    """The best model's monitored figure in words: "validation loss 0.1234" or "validation mAP 0.9876"."""
+    if task.monitor == "val_loss":
+        return f"validation loss {monitored:.4f}"
+    return f"validation mAP {task.monitor_sign * monitored:.4f}"
+
+
+def best_position(history: pd.DataFrame, task) -> float:
+    """The epoch of the best model: the task's monitored column at its best."""
+    return history.epoch[(task.monitor_sign * history[task.monitor]).idxmin()]
+
+
+HISTORY_PANELS = {"multiclass": (("loss", "Cross-entropy loss"), ("acc", "Accuracy")),
+                  "multilabel": (("loss", "Binary cross-entropy loss (BCEWithLogitsLoss)"),
+                                 ("map", "mAP (mean over labels of the average precision)"))}
+
+
+def plot_history(history: pd.DataFrame, path, task=tasks.MULTICLASS) -> None:
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
-    best_epoch = history.epoch[history.val_loss.idxmin()]
-    for ax, metric, title in ((axes[0], "loss", "Cross-entropy loss"), (axes[1], "acc", "Accuracy")):
+    best_epoch = best_position(history, task)
+    for ax, (metric, title) in zip(axes, HISTORY_PANELS[task.name]):
         ax.plot(history.epoch, history[f"train_{metric}"], "o-", ms=3, label="train")
         ax.plot(history.epoch, history[f"val_{metric}"], "o-", ms=3, label="validation")
-        ax.axvline(best_epoch, color="grey", ls=":", lw=1, label="best model (lowest validation loss)")
+        ax.axvline(best_epoch, color="grey", ls=":", lw=1, label=f"best model ({task.monitor_words})")
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[1].set_ylim(min(0.0, float(np.nanmin(history[["train_acc", "val_acc"]].values))), 1.02)
-    fig.suptitle(f"Training: best validation loss {history.val_loss.min():.4f} at epoch {best_epoch:.2f}")
+    second = HISTORY_PANELS[task.name][1][0]
+    axes[1].set_ylim(min(0.0, float(np.nanmin(history[[f"train_{second}", f"val_{second}"]].values))), 1.02)
+    best = history[task.monitor][history.epoch == best_epoch].iloc[0]
+    fig.suptitle(f"Training: best {task.monitor_words.split(' ', 1)[1]} {best:.4f} at epoch {best_epoch:.2f}")
     common.save_figure(fig, path)
 
 
-CLASSWISE = {"acc": ("accuracy", "mean over classes (balanced accuracy)"),
-             "ap": ("average precision (one-vs-rest, softmax score)", "mean over classes (mAP)")}
+CLASSWISE = {("multiclass", "acc"): ("accuracy", "mean over classes (balanced accuracy)"),
+             ("multiclass", "ap"): ("average precision (one-vs-rest, softmax score)", "mean over classes (mAP)"),
+             ("multilabel", "acc"): ("recall at score 0.5 (share of the label's images scored >= 0.5)",
+                                     "mean over labels"),
+             ("multilabel", "ap"): ("average precision (sigmoid score)", "mean over labels (mAP)")}
 
 
-def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, path) -> None:
+def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, path, task=tasks.MULTICLASS) -> None:
     """A train panel and a validation panel: one line per class, the mean over classes thicker."""
     plt = common.pyplot()
-    what, mean_label = CLASSWISE[metric]
+    what, mean_label = CLASSWISE[task.name, metric]
+    kind = "class" if task.name == "multiclass" else "label"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, layout="constrained")
     colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
-    best_epoch = history.epoch[history.val_loss.idxmin()]
+    best_epoch = best_position(history, task)
     for ax, subset, title in ((axes[0], "train", "training set (un-augmented)"), (axes[1], "val", "validation set")):
         for i, name in enumerate(class_names):
             ax.plot(history.epoch, history[f"{subset}_{metric}_{name}"], lw=1.1, alpha=0.85,
@@ -209,13 +240,13 @@ def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, p
         mean = history[[f"{subset}_{metric}_{name}" for name in class_names]].mean(axis=1)
         ax.plot(history.epoch, mean, color="black", lw=3, label=mean_label)
         ax.axvline(best_epoch, color="grey", ls=":", lw=1, label="best model")
-        ax.set_title(f"{what.split(' (')[0].capitalize()} per class, {title}")
+        ax.set_title(f"{what.split(' (')[0].capitalize()} per {kind}, {title}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(what)
     low = float(np.nanmin(history[[c for c in history if c.startswith(("train_" + metric + "_", "val_" + metric + "_"))]]))
     axes[0].set_ylim(min(0.9, low) - 0.02, 1.01)
-    axes[1].legend(title="class", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8,
+    axes[1].legend(title=kind, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8,
                    ncol=1 if len(class_names) <= 20 else 2)
     fig.suptitle(f"Class-wise {what} at each validation pass")
     common.save_figure(fig, path)
@@ -228,16 +259,16 @@ def optimizer_and_schedule(cfg, model) -> tuple[torch.optim.Optimizer, object]:
     return optimizer, training.make_scheduler(cfg.LR_SCHEDULE, optimizer, cfg.MAX_EPOCHS, cfg.LR_STEP_EPOCHS, cfg.LR_GAMMA)
 
 
-def save_history(history: list[dict], paths, class_names: list[str]) -> None:
+def save_history(history: list[dict], paths, class_names: list[str], task=tasks.MULTICLASS) -> None:
     """training_history.csv and its three plots (none when no validation pass was made); rank 0's."""
     if not distributed.is_main():
         return
     frame = pd.DataFrame(history)
     common.save_csv(frame, paths.history, index=False)
     if len(frame):
-        plot_history(frame, paths.training_plot)
-        plot_classwise(frame, class_names, "acc", paths.classwise_accuracy_plot)
-        plot_classwise(frame, class_names, "ap", paths.classwise_ap_plot)
+        plot_history(frame, paths.training_plot, task)
+        plot_classwise(frame, class_names, "acc", paths.classwise_accuracy_plot, task)
+        plot_classwise(frame, class_names, "ap", paths.classwise_ap_plot, task)
 
 
 def run(cfg) -> None:
@@ -257,7 +288,7 @@ def run(cfg) -> None:
         last = resumable_checkpoint(cfg, paths, split)
     if last and last.get("finished"):
         print(f"training already finished ({last['stop_reason']}); {paths.best} holds epoch "
-              f"{last['best_epoch']:.2f}, validation loss {last['best_val_loss']:.4f}.\n"
+              f"{last['best_epoch']:.2f}, {best_words(last['best_val_loss'], tasks.for_name(cfg.TASK))}.\n"
               f"To train again from scratch: python train.py --RESUME=False")
         return
 
@@ -288,13 +319,14 @@ def run(cfg) -> None:
     started = time.time()
     classwise_seconds = fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best=save_best,
                             save_last=save_last, forward=forward)
-    save_history(state.history, paths, list(split.seen_classes))
+    task = tasks.for_name(cfg.TASK)
+    save_history(state.history, paths, list(split.seen_classes), task)
     state.finished = True
     save_last()
     passes = max(1, sum(1 for row in state.history if "val_map" in row))
     print(f"{state.stop_reason}; {time.time() - started:.1f}s of training, of which {classwise_seconds:.1f}s for the "
-          f"class-wise curves ({1000 * classwise_seconds / passes:.0f} ms per validation pass). Best validation "
-          f"loss {state.best_val_loss:.4f} at epoch {state.best_epoch:.2f} -> {paths.best}; plots -> {paths.out}")
+          f"class-wise curves ({1000 * classwise_seconds / passes:.0f} ms per validation pass). Best: "
+          f"{best_words(state.best_val_loss, task)} at epoch {state.best_epoch:.2f} -> {paths.best}; plots -> {paths.out}")
 
 
 def main(argv=None):

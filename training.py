@@ -2,16 +2,14 @@
 the optimizer and LR schedule, one training epoch with validation passes, the state that is saved
 and restored to resume, running the head over a subset and the class-wise figures of a pass.
 train.py strings them into the study's recipe; seeds.py repeats it; bench.py times the pieces."""
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import average_precision_score
 
 import backbone
 import distributed
+import tasks
 from common import Progress
 from dataloader import FeatureSource, Runtime, feature_batches, in_order
 
@@ -82,7 +80,7 @@ class TrainingState:
     """Where training stands; with the model, optimizer, LR schedule and RNG it is what last.pth holds."""
     epoch: int = -1  # last completed epoch (-1: none yet)
     history: list = field(default_factory=list)  # one dict per validation pass
-    best_val_loss: float = float("inf")
+    best_val_loss: float = float("inf")  # of the monitored figure, lower is better: multilabel keeps -(validation mAP)
     best_epoch: float = 0.0
     bad_passes: int = 0  # validation passes since the best one
     finished: bool = False
@@ -126,10 +124,12 @@ def restore_rng(states: dict) -> None:
 # ---- one epoch -----------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runtime: Runtime, checks: set,
-                    on_check, seed: int = 0, desc: str = "", label_smoothing: float = 0.0, forward=None) -> bool:
-    """Train the head over `batches`; after each batch in `checks` call on_check(b, train_loss,
-    train_acc) with the running figures since the last check. Return True if on_check asked to stop.
-    label_smoothing changes the loss that is minimised; train_loss stays plain cross-entropy.
+                    on_check, seed: int = 0, desc: str = "", label_smoothing: float = 0.0, forward=None,
+                    task=tasks.MULTICLASS) -> bool:
+    """Train the head over `batches` on the task's loss; after each batch in `checks` call
+    on_check(b, train_loss, train_acc) with the running figures since the last check (acc: the task's
+    hits per image). Return True if on_check asked to stop. label_smoothing changes the loss that is
+    minimised; train_loss stays the plain loss.
 
     Under torchrun, `forward` is data_parallel's wrapper: each rank trains on its block of every
     batch (no batch may be shorter than the ranks), with its share of the batch's mean loss, so the
@@ -145,17 +145,17 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
         for b, (features, labels) in enumerate(bar):
             logits, _ = forward(features)
             if ranks == 1:
-                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                loss = task.loss(logits, labels, label_smoothing=label_smoothing)
             else:  # DDP averages the ranks' gradients: each contributes ranks / batch size x its sum
-                loss = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing) \
+                loss = task.loss(logits, labels, reduction="sum", label_smoothing=label_smoothing) \
                     * (ranks / len(batches[b]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if label_smoothing or ranks > 1:
-                loss = F.cross_entropy(logits.detach(), labels)
+                loss = task.loss(logits.detach(), labels)
             loss_sum += loss.item() * len(labels)  # .item() also waits for CUDA, every batch
-            correct += (logits.argmax(1) == labels).sum().item()
+            correct += task.hits(logits, labels).item()
             seen += len(labels)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
             if b in checks:
@@ -195,14 +195,14 @@ def data_parallel(model, runtime: Runtime):
 
 
 @torch.no_grad()
-def evaluate_loss(model, source: FeatureSource, runtime: Runtime) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of the model on a FeatureSource (eval mode)."""
+def evaluate_loss(model, source: FeatureSource, runtime: Runtime, task=tasks.MULTICLASS) -> tuple[float, float]:
+    """Mean loss and the task's hits per image (accuracy) of the model on a FeatureSource (eval mode)."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for features, labels in feature_batches(source, in_order(len(source), runtime.batch_size), model.trunk, runtime):
         logits, _ = model.forward_head(features)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        loss_sum += task.loss(logits, labels, reduction="sum").item()
+        correct += task.hits(logits, labels).item()
     return loss_sum / len(source), correct / len(source)
 
 
@@ -220,30 +220,15 @@ def head_outputs(model, source: FeatureSource, runtime: Runtime) -> tuple[np.nda
 
 # ---- class-wise figures --------------------------------------------------------------------------
 
-def classwise_metrics(logits: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
-    """acc_<class> (share of the class's images predicted as it), ap_<class> (one-vs-rest average
-    precision of its softmax score, scikit-learn's), and map (their mean). NaN for a class absent
-    from `labels`."""
-    scores = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
-    predictions = scores.argmax(1)
-    present = np.bincount(labels, minlength=len(class_names)) > 0
-    with warnings.catch_warnings():  # an absent class: "no positive class found", its NaN is set below
-        warnings.simplefilter("ignore")
-        # one call for every class (an indicator matrix): a call per class costs ~7 ms of checks each
-        ap = average_precision_score(np.eye(len(class_names), dtype=int)[labels], scores, average=None)
-    row = {}
-    for i, name in enumerate(class_names):
-        row[f"acc_{name}"] = float((predictions[labels == i] == i).mean()) if present[i] else float("nan")
-        row[f"ap_{name}"] = float(ap[i]) if present[i] else float("nan")
-    row["map"] = float(np.nanmean([row[f"ap_{name}"] for name in class_names]))
-    return row
+classwise_metrics = tasks.MULTICLASS.classwise_metrics  # the multiclass figures (tasks.py owns both tasks')
 
 
-def classwise_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, class_names: list[str]) -> dict:
-    """classwise_metrics of the model (eval mode) on each named source, keys prefixed "<name>_"."""
+def classwise_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, class_names: list[str],
+                   task=tasks.MULTICLASS) -> dict:
+    """The task's classwise_metrics of the model (eval mode) on each named source, keys prefixed "<name>_"."""
     row = {}
     for name, source in sources.items():
         logits, _ = head_outputs(model, source, runtime)
         row.update({f"{name}_{key}": value for key, value in
-                    classwise_metrics(logits, source.labels.numpy(), class_names).items()})
+                    task.classwise_metrics(logits, source.labels.numpy(), class_names).items()})
     return row

@@ -45,6 +45,7 @@ from sklearn.svm import SVC
 
 import artifacts
 import common
+import tasks
 
 DINO_TEMPERATURE = 0.07  # the cosine kNN's temperature when none is given (FEWSHOT_TEMPERATURE's default)
 
@@ -111,6 +112,9 @@ PROBES = {
     "kNN_cosine": lambda y, k, seed, t: CosineKNN(k=k, temperature=t),
     "NCM": lambda y, k, seed, t: NearestClassMean(),
 }
+
+
+TASKS = ("multiclass",)  # single-label only: learns the unseen classes as single labels; run_all.py skips it for TASK="multilabel"
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -342,6 +346,7 @@ def run_fewshot(cfg, x: np.ndarray, labels: np.ndarray, class_names: list[str], 
 
 
 def run(cfg) -> None:
+    tasks.require(cfg.TASK, TASKS, "transfer_learning.py")
     paths = artifacts.prepare_output_dirs(cfg)
     frame = artifacts.open_embeddings(paths, "unseen")
     names = list(frame.attrs["class_names"])

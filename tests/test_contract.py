@@ -297,7 +297,7 @@ def test_evaluate_and_embed_record_provenance_and_refuse_a_copied_data_folder(tr
     embed.run(cfg)
     for stage, outputs in (("evaluate", ["test_metrics.csv", "test_metrics.json", "confusion_matrix.png",
                                          "test_predictions.csv", "test_predictions.parquet", "test_scores.npz",
-                                         "misclassified_test_images.png"]),
+                                         "misclassified_test_images.png", "tail_accuracy.csv", "tail_accuracy.png"]),
                            ("embed", [f"embeddings_{s}.{e}" for s in ("train", "test", "unseen") for e in ("pkl", "parquet")])):
         record = json.loads(artifacts.provenance_path(paths, stage).read_text())
         assert sorted(record["outputs"]) == sorted(outputs)

@@ -142,7 +142,8 @@ def test_predictions_files_hold_every_test_image_once(evaluated):
     record = json.loads(artifacts.provenance_path(paths, "evaluate").read_text())
     assert sorted(record["outputs"]) == sorted(["test_metrics.csv", "test_metrics.json", "confusion_matrix.png",
                                                 "misclassified_test_images.png", "test_predictions.csv",
-                                                "test_predictions.parquet", "test_scores.npz"])
+                                                "test_predictions.parquet", "test_scores.npz", "tail_accuracy.csv",
+                                                "tail_accuracy.png"])
     assert Image.open(paths.out / "misclassified_test_images.png").size[0] > 300
 
 
