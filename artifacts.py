@@ -584,6 +584,12 @@ def output_name(paths: Paths, path: Path) -> str:
     return path.relative_to(paths.out).as_posix() if path.is_relative_to(paths.out) else path.name
 
 
+def stage_of(name: str) -> str | None:
+    """The stage whose output patterns match `name` (relative to the output folder), if any."""
+    from fnmatch import fnmatch
+    return next((stage for stage, patterns in STAGE_OUTPUTS.items() if any(fnmatch(name, p) for p in patterns)), None)
+
+
 def existing_outputs(paths: Paths, stage: str) -> set[str]:
     """Names (relative to the output folder) of the files there that match the stage's output patterns."""
     return {output_name(paths, p) for pattern in STAGE_OUTPUTS[stage] for p in paths.out.glob(pattern) if p.is_file()}

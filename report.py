@@ -48,7 +48,8 @@ FRONT_SECTIONS = (
     ("Data overview", ("class_counts.csv", "class_counts.png", "sample_images.png")),
     ("Model summary", ("model_summary.txt",)),
     ("Training curves", ("training_plot.png", "training_classwise_accuracy.png", "training_classwise_ap.png")),
-    ("Test metrics", ("test_metrics.csv", "confusion_matrix.png", "misclassified_test_images.png")),
+    ("Test metrics", ("test_metrics.csv", "confusion_matrix.png", "misclassified_test_images.png",
+                      "test_label_metrics.png")),
 )
 # Stages that keep no provenance record of their own, and what they write (train.py: best.pth records its split).
 UNRECORDED_OUTPUTS = {"train": ["model_summary.txt", "training_history.csv", "training_plot.png",
@@ -189,15 +190,18 @@ def settings_section(cfg) -> str:
                                f'<th>meaning</th></tr>{"".join(rows)}</table></div></details>')
 
 
-def front_sections(out: Path, read: list[Path]) -> list[str]:
-    """Data overview, model summary, training curves and test metrics, from their fixed files."""
+def front_sections(out: Path, read: list[Path], skipped: list[str]) -> list[str]:
+    """Data overview, model summary, training curves and test metrics, from their fixed files (those
+    the run's task writes; a section with none of them says why)."""
     sections = []
     for title, names in FRONT_SECTIONS:
         present = [out / n for n in names if (out / n).is_file()]
-        missing = [n for n in names if not (out / n).is_file()]
         body = render_files(present, read, keep_order=True)
-        if missing:
-            body += note(f"Not in {out}: {', '.join(missing)} (run run_all.py, or the stage that writes it).")
+        if not present:
+            owners = sorted({artifacts.stage_of(n) for n in names} & set(skipped))
+            why = (f"{', '.join(o + '.py' for o in owners)} did not run: not for this task (see its TASKS)" if owners
+                   else "run run_all.py, or the stage that writes them")
+            body += note(f"Not in {out}: {', '.join(names)} ({why}).")
         sections.append(section(title, body))
     return sections
 
@@ -239,8 +243,9 @@ def stage_section(paths: artifacts.Paths, stage: str, module, front: dict, read:
     return section(f"Stage: {stage}", body + render_files(rest, read))
 
 
-def stages_in_order(paths: artifacts.Paths) -> list[tuple[str, object]]:
-    """run_all's stages, then the optional stages (seeds.py) whose outputs are there; all but the report."""
+def stages_in_order(paths: artifacts.Paths, task: str) -> tuple[list[tuple[str, object]], list[str]]:
+    """run_all's stages for `task`, then the optional stages (predict.py, seeds.py) whose outputs are
+    there; all but the report. Also the names of the stages left out because they are not for `task`."""
     import run_all  # here, not at the top: run_all imports this module
     stages = [(name, module) for name, module in run_all.STAGES if name != "report"]
     for name in artifacts.STAGE_OUTPUTS:
@@ -249,7 +254,8 @@ def stages_in_order(paths: artifacts.Paths) -> list[tuple[str, object]]:
                 stages.append((name, importlib.import_module(name)))
             except ImportError:
                 continue
-    return stages
+    skipped = [name for name, module in stages if task not in getattr(module, "TASKS", (task,))]
+    return [(name, module) for name, module in stages if name not in skipped], skipped
 
 
 def timings_section(out: Path) -> str:
@@ -423,10 +429,14 @@ def page(head: str, sections: list[str]) -> str:
 
 def build_report(cfg, paths: artifacts.Paths, read: list[Path]) -> str:
     """The whole page; every file it shows is added to `read`."""
-    stages = stages_in_order(paths)
+    stages, skipped = stages_in_order(paths, cfg.TASK)
     front = {n: title for title, names in FRONT_SECTIONS for n in names}
-    sections = [settings_section(cfg)] + front_sections(paths.out, read)
+    sections = [settings_section(cfg)] + front_sections(paths.out, read, skipped)
     sections += [stage_section(paths, name, module, front, read) for name, module in stages]
+    if skipped:
+        sections.append(section("Stages not run for this task", note(
+            f"TASK={cfg.TASK!r}: {', '.join(n + '.py' for n in skipped)} analyse single-label runs only; "
+            f"run_all.py skips them (see the README's multi-label section).")))
     sections += [timings_section(paths.out), provenance_section(paths, [n for n, _ in stages], read)]
     return page(header(paths), sections)
 

@@ -116,3 +116,18 @@ def test_without_chromium_the_browser_test_fails_saying_how_to_install(monkeypat
     monkeypatch.setattr(test_report_browser.shutil, "which", lambda name: None)
     with pytest.raises(pytest.fail.Exception, match="install them with `apt-get install chromium chromium-driver`"):
         test_report_browser.chromium_driver()
+
+
+def test_a_multilabel_run_leaves_out_single_label_stages_and_says_why(made_up_run):
+    cfg, paths, coords, folder = made_up_run
+    cfg.TASK = "multilabel"
+    for name in ("class_counts.csv", "class_counts.png"):
+        (paths.out / name).unlink()
+    report.run(cfg)
+    page = (paths.out / "report.html").read_text(encoding="utf-8")
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    single_only = [name for name, module in run_all.STAGES if module.TASKS == ("multiclass",)]
+    assert single_only and not any(f"Stage: {name}" in headings for name in single_only)
+    assert "Stage: embed" in headings and "Stages not run for this task" in headings
+    overview = page[page.index("<h2>Data overview</h2>"):page.index("<h2>Model summary</h2>")]
+    assert "dataset_overview.py did not run: not for this task" in overview
