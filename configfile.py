@@ -54,6 +54,7 @@ DETERMINISTIC = False  # deterministic CUDA algorithms (slower on GPU); CPU runs
 OUTPUT_DIR = "outputs"  # plots, tables, split file and embeddings
 CHECKPOINT_DIR = "checkpoints"  # best.pth and last.pth
 CACHE_DIR = "cache"  # trunk-feature cache, image-scan cache, numba's compiled code
+COMPILE_AHEAD = True  # run_all.py: on a fresh numba cache, compile umap-learn's code in a low-priority background process while the first stages run
 EXPORT_CSV = False  # also write the embeddings and UMAP coordinates as CSV (Parquet copies are always written)
 
 # ---- analysis -------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ together). Close/far distances are measured to the class centre in the 128-d emb
 training images (CLOSE_FAR_SPACE="embedding"), or in the 2-d UMAP plane as the study did ("umap"),
 where only the sampled training images have coordinates.
 """
+import os
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,8 +28,8 @@ import torch
 
 import artifacts
 import common
-import tasks
 import images
+import tasks
 
 SUBSETS = ("train", "test", "unseen")
 
@@ -80,9 +83,48 @@ def exact_neighbours(points: np.ndarray, k: int, block: int = 2048) -> tuple[np.
     return np.concatenate(indices).astype(np.int64), np.concatenate(distances).astype(np.float32)
 
 
+_compiling: subprocess.Popen | None = None  # compile_ahead's process, waited for by fit_umap
+
+
+def umap_code_cached() -> bool:
+    """Whether numba's cache folder already holds umap-learn's compiled layout code."""
+    folder = os.environ.get("NUMBA_CACHE_DIR")
+    return folder is None or any(Path(folder).rglob("layouts.*.nbi"))
+
+
+def compile_ahead() -> None:
+    """On a cold numba cache, fit a small UMAP in a background process at low priority, so that
+    numba compiles umap-learn's code (about 18 s on one core) into the cache while the stages before
+    this one run; fit_umap then waits for it and loads the compiled code. Does nothing when the code
+    is cached already or numba keeps no cache."""
+    global _compiling
+    if _compiling is not None or umap_code_cached():
+        return
+    warm_up = ("import numpy as np, dimensionality_reduction as d; "
+               "d.fit_umap(np.random.default_rng(0).normal(size=(64, 8)), 15, 0)")
+    _compiling = subprocess.Popen([sys.executable, "-c", warm_up], cwd=common.REPO_DIR, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=lambda: os.nice(10))
+
+
+def stop_compiling(wait: bool) -> None:
+    """Wait for compile_ahead's process (or stop it: wait=False); a failed one changes nothing, as
+    fit_umap then compiles what it needs itself."""
+    global _compiling
+    if _compiling is None:
+        return
+    try:
+        _compiling.wait(timeout=600 if wait else 0)
+    except subprocess.TimeoutExpired:
+        _compiling.kill()
+        _compiling.wait()
+    _compiling = None
+
+
 def fit_umap(points: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
     """Standardise, find exact neighbours, then one UMAP fit to 2-d (numba's compiled code is
-    cached on disk)."""
+    cached on disk; a compile_ahead process still compiling it is waited for first)."""
+    stop_compiling(wait=True)
     import umap  # imported here: it compiles with numba on first use
     from sklearn.preprocessing import StandardScaler
     cache_umap_compilation()

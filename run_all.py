@@ -53,16 +53,21 @@ def run(cfg) -> dict:
     times, started = {}, time.time()
     out = artifacts.Paths.from_settings(cfg).out
     logs = out / "logs"
-    for name, module in stages_for(cfg):
-        print(f"\n======== {name}.py ========")
-        if cfg.TASK not in module.TASKS:  # a stage for one task only says so in its TASKS
-            print(f"skipped: {name}.py is {' and '.join(module.TASKS)} only (TASK={cfg.TASK!r})")
-            continue
-        stage_started = time.time()
-        with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's
-            module.run(cfg)
-        times[name] = time.time() - stage_started
-        common.save_json(times, out / "stage_times.json")  # so far: the report stage shows them
+    if cfg.COMPILE_AHEAD:
+        dimensionality_reduction.compile_ahead()  # numba compiles umap-learn's code while training runs
+    try:
+        for name, module in stages_for(cfg):
+            print(f"\n======== {name}.py ========")
+            if cfg.TASK not in module.TASKS:  # a stage for one task only says so in its TASKS
+                print(f"skipped: {name}.py is {' and '.join(module.TASKS)} only (TASK={cfg.TASK!r})")
+                continue
+            stage_started = time.time()
+            with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's
+                module.run(cfg)
+            times[name] = time.time() - stage_started
+            common.save_json(times, out / "stage_times.json")  # so far: the report stage shows them
+    finally:
+        dimensionality_reduction.stop_compiling(wait=False)
     times["total"] = time.time() - started
     print("\n======== stage wall times ========")
     for name, seconds in times.items():

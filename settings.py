@@ -97,6 +97,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "OUTPUT_DIR": Rule("path"),
     "CHECKPOINT_DIR": Rule("path"),
     "CACHE_DIR": Rule("path"),
+    "COMPILE_AHEAD": Rule("bool"),
     "EXPORT_CSV": Rule("bool"),
     # analysis
     "UMAP_SAMPLES": Rule("int", "[2, inf)"),

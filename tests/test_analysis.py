@@ -77,3 +77,24 @@ def test_transfer_training_sets_stop_at_the_cap():
     x = rng.normal(size=(200, 8)) + 3.0 * labels[:, None]
     results = transfer_learning.transfer_curves(x, labels, 0.3, 2, 5, 0, n_jobs=1, max_train=50)
     assert results.n_train.max() == 50 and (results[results.n_train == 50].repeat.nunique() == 2)
+
+
+def test_compile_ahead_starts_nothing_when_umaps_code_is_cached(tmp_path, monkeypatch):
+    import dimensionality_reduction as dr
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert not dr.umap_code_cached()
+    (tmp_path / "umap_x").mkdir()
+    (tmp_path / "umap_x" / "layouts._optimize_layout_euclidean_single_epoch-63.py311.nbi").write_bytes(b"")
+    assert dr.umap_code_cached()
+    dr.compile_ahead()
+    assert dr._compiling is None
+
+
+@pytest.mark.slow
+def test_compile_ahead_fills_a_cold_numba_cache_in_the_background(tmp_path, monkeypatch):
+    import dimensionality_reduction as dr
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    dr.compile_ahead()
+    assert dr._compiling is not None and dr._compiling.poll() is None  # running while we go on
+    dr.stop_compiling(wait=True)
+    assert dr._compiling is None and dr.umap_code_cached()
