@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+import distributed
 from common import PipelineError, Progress, atomic_path, save_csv, sha256_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}  # GIF, WebP: first frame
@@ -225,7 +226,7 @@ def scan_images(root: Path, relpaths: list[str], cache_file: Path) -> tuple[dict
         (rows.append(key + cached[key]) if key in cached else todo.append(key))
     for key in Progress(todo, "checking images", unit="images", min_total=200):
         rows.append(key + _check_image(root / key[0], key[1]))
-    if todo or len(rows) != len(cached):
+    if (todo or len(rows) != len(cached)) and distributed.is_main():
         save_csv(pd.DataFrame(rows, columns=SCAN_COLUMNS), cache_file, index=False)
     bad.update({row[0]: row[5] for row in rows if row[5]})
     return bad, {row[0]: row[6] for row in rows if row[6]}
@@ -294,7 +295,8 @@ def scan_and_report(root: Path, wanted: list[str], scan_cache: Path, bad_report:
     bad, hashes = scan_images(root, wanted, scan_cache)
     if bad:
         report = sorted((printable(rel), reason) for rel, reason in bad.items())
-        save_csv(pd.DataFrame(report, columns=["relpath", "reason"]), bad_report, index=False)
+        if distributed.is_main():  # under torchrun rank 0 alone writes (the others find the same files)
+            save_csv(pd.DataFrame(report, columns=["relpath", "reason"]), bad_report, index=False)
         if bad_images == "error":
             raise PipelineError(f"{len(bad)} unreadable image(s), listed in {bad_report} "
                                 f"(BAD_IMAGES='error'); remove or fix them")
