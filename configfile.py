@@ -98,6 +98,7 @@ FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and
 
 # ---- open-set detection, calibration, prediction --------------------------------------------
 OPEN_SET_K = 10  # open_set.py: the kNN score is the distance to the k-th nearest training embedding
+OPEN_SET_TRAIN_SAMPLES = 20000  # open_set.py, predict.py: the kNN score compares with at most this many random training embeddings (its cost grows with queries x these)
 OPEN_SET_KNN_METRIC = "cosine"  # kNN score's distance: "cosine" (1 - cos, embeddings unit-normalised) or "euclidean"
 PREDICT_DIR = None  # predict.py: folder of new unlabelled images (searched at any depth); None = no prediction (run_all skips predict)
 PREDICT_SCORE = "knn"  # open-set score behind predict.py's unknown flag: "max_softmax", "energy", "knn" or "mahalanobis"

@@ -60,10 +60,13 @@ def unit_rows(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
     return centred / np.where(norms > 0, norms, 1.0)
 
 
-def nearest_training(queries: np.ndarray, train: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def nearest_training(queries: np.ndarray, train: np.ndarray,
+                     block_bytes: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
     """For each unit-length query row, the index of the nearest unit-length training row by cosine
-    distance and that distance (1 - cos, clipped to [0, 2]); the first index among ties."""
+    distance and that distance (1 - cos, clipped to [0, 2]); the first index among ties. Every
+    training image is compared (a sample could miss a copy), in blocks of at most block_bytes."""
     t = torch.as_tensor(train, dtype=torch.float32)
+    block = max(1, block_bytes // (4 * max(1, len(t))))
     index, distance = [], []
     for start in range(0, len(queries), block):
         q = torch.as_tensor(queries[start:start + block], dtype=torch.float32)

@@ -35,7 +35,7 @@ import training
 import trunk_cache
 
 TPR_LEVEL = 0.95  # FPR is read where this share of the seen images is kept as known
-BLOCK = 4096  # query rows per matrix product in the kNN distance (memory stays bounded)
+BLOCK_BYTES = 64 << 20  # one block of the kNN distance matrix (query rows x training rows, float64) at most
 
 TASKS = ("multiclass",)  # single-label only: softmax-based scores of one class per image (run_all.py skips it)
 
@@ -43,7 +43,7 @@ TASKS = ("multiclass",)  # single-label only: softmax-based scores of one class 
 @dataclass
 class Reference:
     """What the embedding-based scores compare an image with: the training embeddings."""
-    train_embeddings: np.ndarray  # float64; unit rows when metric is "cosine"
+    train_embeddings: np.ndarray  # float64, at most OPEN_SET_TRAIN_SAMPLES of them; unit rows when metric is "cosine"
     class_means: np.ndarray  # classes x dimensions
     precision: np.ndarray  # inverse of the shared covariance (LedoitWolf)
     k: int
@@ -55,13 +55,17 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)  # a zero embedding stays zero: cosine 0 to everything
 
 
-def fit_reference(train_embeddings: np.ndarray, train_labels: np.ndarray, k: int, metric: str) -> Reference:
-    """Class means, the shared LedoitWolf covariance of the class-centred embeddings, and the
-    training embeddings for the kNN distance (k shrinks to the training set's size)."""
+def fit_reference(train_embeddings: np.ndarray, train_labels: np.ndarray, k: int, metric: str,
+                  samples: int | None = None, seed: int = 0) -> Reference:
+    """Class means, the shared LedoitWolf covariance of the class-centred embeddings (all training
+    images), and the training embeddings for the kNN distance: at most `samples` random ones, as
+    its cost grows with queries x reference rows (k shrinks to the reference's size)."""
     x = np.asarray(train_embeddings, dtype=np.float64)
     classes = int(train_labels.max()) + 1
     means = np.stack([x[train_labels == c].mean(0) for c in range(classes)])
     precision = LedoitWolf(assume_centered=True).fit(x - means[train_labels]).precision_
+    if samples is not None and len(x) > samples:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))]
     stored = unit_rows(x) if metric == "cosine" else x
     return Reference(stored, means, precision, min(int(k), len(x)), metric)
 
@@ -70,14 +74,15 @@ def kth_neighbour_distance(queries: np.ndarray, reference: Reference) -> np.ndar
     """Distance from each query to its k-th nearest training embedding (cosine: 1 - cos)."""
     train = reference.train_embeddings
     out = np.empty(len(queries))
-    for start in range(0, len(queries), BLOCK):
-        q = np.asarray(queries[start:start + BLOCK], dtype=np.float64)
+    block = max(1, BLOCK_BYTES // (8 * max(1, len(train))))  # the matrix and its partitioned copy stay small
+    for start in range(0, len(queries), block):
+        q = np.asarray(queries[start:start + block], dtype=np.float64)
         if reference.metric == "cosine":
             distances = 1.0 - unit_rows(q) @ train.T
         else:
             squared = (q ** 2).sum(1)[:, None] + (train ** 2).sum(1)[None, :] - 2.0 * q @ train.T
             distances = np.sqrt(np.maximum(squared, 0.0))
-        out[start:start + BLOCK] = np.partition(distances, reference.k - 1, axis=1)[:, reference.k - 1]
+        out[start:start + block] = np.partition(distances, reference.k - 1, axis=1)[:, reference.k - 1]
     return out
 
 
@@ -135,9 +140,15 @@ def subset_outputs(trained: artifacts.TrainedModel, cache, runtime, subset: str)
     return logits, embeddings, source.labels.numpy()
 
 
-def reference_from_model(trained, cache, runtime, k: int, metric: str) -> Reference:
+def reference_from_model(trained, cache, runtime, cfg) -> Reference:
+    """The training images' Reference as the settings ask (OPEN_SET_K, OPEN_SET_KNN_METRIC,
+    OPEN_SET_TRAIN_SAMPLES, SEED); says when the kNN reference is a sample."""
     _, embeddings, labels = subset_outputs(trained, cache, runtime, "train")
-    return fit_reference(embeddings, labels, k, metric)
+    if len(embeddings) > cfg.OPEN_SET_TRAIN_SAMPLES:
+        print(f"note: the kNN score compares with {cfg.OPEN_SET_TRAIN_SAMPLES} random training embeddings of "
+              f"{len(embeddings)} (OPEN_SET_TRAIN_SAMPLES); class means and covariance use them all")
+    return fit_reference(embeddings, labels, cfg.OPEN_SET_K, cfg.OPEN_SET_KNN_METRIC, cfg.OPEN_SET_TRAIN_SAMPLES,
+                         cfg.SEED or 0)
 
 
 # ---- the stage -----------------------------------------------------------------------------------
@@ -195,7 +206,7 @@ def run(cfg) -> None:
     inputs = artifacts.start_stage(paths, "open_set", [paths.best, paths.split])
     cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, trained.checkpoint["trunk_sha256"],
                                       trained.preprocess, runtime)
-    reference = reference_from_model(trained, cache, runtime, cfg.OPEN_SET_K, cfg.OPEN_SET_KNN_METRIC)
+    reference = reference_from_model(trained, cache, runtime, cfg)
     scores = {}
     for subset in ("val", "test", "unseen"):
         logits, embeddings, _ = subset_outputs(trained, cache, runtime, subset)

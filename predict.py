@@ -161,7 +161,7 @@ def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, 
 def reference_and_threshold(cfg, trained, cache, runtime) -> dict:
     """From the split's train and val images: the open-set reference, the unknown threshold on the
     validation scores, and the temperature fitted on the validation logits."""
-    reference = open_set.reference_from_model(trained, cache, runtime, cfg.OPEN_SET_K, cfg.OPEN_SET_KNN_METRIC)
+    reference = open_set.reference_from_model(trained, cache, runtime, cfg)
     val_logits, val_embeddings, val_labels = open_set.subset_outputs(trained, cache, runtime, "val")
     val_scores = open_set.SCORES[cfg.PREDICT_SCORE](val_logits, val_embeddings, reference)
     threshold = open_set.keep_threshold(val_scores, cfg.PREDICT_KEEP)

@@ -134,6 +134,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "FEATURE_IMAGES": Rule("int", "[2, inf)"),
     # open-set detection, calibration, prediction
     "OPEN_SET_K": Rule("int", "[1, inf)"),
+    "OPEN_SET_TRAIN_SAMPLES": Rule("int", "[1, inf)"),
     "OPEN_SET_KNN_METRIC": Rule("str", choices=("cosine", "euclidean")),
     "PREDICT_DIR": Rule("path", none_ok=True),
     "PREDICT_SCORE": Rule("str", choices=("max_softmax", "energy", "knn", "mahalanobis")),

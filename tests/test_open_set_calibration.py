@@ -76,11 +76,24 @@ def test_kth_neighbour_distance_against_sklearn(metric, monkeypatch):
     rng = np.random.default_rng(2)
     train, labels = rng.normal(size=(60, 8)), np.repeat([0, 1], 30)
     queries = rng.normal(size=(25, 8))
-    monkeypatch.setattr(open_set, "BLOCK", 7)  # several uneven blocks
+    monkeypatch.setattr(open_set, "BLOCK_BYTES", 7 * 8 * len(train))  # blocks of 7 query rows: several, uneven
     reference = open_set.fit_reference(train, labels, k=4, metric=metric)
     found = open_set.kth_neighbour_distance(queries, reference)
     distances, _ = NearestNeighbors(n_neighbors=4, metric=metric, algorithm="brute").fit(train).kneighbors(queries)
     np.testing.assert_allclose(found, distances[:, 3], rtol=1e-9, atol=1e-9)
+
+
+def test_the_knn_reference_is_a_sample_when_capped_and_the_class_statistics_use_every_image():
+    rng = np.random.default_rng(4)
+    train, labels = rng.normal(size=(90, 5)), np.repeat([0, 1, 2], 30)
+    whole = open_set.fit_reference(train, labels, k=3, metric="euclidean")
+    capped = open_set.fit_reference(train, labels, k=3, metric="euclidean", samples=20, seed=1)
+    assert len(capped.train_embeddings) == 20 and len(whole.train_embeddings) == 90
+    rows = {tuple(r) for r in train}
+    assert all(tuple(r) in rows for r in capped.train_embeddings)  # a sample of the training rows, no copies
+    assert len({tuple(r) for r in capped.train_embeddings}) == 20
+    np.testing.assert_array_equal(capped.class_means, whole.class_means)
+    np.testing.assert_array_equal(capped.precision, whole.precision)
 
 
 def test_scores_rank_far_away_points_as_unknown():

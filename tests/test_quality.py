@@ -139,7 +139,7 @@ def test_nearest_training_is_the_highest_cosine():
     rng = np.random.default_rng(0)
     train_rows = leaks.unit_rows(rng.normal(size=(50, 8)), np.zeros(8))
     queries = leaks.unit_rows(rng.normal(size=(7, 8)), np.zeros(8))
-    index, distance = leaks.nearest_training(queries, train_rows, block=3)
+    index, distance = leaks.nearest_training(queries, train_rows, block_bytes=3 * 4 * 50)  # blocks of 3 queries
     d = cdist(queries, train_rows, "cosine")
     assert index.tolist() == d.argmin(1).tolist()
     np.testing.assert_allclose(distance, d.min(1), atol=1e-6)
