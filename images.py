@@ -78,19 +78,8 @@ class ClassFiles(NamedTuple):
 
 def list_class_files(root: Path) -> dict[str, ClassFiles]:
     """{class folder: its files}, hidden files and folders (.*, __MACOSX, __pycache__) left out."""
-    classes = {}
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)):
-        images, ignored, linked = [], [], []
-        for dirpath, dirnames, filenames in os.walk(class_dir):  # followlinks=False: a linked folder may loop
-            linked += [os.path.relpath(os.path.join(dirpath, d), root) for d in dirnames
-                       if os.path.islink(os.path.join(dirpath, d)) and not is_hidden(d)]
-            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-            for f in filenames:
-                if not is_hidden(f):
-                    is_image = os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-                    (images if is_image else ignored).append(os.path.relpath(os.path.join(dirpath, f), root))
-        classes[class_dir.name] = ClassFiles(sorted(images), sorted(ignored), sorted(linked))
-    return classes
+    return {class_dir.name: list_folder_images(class_dir, relative_to=root)
+            for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))}
 
 
 def list_class_images(root: Path) -> dict[str, list[str]]:
@@ -98,18 +87,20 @@ def list_class_images(root: Path) -> dict[str, list[str]]:
     return {name: files.images for name, files in list_class_files(root).items()}
 
 
-def list_folder_images(root: Path) -> ClassFiles:
-    """Every file of a folder at any depth (no classes: predict.py's new images), split as
-    list_class_files splits a class's: image extensions, other files, linked folders (not followed)."""
+def list_folder_images(folder: Path, relative_to: Path | None = None) -> ClassFiles:
+    """Every file of a folder at any depth (predict.py's new images, or one class folder), split
+    into image extensions, other files and linked folders (not followed: they may loop), as paths
+    relative to `relative_to` (default: the folder); hidden files and folders left out."""
+    base = relative_to or folder
     images, ignored, linked = [], [], []
-    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: a linked folder may loop
-        linked += [os.path.relpath(os.path.join(dirpath, d), root) for d in dirnames
+    for dirpath, dirnames, filenames in os.walk(folder):  # followlinks=False: a linked folder may loop
+        linked += [os.path.relpath(os.path.join(dirpath, d), base) for d in dirnames
                    if os.path.islink(os.path.join(dirpath, d)) and not is_hidden(d)]
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for f in filenames:
             if not is_hidden(f):
                 is_image = os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-                (images if is_image else ignored).append(os.path.relpath(os.path.join(dirpath, f), root))
+                (images if is_image else ignored).append(os.path.relpath(os.path.join(dirpath, f), base))
     return ClassFiles(sorted(images), sorted(ignored), sorted(linked))
 
 
