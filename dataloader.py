@@ -123,14 +123,43 @@ def trunk_feature_batches(trunk: torch.nn.Module, root: Path, relpaths: list[str
 def compute_trunk_features(trunk: torch.nn.Module, root: Path, relpaths: list[str], preprocess: Preprocess,
                            runtime: Runtime, dtype=np.float32) -> np.ndarray:
     """The trunk's output for each image, in order, as one array."""
-    return np.concatenate(list(trunk_feature_batches(trunk, root, relpaths, preprocess, runtime, dtype)))
+    rows = Rows(len(relpaths), dtype)
+    for features in trunk_feature_batches(trunk, root, relpaths, preprocess, runtime, dtype):
+        rows.add(features)
+    return rows.result()
+
+
+class Rows:
+    """Per-batch results written into one array of `n` rows, allocated at the first batch.
+
+    Why not a list of batches and one np.concatenate: each kept batch is a small block placed just
+    above the big per-batch temporaries that were freed before it, so the next batch's temporaries no
+    longer fit the hole and take fresh memory. glibc's heap then grows by about a batch of
+    temporaries per batch and keeps it (measured: 0.8 to 1.3 GB over the 22,538 training images of
+    the 50,000-image bench folder, against 12 MB of results); one array written in place does not."""
+
+    def __init__(self, n: int, dtype=None):
+        self.n, self.dtype, self.array, self.filled = int(n), dtype, None, 0
+
+    def add(self, batch) -> None:
+        if torch.is_tensor(batch):
+            batch = batch.detach().cpu().numpy()
+        if self.array is None:
+            self.array = np.empty((self.n,) + batch.shape[1:], self.dtype or batch.dtype)
+        self.array[self.filled:self.filled + len(batch)] = batch
+        self.filled += len(batch)
+
+    def result(self) -> np.ndarray:
+        if self.filled != self.n:
+            raise RuntimeError(f"{self.filled} rows gathered, {self.n} expected")
+        return self.array if self.array is not None else np.zeros((0, 0), self.dtype or np.float32)
 
 
 # ---- one subset's trunk features, cached or streamed ---------------------------------------------
 
 class FeatureRows(Protocol):
-    """Rows of trunk features gathered on demand: an np.ndarray, or trunk_cache.FeatureStore (memory-
-    mapped chunk files, so a subset of a million images is never loaded whole)."""
+    """Rows of trunk features gathered on demand: an np.ndarray, or trunk_cache.FeatureStore (rows
+    read from the chunk files as asked, so a subset of a million images is never loaded whole)."""
     shape: tuple[int, ...]
 
     def __len__(self) -> int: ...

@@ -45,12 +45,12 @@ TASKS = ("multiclass",)  # single-label only: pairs are reported with their clas
 
 def pooled_trunk_features(source: dataloader.FeatureSource, trunk, runtime, grid: int) -> np.ndarray:
     """Each item's trunk feature map, average-pooled to grid x grid cells and flattened (float32)."""
-    rows = []
+    rows = dataloader.Rows(len(source), np.float32)
     batches = dataloader.in_order(len(source), runtime.batch_size)
     with torch.inference_mode():
         for features, _ in dataloader.feature_batches(source, batches, trunk, runtime):
-            rows.append(torch.nn.functional.adaptive_avg_pool2d(features.float(), grid).flatten(1).cpu().numpy())
-    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+            rows.add(torch.nn.functional.adaptive_avg_pool2d(features.float(), grid).flatten(1))
+    return rows.result()
 
 
 def unit_rows(x: np.ndarray, centre: np.ndarray) -> np.ndarray:

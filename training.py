@@ -11,7 +11,7 @@ import backbone
 import distributed
 import tasks
 from common import Progress
-from dataloader import FeatureSource, Runtime, feature_batches, in_order
+from dataloader import FeatureSource, Rows, Runtime, feature_batches, in_order
 
 
 def place_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
@@ -210,12 +210,12 @@ def evaluate_loss(model, source: FeatureSource, runtime: Runtime, task=tasks.MUL
 def head_outputs(model, source: FeatureSource, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
     """(logits, embeddings) of every item of a FeatureSource, in order, model in eval mode."""
     model.eval()
-    logits, embeddings = [], []
+    logits, embeddings = Rows(len(source), np.float32), Rows(len(source), np.float32)  # see Rows: no batch list
     for features, _ in feature_batches(source, in_order(len(source), runtime.batch_size), model.trunk, runtime):
         out, emb = model.forward_head(features)
-        logits.append(out.float().cpu().numpy())
-        embeddings.append(emb.float().cpu().numpy())
-    return np.concatenate(logits), np.concatenate(embeddings)
+        logits.add(out.float())
+        embeddings.add(emb.float())
+    return logits.result(), embeddings.result()
 
 
 # ---- class-wise figures --------------------------------------------------------------------------

@@ -3,6 +3,7 @@ chunks, a pass killed half-way, content keys, and gathering one batch at a time.
 import hashlib
 import multiprocessing
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,71 @@ def test_feature_batches_ask_the_store_for_one_batch_at_a_time(tmp_path, images,
     expected = torch.from_numpy(direct(trunk, images, relpaths)).float()
     for batch, (features, batch_labels) in zip(batches, got):
         assert torch.equal(features, expected[batch]) and batch_labels.tolist() == [labels[i] for i in batch]
+
+
+def synthetic_store(folder, chunk_sizes=(5, 7, 4), row_shape=(3, 2, 2)):
+    """Chunks of known rows written as a trunk pass writes them; (store, the same rows as one array)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((sum(chunk_sizes),) + row_shape).astype(np.float16)
+    keys = [f"img{i}" for i in range(len(rows))]
+    start = 0
+    for size in chunk_sizes:
+        trunk_cache._write_chunk(folder, keys[start:start + size], rows[start:start + size])
+        start += size
+    return trunk_cache._find(folder, keys, np.float16).store(keys), rows
+
+
+def test_store_gathers_any_indices_across_chunks_in_few_reads(tmp_path, monkeypatch):
+    store, rows = synthetic_store(tmp_path / "c")
+    reads = []
+    real = trunk_cache.os.preadv
+    monkeypatch.setattr(trunk_cache.os, "preadv", lambda fd, bufs, pos: reads.append(len(bufs)) or real(fd, bufs, pos))
+    for asked in (np.arange(16), np.arange(16)[::-1], np.array([3, 3, 15, 0, 9, 4, 5, 6]), np.array([-1, 2]),
+                  np.array([], dtype=int)):
+        assert np.array_equal(store[asked], rows[asked])
+    assert np.array_equal(store[2:11:3], rows[2:11:3]) and np.array_equal(store[7], rows[7])
+    reads.clear()
+    store[np.arange(16)]
+    assert sorted(reads) == [4, 5, 7]  # consecutive rows of a chunk: one call each
+    monkeypatch.setattr(trunk_cache, "IOV_MAX", 3)
+    reads.clear()
+    assert np.array_equal(store[np.arange(16)], rows)
+    assert max(reads) == 3 and sum(reads) == 16 and len(reads) == 7  # 4 -> 2+2, 5 -> 3+2, 7 -> 3+2+2
+    with pytest.raises(IndexError):
+        store[np.array([16])]
+
+
+def test_store_reads_rows_without_mapping_the_cache_into_the_process(tmp_path):
+    """Mapped pages count in the process's resident memory (the 50,000-image peak); reads do not."""
+    store, rows = synthetic_store(tmp_path / "c")
+    assert np.array_equal(store[np.arange(len(rows))], rows)
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(tmp_path / "c") not in mapped
+    assert 0 < len(store._open) <= trunk_cache.OPEN_CHUNKS
+    store.close()
+    assert not store._open
+
+
+def test_a_chunk_cut_short_while_in_use_is_an_error_naming_it(tmp_path):
+    store, rows = synthetic_store(tmp_path / "c", chunk_sizes=(6,))
+    array_file = next((tmp_path / "c").glob("chunk-*.npy"))
+    array_file.write_bytes(array_file.read_bytes()[:-rows[0].nbytes - 5])  # its last row and a bit gone
+    assert np.array_equal(store[np.arange(4)], rows[:4])
+    with pytest.raises(OSError, match="cut short"):
+        store[np.array([5])]
+
+
+def test_rows_gathers_batches_in_place_and_counts_them():
+    rows = dataloader.Rows(5, np.float32)
+    rows.add(torch.arange(6.).reshape(3, 2))
+    rows.add(np.array([[6, 7], [8, 9]], dtype=np.int64))
+    assert rows.result().dtype == np.float32 and np.array_equal(rows.result(), np.arange(10.).reshape(5, 2))
+    short = dataloader.Rows(3)
+    short.add(np.zeros((2, 4)))
+    with pytest.raises(RuntimeError, match="2 rows gathered, 3 expected"):
+        short.result()
+    assert dataloader.Rows(0).result().shape == (0, 0)
 
 
 def test_content_keys_compute_identical_files_once_and_survive_a_touch(tmp_path, images, monkeypatch):
