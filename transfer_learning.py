@@ -48,6 +48,7 @@ import common
 import tasks
 
 DINO_TEMPERATURE = 0.07  # the cosine kNN's temperature when none is given (FEWSHOT_TEMPERATURE's default)
+BLOCK_BYTES = 16 << 20  # the cosine kNN's similarities (test rows x training rows, float64) at most, per fit
 
 
 class CosineKNN(BaseEstimator, ClassifierMixin):
@@ -64,19 +65,39 @@ class CosineKNN(BaseEstimator, ClassifierMixin):
         return self
 
     def votes(self, x) -> np.ndarray:
-        """Summed weights per class (columns in classes_ order) for each row of x."""
-        similarity = _unit(x) @ self.train_.T
-        k = min(self.k, similarity.shape[1])
-        top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-        top_similarity = np.take_along_axis(similarity, top, axis=1)
-        # exp((cos - 1) / T): the same ranking as exp(cos / T), without overflow for a small T
-        weights = np.exp((top_similarity - 1.0) / self.temperature)
-        votes = np.zeros((len(similarity), len(self.classes_)))
-        np.add.at(votes, (np.repeat(np.arange(len(similarity)), k), self.y_index_[top].ravel()), weights.ravel())
+        """Summed weights per class (columns in classes_ order) for each row of x, BLOCK_BYTES of
+        similarities at a time (a whole test part against 5,000 training rows took 0.7 GB)."""
+        x = _unit(x)
+        votes = np.zeros((len(x), len(self.classes_)))
+        k = min(self.k, len(self.train_))
+        block = max(1, BLOCK_BYTES // (8 * max(1, len(self.train_))))
+        for start in range(0, len(x), block):
+            similarity = x[start:start + block] @ self.train_.T
+            top = top_k_first(similarity, k)
+            # exp((cos - 1) / T): the same ranking as exp(cos / T), without overflow for a small T
+            weights = np.exp((np.take_along_axis(similarity, top, axis=1) - 1.0) / self.temperature)
+            rows = np.repeat(np.arange(start, start + len(similarity)), k)
+            np.add.at(votes, (rows, self.y_index_[top].ravel()), weights.ravel())
         return votes
 
     def predict(self, x):
         return self.classes_[self.votes(x).argmax(1)]
+
+
+def top_k_first(values: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the columns of the k largest values, largest first, the lower column first among equal
+    values: what a stable argsort of -values gives in its first k columns, found by partitioning
+    (linear in the columns) and sorting only the few candidates."""
+    if k <= 0 or values.shape[1] == 0:
+        return np.zeros((len(values), 0), np.int64)
+    k = min(k, values.shape[1])
+    kth = -np.partition(-values, k - 1, axis=1)[:, k - 1]  # each row's k-th largest value
+    rows, cols = np.nonzero(values >= kth[:, None])  # the candidates: at least k a row, more on ties
+    order = np.lexsort((cols, -values[rows, cols], rows))  # by row, then value (largest first), then column
+    rows, cols = rows[order], cols[order]
+    starts = np.searchsorted(rows, np.arange(len(values)))
+    rank = np.arange(len(rows)) - starts[rows]
+    return cols[rank < k].reshape(len(values), k)
 
 
 class NearestClassMean(BaseEstimator, ClassifierMixin):

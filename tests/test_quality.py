@@ -164,6 +164,33 @@ def test_cosine_knn_votes_equal_a_hand_computation():
     assert transfer_learning.CosineKNN(k=3, temperature=0.01).fit(train_x, train_y).predict(query).tolist() == [5]
 
 
+def test_top_k_first_is_a_stable_argsort_cut_to_k_ties_included():
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n, m = int(rng.integers(1, 20)), int(rng.integers(1, 30))
+        values = rng.integers(0, 3, (n, m)).astype(float) if trial % 2 else rng.normal(size=(n, m))  # many ties
+        k = int(rng.integers(1, m + 3))
+        expected = np.argsort(-values, axis=1, kind="stable")[:, :min(k, m)]
+        assert np.array_equal(transfer_learning.top_k_first(values, k), expected)
+
+
+def test_cosine_knn_votes_are_the_same_in_blocks(monkeypatch):
+    rng = np.random.default_rng(2)
+    train_x, train_y = rng.normal(size=(40, 6)), rng.integers(0, 4, 40)
+    queries = np.vstack([rng.normal(size=(23, 6)), np.zeros((1, 6))])  # a zero row among them
+    whole = transfer_learning.CosineKNN(k=5, temperature=0.1).fit(train_x, train_y).votes(queries)
+    monkeypatch.setattr(transfer_learning, "BLOCK_BYTES", 8 * 40 * 3)  # 3 queries a block
+    blocked = transfer_learning.CosineKNN(k=5, temperature=0.1).fit(train_x, train_y).votes(queries)
+    np.testing.assert_array_equal(blocked, whole)
+    sims = transfer_learning._unit(queries) @ transfer_learning._unit(train_x).T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    expected = np.zeros((24, 4))
+    for i in range(24):
+        for j in top[i]:
+            expected[i, train_y[j]] += np.exp((sims[i, j] - 1) / 0.1)
+    np.testing.assert_allclose(whole, expected, rtol=1e-12)
+
+
 def test_nearest_class_mean_equals_a_direct_computation():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(30, 4)), np.repeat([2, 0, 9], 10)
