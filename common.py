@@ -2,7 +2,9 @@
 figures and hashes. The artifacts themselves (split, checkpoint, embeddings, provenance) are
 artifacts.py's; the model is backbone.py's; images are images.py's."""
 import contextlib
+import ctypes
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -195,6 +197,17 @@ class Progress:
 
 
 # ---- reproducibility and devices -----------------------------------------------------------------
+
+def release_free_memory() -> None:
+    """Hand the heap's free blocks back to the system (glibc's malloc_trim; nothing elsewhere).
+    run_all.py calls it between stages: glibc keeps what a stage freed, so without it one process
+    running every stage holds the sum of their leftovers, not just the largest stage's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass  # not glibc (macOS, musl): its allocator returns memory its own way
+
 
 def set_seed(seed: int) -> None:
     random.seed(seed)

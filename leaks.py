@@ -53,11 +53,13 @@ def pooled_trunk_features(source: dataloader.FeatureSource, trunk, runtime, grid
     return rows.result()
 
 
-def unit_rows(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Rows minus `centre`, scaled to length 1 (a zero row stays zero)."""
-    centred = np.asarray(x, dtype=np.float32) - centre
+def unit_rows(x: np.ndarray, centre: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Rows minus `centre`, scaled to length 1 (a zero row stays zero); in_place overwrites a float32 x."""
+    centred = x if in_place and x.dtype == np.float32 else np.array(x, dtype=np.float32)
+    centred -= centre
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
-    return centred / np.where(norms > 0, norms, 1.0)
+    centred /= np.where(norms > 0, norms, 1.0)
+    return centred
 
 
 def nearest_training(queries: np.ndarray, train: np.ndarray,
@@ -179,8 +181,9 @@ def nearest_per_subset(trained, cache, runtime, grid: int) -> dict:
     pooled = {s: pooled_trunk_features(trained.source(s, cache), trained.model.trunk, runtime, grid)
               for s in ("train",) + QUERY_SUBSETS}
     centre = pooled["train"].mean(0)
-    train = unit_rows(pooled["train"], centre)
-    return {s: nearest_training(unit_rows(pooled[s], centre), train) for s in QUERY_SUBSETS if len(pooled[s])}
+    for rows in pooled.values():  # in place: the pooled maps are 4 KB an image at 128 px, 200 MB at 50,000
+        unit_rows(rows, centre, in_place=True)
+    return {s: nearest_training(pooled[s], pooled["train"]) for s in QUERY_SUBSETS if len(pooled[s])}
 
 
 def run(cfg) -> None:

@@ -65,6 +65,7 @@ def run(cfg) -> dict:
             with common.tee_output(logs / f"{name}.log"):  # each stage's own log beside run_all's
                 module.run(cfg)
             times[name] = time.time() - stage_started
+            common.release_free_memory()  # the next stage starts from the baseline, not this one's leftovers
             common.save_json(times, out / "stage_times.json")  # so far: the report stage shows them
     finally:
         dimensionality_reduction.stop_compiling(wait=False)
