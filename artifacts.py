@@ -303,6 +303,12 @@ class TrainedModel:
         """A subset's trunk features (through `cache`, a trunk_cache.TrunkCache, if given)."""
         return self.split.source(subset, self.preprocess, cache)
 
+    def trunk_cache(self, cfg, paths: "Paths", runtime):
+        """The trunk cache of this model's frozen trunk as CACHE_TRUNK and CACHE_DTYPE ask, or None."""
+        import trunk_cache  # here, not at the top: trunk_cache's users import artifacts too
+        return trunk_cache.from_settings(cfg, paths.cache, self.model.trunk, self.checkpoint["trunk_sha256"],
+                                         self.preprocess, runtime)
+
 
 def open_trained_model(cfg, paths: Paths, device: torch.device, channels_last: bool = True) -> TrainedModel:
     """best.pth rebuilt on `device`, after every check: it exists and loads safely, it belongs to the

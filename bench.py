@@ -173,6 +173,82 @@ def measure_embed(trunk, split, preprocess, limit: float, runtime: Runtime) -> d
                 workers=runtime.workers)
 
 
+# ---- image decoding: can the loader's workers feed the trunk? --------------------------------------
+
+DECODE_IMAGES, DECODE_SIDE = 300, 256  # plankton images from imaging flow cytometers are about this size
+
+
+def decode_folder(n: int | None = None, side: int = DECODE_SIDE) -> Path:
+    """bench_outputs/decode_<side>/: n grey side x side PNGs and as many JPEGs (built-in digits
+    enlarged, with noise), written once: the 28-px scale folders decode too fast to say anything."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    n = DECODE_IMAGES if n is None else n
+    folder = BENCH_DIR / f"decode_{side}"
+    if (folder / "COMPLETE").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    digits, rng = load_digits(), np.random.default_rng(0)
+    for i in range(n):
+        base = Image.fromarray((digits.images[i % len(digits.images)] * 15).astype(np.uint8)).resize((side, side), Image.BICUBIC)
+        pixels = np.clip(np.asarray(base, np.int16) + rng.integers(0, 24, (side, side)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:04d}.png")
+        Image.fromarray(pixels).save(folder / f"img_{i:04d}.jpg", quality=90)
+    (folder / "COMPLETE").write_text(f"{n} images of {side} px\n")
+    return folder
+
+
+def tensor_item(path: Path, preprocess: dataloader.Preprocess, mean: torch.Tensor, std: torch.Tensor,
+                library: str = "torchvision"):
+    """What ImageDataset does for one image (stretch mode), decoded by torchvision.io (deprecated
+    since torchvision 0.29) or TorchCodec (its successor, when installed) and resized as a tensor."""
+    from torchvision.transforms.v2 import functional as F
+    if library == "torchcodec":
+        from torchcodec.decoders import decode_image
+        image = decode_image(path, mode="RGB")
+    else:
+        import warnings
+        from torchvision.io import ImageReadMode, decode_image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+    image = F.resize(image, [preprocess.image_size] * 2, antialias=True)
+    return (image.float().div_(255.0) - mean) / std
+
+
+def tensor_decoders() -> list[str]:
+    """torchvision's decoder, and TorchCodec's where it is installed (it is not a requirement)."""
+    import importlib.util
+    return ["torchvision"] + (["torchcodec"] if importlib.util.find_spec("torchcodec") else [])
+
+
+def measure_decoding(preprocess: dataloader.Preprocess) -> dict:
+    """Images per second one loader worker (one thread) decodes, resizes and normalises: Pillow as
+    dataloader.ImageDataset does it, and the tensor decoders (tensor_decoders), for PNG and JPEG. Divide
+    the trunk's rate on a GPU by this to get the workers it needs (NUM_WORKERS)."""
+    folder = decode_folder()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    mean, std = torch.tensor(preprocess.mean).view(3, 1, 1), torch.tensor(preprocess.std).view(3, 1, 1)
+    rates = {}
+    try:
+        for suffix in ("png", "jpg"):
+            files = sorted(folder.glob(f"*.{suffix}"))
+            dataset = dataloader.ImageDataset(folder, [f.name for f in files], np.zeros(len(files)), preprocess)
+            readers = [("pillow", lambda i: dataset[i][0])] + [
+                (library, lambda i, library=library: tensor_item(files[i], preprocess, mean, std, library))
+                for library in tensor_decoders()]
+            for name, item in readers:
+                item(0)  # first-call costs out of the timing
+                started = time.perf_counter()
+                for i in range(len(files)):
+                    item(i)
+                rates[f"{name}_{suffix}"] = len(files) / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return dict(images=len(files), side=DECODE_SIDE, images_per_s=rates)
+
+
 # ---- class-pair distances ------------------------------------------------------------------------
 
 def synthetic_embeddings(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -315,15 +391,34 @@ class AnonymousPeak(threading.Thread):
         return max(self.peak_mib, rss_mib("RssAnon"))
 
 
+def reset_peak() -> bool:
+    """Start VmHWM again from the current resident size (Linux: "5" to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def run_all_child(cfg) -> None:
-    """Runs in the child: run_all.run, then its stage times and its peak memory (VmHWM, and the
-    sampled peak of RssAnon) as JSON."""
+    """Runs in the child: run_all.run, then its stage times, its peak memory (VmHWM, and the sampled
+    peak of RssAnon) and each stage's own peaks (VmHWM started again before each stage) as JSON."""
     import run_all
-    sampler = AnonymousPeak()
+    sampler, stage_peaks, whole = AnonymousPeak(), {}, dict(hwm=0.0, anon=0.0)
     sampler.start()
-    times = run_all.run(cfg)
-    anon = sampler.stop()
-    print(json.dumps(dict(stage_s=times, peak_mib=rss_mib("VmHWM"), peak_anon_mib=anon)))
+    can_reset = reset_peak()
+
+    def after_stage(name: str) -> None:
+        stage_peaks[name] = dict(peak_mib=rss_mib("VmHWM"), peak_anon_mib=sampler.peak_mib)
+        whole.update(hwm=max(whole["hwm"], stage_peaks[name]["peak_mib"]), anon=max(whole["anon"], sampler.peak_mib))
+        if can_reset:
+            reset_peak()
+            sampler.peak_mib = rss_mib("RssAnon")
+
+    times = run_all.run(cfg, after_stage)
+    anon = max(sampler.stop(), whole["anon"])
+    print(json.dumps(dict(stage_s=times, peak_mib=max(rss_mib("VmHWM"), whole["hwm"]), peak_anon_mib=anon,
+                          stage_peaks=stage_peaks if can_reset else {})))
 
 
 def timed_run_all(data: Path, work: Path, numba_dir: Path, cfg_args: list[str]) -> dict:
@@ -370,7 +465,9 @@ def scale_rows(runs: list[dict]) -> list[tuple]:
                   "< 3 GB" if n >= 50_000 else "", verdict(r["cold"]["peak_mib"] < 3072) if n >= 50_000 else ""),
                  ("  of it owned (RssAnon, sampled) cold / warm",
                   f"{r['cold']['peak_anon_mib']:.0f} / {r['warm']['peak_anon_mib']:.0f} MiB", "", "")]
-        rows += [(f"  {stage} (cold)", f"{1000 * s / n:.2f} ms/img", "", "")
+        peaks = r["cold"].get("stage_peaks", {})
+        rows += [(f"  {stage} (cold)", f"{1000 * s / n:.2f} ms/img"
+                  + (f", peak {peaks[stage]['peak_mib']:.0f} MiB" if stage in peaks else ""), "", "")
                  for stage, s in r["cold"]["stage_s"].items() if stage != "total"]
     by_size = {r["images"]: r for r in runs}
     if 5_000 in by_size and 50_000 in by_size:
@@ -429,6 +526,12 @@ def table_rows(f: dict) -> list[tuple]:
             ("epoch ratio uncached/cached", f"{f['epoch']['ratio']:.1f}x", ">= 10x", verdict(f['epoch']['ratio'] >= 10)),
             ("embed from image files", f"{f['embed']['images_per_s']:.1f} img/s", "", ""),
             ("embed / limit", f"{f['embed']['ratio_to_limit']:.2f}", ">= 0.8", verdict(f['embed']['ratio_to_limit'] >= 0.8))]
+    if "decoding" in f:
+        dec = f["decoding"]
+        for key, rate in dec["images_per_s"].items():
+            library, suffix = key.split("_")
+            rows.append((f"decode+resize, one worker, {dec['side']}-px {suffix.upper()}, {library}",
+                         f"{rate:.0f} img/s = {rate / f['limit_images_per_s']:.1f}x the trunk", "", ""))
     d = f["distances"]
     for metric in ("euclidean", "cosine", "combined"):
         rows += [(f"distances {metric}: fast / cdist", f"{d[metric]['fast_s']:.3f} s / {d[metric]['brute_s']:.1f} s", "", ""),
@@ -501,6 +604,7 @@ def run(cfg, quick: bool, cfg_args: list[str], sizes: list[int]) -> dict:
                    limit_images_per_s=layouts["channels_last" if runtime.channels_last else "contiguous"])
     figures["epoch"] = measure_epoch(model, split, preprocess, cache, runtime, micro)
     figures["embed"] = measure_embed(model.trunk, split, preprocess, figures["limit_images_per_s"], runtime)
+    figures["decoding"] = measure_decoding(preprocess)
     figures["distances"] = measure_distances(runtime.device)
     if not quick:
         figures["memory"] = measure_peak_memory(cfg_args)

@@ -30,7 +30,6 @@ import common
 import dataloader
 import open_set
 import tasks
-import trunk_cache
 
 BINS = 15  # equal-width confidence bins of the ECE and the reliability diagram
 LOG_T_BOUNDS = (-5.0, 5.0)  # the fitted temperature lies in [e^-5, e^5] = [0.0067, 148]
@@ -149,8 +148,7 @@ def run(cfg) -> None:
     trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     test = artifacts.open_predictions(paths)
     inputs = artifacts.start_stage(paths, "calibration", [paths.best, paths.split, paths.scores])
-    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, trained.checkpoint["trunk_sha256"],
-                                      trained.preprocess, runtime)
+    cache = trained.trunk_cache(cfg, paths, runtime)
     val_logits, _, val_labels = open_set.subset_outputs(trained, cache, runtime, "val")
     temperature, not_fitted = validation_temperature(val_logits, val_labels)
     table, bins = calibration_tables({"val": (val_logits, val_labels), "test": (test.logits, test.labels)},

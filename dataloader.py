@@ -135,8 +135,9 @@ class Rows:
     Why not a list of batches and one np.concatenate: each kept batch is a small block placed just
     above the big per-batch temporaries that were freed before it, so the next batch's temporaries no
     longer fit the hole and take fresh memory. glibc's heap then grows by about a batch of
-    temporaries per batch and keeps it (measured: 0.8 to 1.3 GB over the 22,538 training images of
-    the 50,000-image bench folder, against 12 MB of results); one array written in place does not."""
+    temporaries per batch and keeps it (measured: 0.2 to 1.3 GB, varying from run to run, over the
+    22,538 training images of the 50,000-image bench folder, against 12 MB of results; 50 MB with
+    one array written in place)."""
 
     def __init__(self, n: int, dtype=None):
         self.n, self.dtype, self.array, self.filled = int(n), dtype, None, 0

@@ -25,7 +25,6 @@ import dataloader
 import distributed
 import tasks
 import training
-import trunk_cache
 
 
 TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
@@ -49,8 +48,7 @@ def run(cfg) -> None:
     checkpoint, split = trained.checkpoint, trained.split
     main = distributed.is_main()
     inputs = artifacts.start_stage(paths, "embed", [paths.best, paths.split]) if main else {}
-    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
-                                      trained.preprocess, runtime)
+    cache = trained.trunk_cache(cfg, paths, runtime)
     outputs = []
     for subset in artifacts.EMBEDDED_SUBSETS:
         started = time.time()

@@ -32,7 +32,6 @@ import dataloader
 import images
 import tasks
 import training
-import trunk_cache
 
 FEW = 20  # a per-class figure resting on fewer test images than this is flagged
 GALLERY_LIMIT = 40  # misclassified test images shown at most (the most confident mistakes first)
@@ -314,8 +313,7 @@ def run(cfg) -> None:
     inputs = artifacts.start_stage(paths, "evaluate", [paths.best, paths.split])
     checkpoint = trained.checkpoint
     print(f"evaluate.py  {paths.best} (epoch {checkpoint['epoch']:.2f}, trunk: {checkpoint['weights_source']})")
-    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
-                                      trained.preprocess, runtime)
+    cache = trained.trunk_cache(cfg, paths, runtime)
     predictions = predict_test_set(trained, cache, runtime)
     outputs = EVALUATIONS[predictions.task](trained, predictions, paths.out)
     outputs += save_tail_accuracy(predictions, cfg.TAIL_THRESHOLDS, paths.out)

@@ -35,7 +35,6 @@ import common
 import dataloader
 import images
 import tasks
-import trunk_cache
 
 QUERY_SUBSETS = ("val", "test", "unseen")
 COLUMNS = ["subset", "path", "class_name", "train_path", "train_class", "same_class", "distance", "kind"]
@@ -192,8 +191,7 @@ def run(cfg) -> None:
     runtime = dataloader.runtime_from_settings(cfg)
     trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     inputs = artifacts.start_stage(paths, "leaks", [paths.best, paths.split])
-    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, trained.checkpoint["trunk_sha256"],
-                                      trained.preprocess, runtime)
+    cache = trained.trunk_cache(cfg, paths, runtime)
     nearest = nearest_per_subset(trained, cache, runtime, cfg.LEAK_GRID)
     table = trained.split.table
     leaks = find_leaks(table, nearest, cfg.LEAK_THRESHOLD)

@@ -32,7 +32,6 @@ import common
 import dataloader
 import tasks
 import training
-import trunk_cache
 
 TPR_LEVEL = 0.95  # FPR is read where this share of the seen images is kept as known
 BLOCK_BYTES = 64 << 20  # one block of the kNN distance matrix (query rows x training rows, float64) at most
@@ -204,8 +203,7 @@ def run(cfg) -> None:
     runtime = dataloader.runtime_from_settings(cfg)
     trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     inputs = artifacts.start_stage(paths, "open_set", [paths.best, paths.split])
-    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, trained.checkpoint["trunk_sha256"],
-                                      trained.preprocess, runtime)
+    cache = trained.trunk_cache(cfg, paths, runtime)
     reference = reference_from_model(trained, cache, runtime, cfg)
     scores = {}
     for subset in ("val", "test", "unseen"):

@@ -36,7 +36,6 @@ import images
 import open_set
 import tasks
 import training
-import trunk_cache
 from common import PipelineError
 
 TOP = 3  # classes (with scores) listed per image
@@ -193,8 +192,7 @@ def run(cfg) -> None:
     inputs = artifacts.start_stage(paths, "predict", [paths.best, paths.split])
     names = list(trained.checkpoint["class_names"])
     print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {paths.best}")
-    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, trained.checkpoint["trunk_sha256"],
-                                      trained.preprocess, runtime)
+    cache = trained.trunk_cache(cfg, paths, runtime)
     fitted = reference_and_threshold(cfg, trained, cache, runtime)
     logits, embeddings = new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
     open_scores = open_set.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])

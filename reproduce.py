@@ -23,7 +23,6 @@ import common
 import dataloader
 import evaluate
 import tasks
-import trunk_cache
 
 
 TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
@@ -91,8 +90,7 @@ def run(cfg) -> None:
     inputs = artifacts.start_stage(paths, "reproduce", [paths.best, paths.split, paths.scores])
     how = f"trunk cache ({cfg.CACHE_DTYPE})" if cfg.CACHE_TRUNK else "images (CACHE_TRUNK=False)"
     print(f"reproduce.py  {paths.best} reloaded; test scores recomputed from the {how}, compared with {paths.scores}")
-    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, trained.checkpoint["trunk_sha256"],
-                                      trained.preprocess, runtime)
+    cache = trained.trunk_cache(cfg, paths, runtime)
     table = compare_predictions(saved, evaluate.predict_test_set(trained, cache, runtime))
     print_report(table, cfg.REPRO_TOLERANCE)
     overall = table.iloc[-1]

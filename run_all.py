@@ -49,7 +49,9 @@ def stages_for(cfg) -> tuple:
     return STAGES[:-1] + requested + STAGES[-1:]
 
 
-def run(cfg) -> dict:
+def run(cfg, after_stage=None) -> dict:
+    """Every stage in order; returns their wall times. after_stage(name), if given, is called after
+    each stage that ran (bench.py reads each stage's peak memory there)."""
     times, started = {}, time.time()
     out = artifacts.Paths.from_settings(cfg).out
     logs = out / "logs"
@@ -66,6 +68,8 @@ def run(cfg) -> dict:
                 module.run(cfg)
             times[name] = time.time() - stage_started
             common.release_free_memory()  # the next stage starts from the baseline, not this one's leftovers
+            if after_stage is not None:
+                after_stage(name)
             common.save_json(times, out / "stage_times.json")  # so far: the report stage shows them
     finally:
         dimensionality_reduction.stop_compiling(wait=False)
