@@ -34,7 +34,7 @@ import tasks
 import training
 
 TPR_LEVEL = 0.95  # FPR is read where this share of the seen images is kept as known
-BLOCK_BYTES = 64 << 20  # one block of the kNN distance matrix (query rows x training rows, float64) at most
+BLOCK_BYTES = 16 << 20  # one block of the kNN distance matrix (query rows x training rows, float64) at most
 
 TASKS = ("multiclass",)  # single-label only: softmax-based scores of one class per image (run_all.py skips it)
 
@@ -73,15 +73,21 @@ def kth_neighbour_distance(queries: np.ndarray, reference: Reference) -> np.ndar
     """Distance from each query to its k-th nearest training embedding (cosine: 1 - cos)."""
     train = reference.train_embeddings
     out = np.empty(len(queries))
-    block = max(1, BLOCK_BYTES // (8 * max(1, len(train))))  # the matrix and its partitioned copy stay small
+    block = max(1, BLOCK_BYTES // (8 * max(1, len(train))))  # one block matrix, worked on in place
+    train_squares = (train ** 2).sum(1)[None, :] if reference.metric != "cosine" else None
     for start in range(0, len(queries), block):
         q = np.asarray(queries[start:start + block], dtype=np.float64)
         if reference.metric == "cosine":
-            distances = 1.0 - unit_rows(q) @ train.T
+            distances = unit_rows(q) @ train.T
+            np.subtract(1.0, distances, out=distances)
         else:
-            squared = (q ** 2).sum(1)[:, None] + (train ** 2).sum(1)[None, :] - 2.0 * q @ train.T
-            distances = np.sqrt(np.maximum(squared, 0.0))
-        out[start:start + block] = np.partition(distances, reference.k - 1, axis=1)[:, reference.k - 1]
+            distances = q @ train.T
+            distances *= -2.0
+            distances += (q ** 2).sum(1)[:, None]
+            distances += train_squares
+            np.sqrt(np.maximum(distances, 0.0, out=distances), out=distances)
+        distances.partition(reference.k - 1, axis=1)
+        out[start:start + block] = distances[:, reference.k - 1]
     return out
 
 
