@@ -151,9 +151,9 @@ def brute_force_average_distances(x: np.ndarray, labels: np.ndarray, k: int, met
 
 
 def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path, value_range: tuple[float, float],
-                colour_label: str) -> None:
-    """A class x class heatmap on a fixed colour range, so that figures made on the same range
-    (test and unseen) can be compared by colour."""
+                colour_label: str, axis_label: str = "class") -> None:
+    """A class x class (or label x label) heatmap on a fixed colour range, so that figures made on the
+    same range (test and unseen) can be compared by colour."""
     plt = common.pyplot()
     k = len(class_names)
     side = max(4.5, 0.75 * k + 2.5)
@@ -167,8 +167,8 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path, va
             ax.text(j, i, "n/a" if not np.isfinite(value) else f"{value:.{digits}f}", ha="center", va="center",
                     fontsize=9 if k <= 10 else 6, color="black" if value > middle else "white")
     common.class_ticks(ax, class_names)
-    ax.set_xlabel("class")
-    ax.set_ylabel("class")
+    ax.set_xlabel(axis_label)
+    ax.set_ylabel(axis_label)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(colour_label)
     common.save_figure(fig, path)
@@ -246,16 +246,17 @@ def run(cfg) -> None:
             stem = paths.out / f"average_{kind}_distances_{subset}"
             outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
             common.save_csv(table, stem.with_suffix(".csv"))
-            what = "test data (seen classes)" if subset == "test" else "unseen classes"
-            samples = f"{len(frame)} samples"
-            if frame.attrs.get("task") == "multilabel":
+            what, samples, unit = ("test data (seen classes)" if subset == "test" else "unseen classes",
+                                   f"{len(frame)} samples", "class")
+            if frame.attrs.get("task") == "multilabel":  # an image counts once for each label it carries
                 what = ("test images carrying each seen label" if subset == "test"
                         else "held-out images carrying each unseen label")
-                samples = f"{len(frame)} image-label pairs"
+                samples, unit = f"{len(frame)} image-label pairs", "label"
             sampled = matrices[subset]["sampled"] if kind == "euclidean" else ""
-            plot_matrix(matrix, names, f"{label}, {what}\n{samples}{sampled}; diagonal: distinct pairs "
-                        f"within a class\n(colour scale shared with the {'unseen' if subset == 'test' else 'test'} figure)",
-                        stem.with_suffix(".png"), value_range, label)
+            plot_matrix(matrix, names, f"{label}, {what}\n{samples}{sampled.replace('class', unit)}; diagonal: "
+                        f"distinct pairs within a {unit}\n(colour scale shared with the "
+                        f"{'unseen' if subset == 'test' else 'test'} figure)", stem.with_suffix(".png"), value_range,
+                        label, axis_label=unit)
     artifacts.save_provenance(paths, "compute_average_distances", inputs, outputs)
     print(f"\n-> {paths.out}/average_*_distances_*.csv and .png")
 

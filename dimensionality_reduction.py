@@ -18,6 +18,7 @@ where only the sampled training images have coordinates.
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 import artifacts
 import common
 import images
+import labelsets
 import tasks
 
 SUBSETS = ("train", "test", "unseen")
@@ -197,10 +199,10 @@ def plot_umap(coords: pd.DataFrame, colours: dict, unseen: list[str], path, mult
     common.save_figure(fig, path)
 
 
-def close_and_far(points: np.ndarray, labels: np.ndarray, class_index: int, count: int):
-    """Indices of the `count` members of the class closest to and furthest from the class centre,
-    and of the `count` non-members closest to it."""
-    members, others = np.flatnonzero(labels == class_index), np.flatnonzero(labels != class_index)
+def close_and_far(points: np.ndarray, member: np.ndarray, count: int):
+    """Indices of the `count` members (rows where `member` is True) closest to and furthest from the
+    members' centre, and of the `count` non-members closest to it."""
+    members, others = np.flatnonzero(member), np.flatnonzero(~member)
     centre = points[members].mean(0)
     member_dist = np.linalg.norm(points[members] - centre, axis=1)
     other_dist = np.linalg.norm(points[others] - centre, axis=1)
@@ -212,9 +214,11 @@ def close_and_far(points: np.ndarray, labels: np.ndarray, class_index: int, coun
 
 def plot_close_far(frame: pd.DataFrame, rows: list, pictures: dict, class_name: str, space: str, path,
                    count: int, noun: str = "class") -> None:
+    """noun "label" (multi-label): the members are the images carrying the label, the third row the
+    closest images without it, captioned with all their labels."""
     plt = common.pyplot()
     row_titles = [f"closest to the centre of {class_name}", f"furthest from the centre of {class_name}",
-                  "closest from other classes"]
+                  "closest from other classes" if noun == "class" else "closest without this label"]
     fig, axes = plt.subplots(3, count, figsize=(2.1 * count + 1.6, 7.4), squeeze=False)
     for r, (indices, distances) in enumerate(rows):
         for c in range(count):
@@ -228,13 +232,23 @@ def plot_close_far(frame: pd.DataFrame, rows: list, pictures: dict, class_name: 
             ax.imshow(pictures[item.path], interpolation="nearest")
             caption = f"d={distances[c]:.2f}"
             if r == 2:
-                caption = f"{noun} {item.class_name}\n{caption}"
+                caption = (f"class {item.class_name}" if noun == "class" else
+                           "labels " + textwrap.shorten(str(item.labels), 22, placeholder="…")) + f"\n{caption}"
             ax.set_xlabel(caption, fontsize=9)
         axes[r, 0].set_ylabel(row_titles[r].replace(" from the", "\nfrom the").replace(" to the", "\nto the")
-                              .replace(" from other", "\nfrom other"), fontsize=9)
-    fig.suptitle(f"{noun.capitalize()} {class_name}: distances to its centre in the {space} space (training images)")
+                              .replace(" from other", "\nfrom other").replace(" without", "\nwithout"), fontsize=9)
+    whose = "training images" if noun == "class" else "training images carrying it"
+    fig.suptitle(f"{noun.capitalize()} {class_name}: distances to its centre in the {space} space ({whose})")
     fig.tight_layout()
     common.save_figure(fig, path)
+
+
+def label_membership(train: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, str]:
+    """Images x classes, True where the image belongs: its one class, or (multi-label tables, with a
+    `labels` column) every label it carries; and the noun for them, "class" or "label"."""
+    if "labels" in train.columns:
+        return labelsets.multi_hot(list(train["labels"]), list(names)).astype(bool), "label"
+    return train.label.to_numpy()[:, None] == np.arange(len(names))[None, :], "class"
 
 
 def close_far_selections(coords: pd.DataFrame, train: pd.DataFrame, seen: list[str], space: str,
@@ -248,17 +262,17 @@ def close_far_selections(coords: pd.DataFrame, train: pd.DataFrame, seen: list[s
         space_points = in_plane[["x", "y"]].to_numpy()
     else:
         space_points = artifacts.embedding_matrix(train)
-    labels = train.label.to_numpy()
+    membership, noun = label_membership(train, seen)
     selections = []
     for i, name in enumerate(seen):
-        members = int((labels == i).sum())
+        members = int(membership[:, i].sum())
         if not members:
-            print(f"note: no training images of class {name} in the {space} space; figure skipped")
+            print(f"note: no training images of {noun} {name} in the {space} space; figure skipped")
             continue
-        closest, furthest, closest_other, centre = close_and_far(space_points, labels, i, count)
+        closest, furthest, closest_other, centre = close_and_far(space_points, membership[:, i], count)
         rows = [(idx, np.linalg.norm(space_points[idx] - centre, axis=1)) for idx in (closest, furthest, closest_other)]
         if members < 2 * count:
-            print(f"note: class {name} has {members} training images: its closest and furthest rows overlap")
+            print(f"note: {noun} {name} has {members} training images: its closest and furthest rows overlap")
         selections.append((i, name, rows))
     return train, selections
 
@@ -323,7 +337,7 @@ def run(cfg) -> None:
     for i, name, rows in selections:
         outputs.append(paths.out / f"close_faraway_closeotherclass_class_{i}.png")
         plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT,
-                       "rarest label" if frames["train"].attrs.get("task") == "multilabel" else "class")
+                       "label" if "labels" in train.columns else "class")
     artifacts.save_provenance(paths, "dimensionality_reduction", inputs, outputs)
     print(f"-> {paths.out / 'umap_embeddings.png'}, {paths.out}/close_faraway_closeotherclass_class_*.png")
 

@@ -36,6 +36,7 @@ from sklearn.metrics import silhouette_score
 
 import artifacts
 import common
+import dataloader
 import tasks
 
 SUBSETS = ("test", "unseen")
@@ -53,7 +54,7 @@ def pairwise_pass(x: np.ndarray, labels: np.ndarray, k: int, block: int = 256) -
     y = torch.as_tensor(labels)
     squares = (points * points).sum(1)
     k = min(k, len(points) - 1)
-    nearest, sums = [], dict(within=0.0, n_within=0, between=0.0, n_between=0)
+    nearest, sums = dataloader.Rows(len(points), np.int64), dict(within=0.0, n_within=0, between=0.0, n_between=0)
     for start in range(0, len(points), block):
         rows = torch.arange(start, min(start + block, len(points)))
         d2 = (squares[rows, None] - 2.0 * (points[rows] @ points.T) + squares[None, :]).clamp_(min=0.0)
@@ -66,9 +67,9 @@ def pairwise_pass(x: np.ndarray, labels: np.ndarray, k: int, block: int = 256) -
         sums["between"] += float(distances[~same].sum())
         sums["n_between"] += int((~same).sum())
         distances[own] = float("inf")
-        # a stable sort keeps row order among equal distances
-        nearest.append(torch.sort(distances, dim=1, stable=True).indices[:, :k].numpy())
-    return np.concatenate(nearest), sums
+        # a stable sort keeps row order among equal distances; written into one array (dataloader.Rows)
+        nearest.add(torch.sort(distances, dim=1, stable=True).indices[:, :k])
+    return nearest.result(), sums
 
 
 def recall_at(nearest: np.ndarray, labels: np.ndarray, ks=RECALL_AT) -> tuple[dict, int]:

@@ -241,3 +241,22 @@ def test_multilabel_pipeline_end_to_end(tmp_path):
     with pytest.raises(common.PipelineError, match="trained for TASK='multilabel'"):
         import evaluate
         evaluate.run(tiny_config(tmp_path, folder))
+
+
+def test_close_far_figures_cover_every_label_over_the_images_carrying_it(capsys):
+    import dimensionality_reduction
+    rng = np.random.default_rng(0)
+    texts = ["a;b", "b", "a;b;c", "c", "b;c", "a", "b", "a;c"]
+    train = pd.DataFrame(dict(path=[f"i{n}.png" for n in range(8)], labels=texts,
+                              label=[0, 1, 0, 2, 2, 0, 1, 0],  # a rarest label, as embed.py writes it: never "b" here
+                              class_name=["a", "b", "a", "c", "c", "a", "b", "a"],
+                              **{f"e{d}": rng.normal(size=8) for d in range(4)}))
+    membership, noun = dimensionality_reduction.label_membership(train, ["a", "b", "c"])
+    assert noun == "label" and membership.sum(0).tolist() == [4, 5, 4]
+    assert membership[0].tolist() == [True, True, False]
+    _, selections = dimensionality_reduction.close_far_selections(None, train, ["a", "b", "c"], "embedding", 2)
+    assert [name for _, name, _ in selections] == ["a", "b", "c"]  # "b" too, though it is no image's rarest label
+    _, _, rows = selections[1]
+    (closest, _), (furthest, _), (closest_other, _) = rows
+    assert all(membership[j, 1] for j in list(closest) + list(furthest))
+    assert not any(membership[j, 1] for j in closest_other)
