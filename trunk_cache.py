@@ -320,11 +320,11 @@ class FeatureStore:
         """Fill `buffers` (one row each) from consecutive rows of a chunk, starting at first_row."""
         path, offset, _ = self.chunks[number]
         fd, position = self._descriptor(number), offset + first_row * self.row_bytes
-        got = os.preadv(fd, buffers, position)
+        got = os.preadv(fd, buffers, position) if hasattr(os, "preadv") else 0  # no preadv (older macOS): row by row
         for k, buffer in enumerate(buffers):  # a short read (rare on local disks) goes on row by row
             done = min(max(got - k * self.row_bytes, 0), self.row_bytes)
             while done < self.row_bytes:
-                more = os.preadv(fd, [buffer[done:]], position + k * self.row_bytes + done)
+                more = _pread_into(fd, buffer[done:], position + k * self.row_bytes + done)
                 if more <= 0:  # a chunk is never rewritten: the file was cut after it was checked
                     raise OSError(f"{path}: ends before row {first_row + k}; the cache file was cut short "
                                   f"while in use; run again to compute its images anew")
@@ -349,6 +349,15 @@ class FeatureStore:
 
     def __getstate__(self) -> dict:  # to a DataLoader worker: the paths, not the open files
         return {**self.__dict__, "_open": OrderedDict()}
+
+
+def _pread_into(fd: int, buffer: np.ndarray, position: int) -> int:
+    """Read into `buffer` (bytes, contiguous) from `position`; the number of bytes read (0 at the end)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], position)
+    data = os.pread(fd, len(buffer), position)
+    memoryview(buffer)[:len(data)] = data
+    return len(data)
 
 
 def from_settings(cfg, cache_dir: Path, trunk: torch.nn.Module, trunk_sha256: str, preprocess: Preprocess,

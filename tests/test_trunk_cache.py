@@ -148,6 +148,13 @@ def test_store_reads_rows_without_mapping_the_cache_into_the_process(tmp_path):
     assert not store._open
 
 
+def test_store_reads_right_without_preadv(tmp_path, monkeypatch):
+    """Platforms without os.preadv read row by row with os.pread."""
+    store, rows = synthetic_store(tmp_path / "c")
+    monkeypatch.delattr(trunk_cache.os, "preadv")
+    assert np.array_equal(store[np.array([15, 0, 1, 2, 7, 7])], rows[[15, 0, 1, 2, 7, 7]])
+
+
 def test_a_chunk_cut_short_while_in_use_is_an_error_naming_it(tmp_path):
     store, rows = synthetic_store(tmp_path / "c", chunk_sizes=(6,))
     array_file = next((tmp_path / "c").glob("chunk-*.npy"))
