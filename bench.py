@@ -374,8 +374,9 @@ def generated_folder(n: int, seed: int = 0) -> Path:
 
 
 class AnonymousPeak(threading.Thread):
-    """Samples RssAnon every 0.1 s: the peak of memory the process owns, without the file pages of
-    the memory-mapped trunk cache that VmHWM also counts (those the kernel can drop at any time)."""
+    """Samples RssAnon every 0.1 s: the peak of memory the process owns, without the file pages
+    VmHWM also counts (the shared libraries' code, about 0.35 GB here; anything memory-mapped),
+    which the kernel can drop at any time."""
 
     def __init__(self):
         super().__init__(daemon=True)
