@@ -43,7 +43,7 @@ import torch
 
 import dataloader
 import distributed
-from common import atomic_path
+from common import PipelineError, atomic_path
 from dataloader import Preprocess, Runtime
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -116,7 +116,8 @@ class TrunkCache:
         for batch in batches:
             if chunk is None or filled + len(batch) > len(chunk):  # the first batch (or an odd, larger one)
                 grown = np.empty((self.chunk_rows + len(batch),) + batch.shape[1:], batch.dtype)
-                grown[:filled] = chunk[:filled] if filled else grown[:0]
+                if filled:
+                    grown[:filled] = chunk[:filled]
                 chunk = grown
             chunk[filled:filled + len(batch)] = batch
             filled += len(batch)
@@ -326,8 +327,8 @@ class FeatureStore:
             while done < self.row_bytes:
                 more = _pread_into(fd, buffer[done:], position + k * self.row_bytes + done)
                 if more <= 0:  # a chunk is never rewritten: the file was cut after it was checked
-                    raise OSError(f"{path}: ends before row {first_row + k}; the cache file was cut short "
-                                  f"while in use; run again to compute its images anew")
+                    raise PipelineError(f"{path}: ends before row {first_row + k}; the cache file was cut short "
+                                        f"while in use; run again to compute its images anew")
                 done += more
 
     def _descriptor(self, number: int) -> int:
