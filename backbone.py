@@ -25,12 +25,21 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torchvision.models import (ConvNeXt_Tiny_Weights, EfficientNet_V2_S_Weights, ResNet18_Weights,
-                                ResNet50_Weights, WeightsEnum, convnext_tiny, efficientnet_v2_s, resnet18,
-                                resnet50)
+from torchvision.models import (
+    ConvNeXt_Tiny_Weights,
+    EfficientNet_V2_S_Weights,
+    ResNet18_Weights,
+    ResNet50_Weights,
+    WeightsEnum,
+    convnext_tiny,
+    efficientnet_v2_s,
+    resnet18,
+    resnet50,
+)
 from torchvision.models.convnext import CNBlock
 
-from common import PipelineError, tensors_sha256
+from plankton.errors import PipelineError
+from plankton.hashing import tensors_sha256
 
 DEFAULT_TRUNK = "efficientnet_v2_s"  # the study's; also what a checkpoint without arch["trunk"] used
 HEAD_CHANNELS = 64  # the head's convolutions, whatever the trunk gives them

@@ -15,13 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-import artifacts
-import common
-import labelsets
-import tasks
-
-
-TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
+from plankton import embedding_files, fileio, labelsets, locations, plots, provenance, runner, system
 
 
 def class_order(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +148,7 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path, va
                 colour_label: str, axis_label: str = "class") -> None:
     """A class x class (or label x label) heatmap on a fixed colour range, so that figures made on the
     same range (test and unseen) can be compared by colour."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     k = len(class_names)
     side = max(4.5, 0.75 * k + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1.4, side))
@@ -166,12 +160,12 @@ def plot_matrix(matrix: np.ndarray, class_names: list[str], title: str, path, va
             value = matrix[i, j]
             ax.text(j, i, "n/a" if not np.isfinite(value) else f"{value:.{digits}f}", ha="center", va="center",
                     fontsize=9 if k <= 10 else 6, color="black" if value > middle else "white")
-    common.class_ticks(ax, class_names)
+    plots.class_ticks(ax, class_names)
     ax.set_xlabel(axis_label)
     ax.set_ylabel(axis_label)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(colour_label)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def at_most_per_class(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -208,7 +202,7 @@ KINDS = {"euclidean": "Average Euclidean distance", "angular": "Average angular 
 def class_distances(frame: pd.DataFrame, limit: int, seed: int, device) -> dict:
     """Both class x class matrices of one embeddings table; Euclidean on at most `limit` samples per class."""
     names = list(frame.attrs["class_names"])
-    x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
+    x, labels = embedding_files.embedding_matrix(frame), frame.label.to_numpy()
     kept = at_most_per_class(labels, limit, seed)
     sampled = "" if len(kept) == len(labels) else f" (Euclidean: at most {limit} random samples per class)"
     subset = frame.attrs.get("subset", "")
@@ -230,10 +224,10 @@ def shared_range(matrices: list[np.ndarray]) -> tuple[float, float]:
 
 
 def run(cfg) -> None:
-    paths = artifacts.prepare_output_dirs(cfg)
-    device = common.pick_device(cfg.DEVICE)
-    frames = {subset: rows_per_label(artifacts.open_embeddings(paths, subset)) for subset in ("test", "unseen")}
-    inputs = artifacts.start_stage(paths, "compute_average_distances",
+    paths = locations.prepare_output_dirs(cfg)
+    device = system.pick_device(cfg.DEVICE)
+    frames = {subset: rows_per_label(embedding_files.open_embeddings(paths, subset)) for subset in ("test", "unseen")}
+    inputs = provenance.start_stage(paths, "compute_average_distances",
                                    [paths.best] + [paths.embeddings(s) for s in frames])
     matrices = {subset: class_distances(frame, cfg.DISTANCE_SAMPLES, cfg.SEED, device) for subset, frame in frames.items()}
     outputs = []
@@ -245,7 +239,7 @@ def run(cfg) -> None:
             print(f"\nAverage {kind} distances, {subset} ({len(frame)} samples):\n{table.round(4).to_string()}")
             stem = paths.out / f"average_{kind}_distances_{subset}"
             outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
-            common.save_csv(table, stem.with_suffix(".csv"))
+            fileio.save_csv(table, stem.with_suffix(".csv"))
             what, samples, unit = ("test data (seen classes)" if subset == "test" else "unseen classes",
                                    f"{len(frame)} samples", "class")
             if frame.attrs.get("task") == "multilabel":  # an image counts once for each label it carries
@@ -257,12 +251,12 @@ def run(cfg) -> None:
                         f"distinct pairs within a {unit}\n(colour scale shared with the "
                         f"{'unseen' if subset == 'test' else 'test'} figure)", stem.with_suffix(".png"), value_range,
                         label, axis_label=unit)
-    artifacts.save_provenance(paths, "compute_average_distances", inputs, outputs)
+    provenance.save_provenance(paths, "compute_average_distances", inputs, outputs, cfg)
     print(f"\n-> {paths.out}/average_*_distances_*.csv and .png")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

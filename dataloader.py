@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import distributed
-from common import Progress, num_workers, pick_device
-from images import load_rgb, resize
+from plankton import distributed
+from plankton.images import load_rgb, resize
+from plankton.progress import Progress
+from plankton.system import num_workers, pick_device
 
 
 @dataclass(frozen=True)

@@ -13,22 +13,14 @@ Writes: outputs/class_counts.csv (one row per class: kind, train, val, test, uns
 """
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-import artifacts
-import common
-import tasks
-import images
+from plankton import fileio, images, locations, plots, provenance, registry, runner, splits
 
 COUNT_COLUMNS = ["train", "val", "test", "unseen"]
 ALL_CLASSES = "(all classes)"
 COLOURS = {"train": "#1f77b4", "val": "#9ecae1", "test": "#08519c", "unseen": "#e6550d"}
 KIND_COLOURS = {"seen": "#08519c", "unseen": "#e6550d"}
 CHAR_WIDTH = 0.011  # one digit's width in the counts chart, as a share of the longest bar
-THUMBNAIL = 160  # pixels: longest side of an image in the sample grid
-
-
-TASKS = ("multiclass",)  # single-label only: the class folders' counts and samples; run_all.py skips it for TASK="multilabel"
 
 
 def class_counts(table: pd.DataFrame, seen: list[str], unseen: list[str]) -> pd.DataFrame:
@@ -45,7 +37,7 @@ def class_counts(table: pd.DataFrame, seen: list[str], unseen: list[str]) -> pd.
 def plot_class_counts(counts: pd.DataFrame, path) -> None:
     """Horizontal stacked bars, one per class (seen above, unseen below a line): each part's count
     inside it where it fits, the class total at the bar's end."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     rows = counts[counts.class_name != ALL_CLASSES].reset_index(drop=True)
     k, widest = len(rows), max(1, int(rows.total.max()))
     fig, ax = plt.subplots(figsize=(9, 0.45 * k + 1.8))
@@ -77,7 +69,7 @@ def plot_class_counts(counts: pd.DataFrame, path) -> None:
                  f"test {total.test}, unseen {total.unseen})\nseen classes (blue) are split for training; "
                  f"unseen classes (orange, hatched) are held out")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="subset", title_fontsize=8)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def pick_samples(table: pd.DataFrame, classes: list[str], per_class: int, seed: int) -> dict[str, pd.DataFrame]:
@@ -91,15 +83,9 @@ def pick_samples(table: pd.DataFrame, classes: list[str], per_class: int, seed: 
     return picked
 
 
-def thumbnail(path) -> np.ndarray:
-    image = images.load_rgb(path)
-    image.thumbnail((THUMBNAIL, THUMBNAIL), Image.BILINEAR)
-    return np.asarray(image)
-
-
 def plot_samples(root, picked: dict[str, pd.DataFrame], unseen: list[str], per_class: int, path) -> None:
     """One row per class, its name (and seen/unseen) as the row label; each image's subset under it."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     k = len(picked)
     fig, axes = plt.subplots(k, per_class, figsize=(1.25 * per_class + 1.6, 1.4 * k + 0.9), squeeze=False)
     for r, (name, rows) in enumerate(picked.items()):
@@ -110,7 +96,7 @@ def plot_samples(root, picked: dict[str, pd.DataFrame], unseen: list[str], per_c
             if c >= len(rows):
                 ax.axis("off")
                 continue
-            pixels = thumbnail(root / rows.relpath.iloc[c])
+            pixels = images.thumbnail(root / rows.relpath.iloc[c])
             small = max(pixels.shape[:2]) < 64  # e.g. the 8 x 8 digits: show the pixels, not a blur
             ax.imshow(pixels, interpolation="nearest" if small else "antialiased")
             ax.set_xlabel(rows.subset.iloc[c], fontsize=7, labelpad=1)
@@ -122,26 +108,26 @@ def plot_samples(root, picked: dict[str, pd.DataFrame], unseen: list[str], per_c
     fig.suptitle(f"Up to {per_class} random images of each class (subset under each image); "
                  f"seen classes in blue, unseen in orange (thick frame)", fontsize=10, y=1.0)
     fig.tight_layout()  # leaves room for the suptitle
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def run(cfg) -> None:
-    tasks.require(cfg.TASK, TASKS, "dataset_overview.py")
-    paths = artifacts.prepare_output_dirs(cfg)
-    split = artifacts.split_from_settings(cfg, paths, create=True)
-    inputs = artifacts.start_stage(paths, "dataset_overview", [paths.split])
+    registry.require_task("dataset_overview", cfg.TASK)
+    paths = locations.prepare_output_dirs(cfg)
+    split = splits.split_from_settings(cfg, paths, create=True)
+    inputs = provenance.start_stage(paths, "dataset_overview", [paths.split])
     outputs = [paths.out / name for name in ("class_counts.csv", "class_counts.png", "sample_images.png")]
     counts = class_counts(split.table, split.seen_classes, split.unseen_classes)
-    common.save_csv(counts, outputs[0], index=False)
+    fileio.save_csv(counts, outputs[0], index=False)
     plot_class_counts(counts, outputs[1])
     picked = pick_samples(split.table, split.seen_classes + split.unseen_classes, cfg.OVERVIEW_SAMPLES, cfg.SEED)
     plot_samples(split.root, picked, split.unseen_classes, cfg.OVERVIEW_SAMPLES, outputs[2])
-    artifacts.save_provenance(paths, "dataset_overview", inputs, outputs)
+    provenance.save_provenance(paths, "dataset_overview", inputs, outputs, cfg)
     print(f"-> {outputs[0]}, {outputs[1]}, {outputs[2]}")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,8 @@ import time
 
 import numpy as np
 
-import artifacts
-import common
 import dataloader
-import distributed
-import tasks
-import training
-
-
-TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
+from plankton import checkpoints, distributed, embedding_files, locations, provenance, runner, training
 
 
 def embeddings_of(model, source: dataloader.FeatureSource, runtime: dataloader.Runtime) -> np.ndarray | None:
@@ -41,37 +34,37 @@ def embeddings_of(model, source: dataloader.FeatureSource, runtime: dataloader.R
 
 
 def run(cfg) -> None:
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
     with distributed.main_first():  # rank 0 checks the images first (and refreshes their scan cache)
-        trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+        trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     checkpoint, split = trained.checkpoint, trained.split
     main = distributed.is_main()
-    inputs = artifacts.start_stage(paths, "embed", [paths.best, paths.split]) if main else {}
+    inputs = provenance.start_stage(paths, "embed", [paths.best, paths.split]) if main else {}
     cache = trained.trunk_cache(cfg, paths, runtime)
     outputs = []
-    for subset in artifacts.EMBEDDED_SUBSETS:
+    for subset in embedding_files.EMBEDDED_SUBSETS:
         started = time.time()
         embeddings = embeddings_of(trained.model, trained.source(subset, cache), runtime)
         if not main:
             continue
         relpaths, labels = split.subset(subset)
         names = split.classes(subset)
-        frame = artifacts.embeddings_frame(embeddings, labels, names, relpaths, dict(
+        frame = embedding_files.embeddings_frame(embeddings, labels, names, relpaths, dict(
             checkpoint_sha256=trained.sha256, split_sha256=split.sha256, subset=subset, class_names=names,
             data_dir=str(split.root), weights_source=checkpoint["weights_source"], task=split.task),
             label_texts=split.label_texts(subset),
             label_counts=split.label_counts(names) if split.task == "multilabel" else None)
-        artifacts.save_embeddings(frame, paths.embeddings(subset))
-        outputs += [paths.embeddings(subset)] + artifacts.export_table(frame, paths.embeddings(subset), cfg.EXPORT_CSV)
+        embedding_files.save_embeddings(frame, paths.embeddings(subset))
+        outputs += [paths.embeddings(subset)] + embedding_files.export_table(frame, paths.embeddings(subset), cfg.EXPORT_CSV)
         print(f"{subset}: {len(frame)} embeddings of size {embeddings.shape[1]} in {time.time() - started:.1f}s "
               f"-> {paths.embeddings(subset)}")
     if main:
-        artifacts.save_provenance(paths, "embed", inputs, outputs)
+        provenance.save_provenance(paths, "embed", inputs, outputs, cfg)
 
 
 def main(argv=None):
-    common.run_script(run, argv, distributed_ok=True)
+    runner.run_script(run, argv, distributed_ok=True)
 
 
 if __name__ == "__main__":

@@ -34,16 +34,13 @@ import torch
 from sklearn.manifold import trustworthiness
 from sklearn.metrics import silhouette_score
 
-import artifacts
-import common
 import dataloader
-import tasks
+from plankton import embedding_files, fileio, locations, provenance, registry, runner
 
 SUBSETS = ("test", "unseen")
 RECALL_AT = (1, 5, 10)
 SILHOUETTE_WORKING_MB = 64  # scikit-learn's default, 1 GB, took 5,000 x 5,000 distances at once (+0.4 GB)
 
-TASKS = ("multiclass",)  # single-label only: silhouette and recall need one class per image (run_all.py skips it)
 
 
 def pairwise_pass(x: np.ndarray, labels: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, dict]:
@@ -115,7 +112,7 @@ def subset_quality(frame: pd.DataFrame, coords: pd.DataFrame, subset: str, limit
     used = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False)) if n > limit else np.arange(n)
     if n > limit:
         print(f"note: {subset}: the metrics use {limit} random images of {n} (QUALITY_SAMPLES={limit})")
-    x, labels = artifacts.embedding_matrix(frame)[used].astype(np.float64), frame.label.to_numpy()[used]
+    x, labels = embedding_files.embedding_matrix(frame)[used].astype(np.float64), frame.label.to_numpy()[used]
     trust, n_trust = umap_trustworthiness(x, list(frame.path.iloc[used]), coords, subset, neighbours)
     row = dict(subset=subset, n_images=n, n_used=len(used))
     if len(used) < 3:
@@ -126,25 +123,25 @@ def subset_quality(frame: pd.DataFrame, coords: pd.DataFrame, subset: str, limit
 
 
 def run(cfg) -> None:
-    tasks.require(cfg.TASK, TASKS, "embedding_quality.py")
-    paths = artifacts.prepare_output_dirs(cfg)
-    frames = {s: artifacts.open_embeddings(paths, s) for s in SUBSETS}
-    coords = artifacts.open_umap_coordinates(paths)
-    inputs = artifacts.start_stage(paths, "embedding_quality", [paths.best, paths.umap_coordinates]
+    registry.require_task("embedding_quality", cfg.TASK)
+    paths = locations.prepare_output_dirs(cfg)
+    frames = {s: embedding_files.open_embeddings(paths, s) for s in SUBSETS}
+    coords = embedding_files.open_umap_coordinates(paths)
+    inputs = provenance.start_stage(paths, "embedding_quality", [paths.best, paths.umap_coordinates]
                                    + [paths.embeddings(s) for s in SUBSETS])
     table = pd.DataFrame([subset_quality(frames[s], coords, s, cfg.QUALITY_SAMPLES, cfg.QUALITY_TRUST_NEIGHBORS,
                                          cfg.SEED) for s in SUBSETS])
     output = paths.out / "embedding_quality.csv"
-    common.save_csv(table, output, index=False)
+    fileio.save_csv(table, output, index=False)
     print("Embedding quality (Euclidean, leave-one-out recall; see embedding_quality.py):")
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(table.round(4).to_string(index=False))
-    artifacts.save_provenance(paths, "embedding_quality", inputs, [output])
+    provenance.save_provenance(paths, "embedding_quality", inputs, [output], cfg)
     print(f"-> {output}")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

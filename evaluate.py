@@ -23,72 +23,36 @@ import textwrap
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, confusion_matrix,
-                             f1_score, precision_score, recall_score)
+from sklearn.metrics import (
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+)
 
-import artifacts
-import common
 import dataloader
-import images
-import tasks
-import training
+from plankton import (
+    checkpoints,
+    fileio,
+    images,
+    locations,
+    metrics,
+    plots,
+    provenance,
+    runner,
+    saved_predictions,
+    tasks,
+)
 
 FEW = 20  # a per-class figure resting on fewer test images than this is flagged
 GALLERY_LIMIT = 40  # misclassified test images shown at most (the most confident mistakes first)
 
 
-TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
-
-
-def average_precisions(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """One-vs-rest average precision of each class on its softmax score; NaN for a class without
-    test images (no positives: AP is undefined)."""
-    return np.array([average_precision_score(labels == c, scores[:, c]) if (labels == c).any() else np.nan
-                     for c in range(k)])
-
-
-def _per_class(metric, y, p, k) -> tuple[np.ndarray, float]:
-    """sklearn's per-class values and macro mean. Precision (and so F1) of a class never predicted
-    counts as 0, sklearn's default in classification_report; recall of a class without test images
-    is NaN and left out of the mean."""
-    zero = np.nan if metric is recall_score else 0.0
-    return (metric(y, p, labels=range(k), average=None, zero_division=zero),
-            metric(y, p, labels=range(k), average="macro", zero_division=zero))
-
-
-# Each metric: (per-class values, overall value) from true and predicted label indices and the
-# softmax scores. Overall: accuracy over all images; macro means for precision, recall and F1; mAP
-# (the mean of the classes' AP); balanced accuracy has no per-class value. One entry per metric.
-METRICS = {
-    "accuracy": lambda y, p, s, k: (recall_score(y, p, labels=range(k), average=None, zero_division=np.nan),
-                                    accuracy_score(y, p)),
-    "precision": lambda y, p, s, k: _per_class(precision_score, y, p, k),
-    "recall": lambda y, p, s, k: _per_class(recall_score, y, p, k),
-    "f1": lambda y, p, s, k: _per_class(f1_score, y, p, k),
-    "average_precision": lambda y, p, s, k: (average_precisions(y, s, k), np.nanmean(average_precisions(y, s, k))),
-    "balanced_accuracy": lambda y, p, s, k: (np.full(k, np.nan), balanced_accuracy_score(y, p)),
-}
-
-
 softmax = tasks.softmax  # (tasks.py owns what a task's outputs mean)
 
 
-def metrics_table(labels: np.ndarray, predictions: np.ndarray, scores: np.ndarray,
-                  class_names: list[str]) -> pd.DataFrame:
-    """One row per class and an "overall" row: test images, correct predictions, every metric."""
-    k = len(class_names)
-    counts = np.bincount(labels, minlength=k)
-    hits = np.bincount(labels[predictions == labels], minlength=k)
-    table = pd.DataFrame(dict(class_name=class_names + ["overall"], n_test=list(counts) + [len(labels)],
-                              correct=list(hits) + [int(hits.sum())]))
-    for name, metric in METRICS.items():
-        per_class, overall = metric(labels, predictions, scores, k)
-        table[name] = list(np.asarray(per_class, dtype=float)) + [float(overall)]
-    return table
-
-
 def plot_confusion(matrix: np.ndarray, class_names: list[str], accuracy: float, path) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     k = len(class_names)
     side = max(4.5, 0.6 * k + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1, side))
@@ -98,13 +62,13 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], accuracy: float, 
         for j in range(k):
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=9 if k <= 12 else 6,
                     color="white" if row_share[i, j] > 0.5 else "black")
-    common.class_ticks(ax, class_names)
+    plots.class_ticks(ax, class_names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"Test confusion matrix (counts; colour = share of the true class)\n"
                  f"overall accuracy {100 * accuracy:.2f}% on {matrix.sum()} images")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -119,17 +83,17 @@ def print_table(table: pd.DataFrame) -> None:
           f"mAP {overall.average_precision:.4f}, balanced accuracy {overall.balanced_accuracy:.4f}")
 
 
-def misclassified(predictions: artifacts.Predictions) -> np.ndarray:
+def misclassified(predictions: saved_predictions.Predictions) -> np.ndarray:
     """Indices of the misclassified test images, the most confident mistakes first."""
     wrong = np.flatnonzero(predictions.predicted != predictions.labels)
     confidence = predictions.scores[wrong, predictions.predicted[wrong]]
     return wrong[np.argsort(-confidence, kind="stable")]
 
 
-def plot_misclassified(predictions: artifacts.Predictions, root, path, limit: int = GALLERY_LIMIT) -> None:
+def plot_misclassified(predictions: saved_predictions.Predictions, root, path, limit: int = GALLERY_LIMIT) -> None:
     """Thumbnails of up to `limit` misclassified test images captioned "true → predicted, score"
     (the predicted class's softmax score); a panel saying so when there are none."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     wrong, names, n = misclassified(predictions), predictions.class_names, len(predictions.labels)
     shown = wrong[:limit]
     if not len(shown):
@@ -138,7 +102,7 @@ def plot_misclassified(predictions: artifacts.Predictions, root, path, limit: in
                 ha="center", va="center", fontsize=13)
         ax.set_axis_off()
         ax.set_title("Misclassified test images")
-        common.save_figure(fig, path)
+        plots.save_figure(fig, path)
         return
     columns = min(8, len(shown))
     rows = -(-len(shown) // columns)
@@ -154,19 +118,7 @@ def plot_misclassified(predictions: artifacts.Predictions, root, path, limit: in
     fig.suptitle(f"Misclassified test images: {len(wrong)} of {n}{more}\n"
                  f"(true class → predicted class, softmax score of the predicted class)", fontsize=11)
     fig.tight_layout()
-    common.save_figure(fig, path)
-
-
-def predict_test_set(trained: artifacts.TrainedModel, cache, runtime) -> artifacts.Predictions:
-    """Logits and scores (softmax, or sigmoid for multilabel) of every test image (through `cache`, a
-    trunk_cache.TrunkCache, or from the images when it is None), in the split's test order."""
-    source = trained.source("test", cache)
-    logits, _ = training.head_outputs(trained.model, source, runtime)
-    relpaths, _ = trained.split.subset("test")
-    task = tasks.for_name(trained.split.task)
-    return artifacts.Predictions(logits.astype(np.float32), task.scores(logits), source.labels.numpy(), relpaths,
-                                 list(trained.checkpoint["class_names"]), str(trained.split.root), trained.sha256,
-                                 task.name)
+    plots.save_figure(fig, path)
 
 
 # ---- tail accuracy (both tasks) ------------------------------------------------------------------
@@ -174,7 +126,7 @@ def predict_test_set(trained: artifacts.TrainedModel, cache, runtime) -> artifac
 def plot_tail_accuracy(table: pd.DataFrame, class_names: list[str], score_words: str, n_images: int, path) -> None:
     """Left: tail accuracy against threshold, one line per class, the mean thick and black; right:
     how many test images score >= t for each class (the points the left panel rests on)."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     for i, name in enumerate(class_names + ["mean"]):
@@ -200,17 +152,17 @@ def plot_tail_accuracy(table: pd.DataFrame, class_names: list[str], score_words:
     axes[0].legend(handles=axes[0].lines[-1:], loc="lower left", fontsize=9)
     fig.suptitle("Tail accuracy against threshold, test set (one colour per class, legend on the right; "
                  "the mean over classes in black)")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
-def save_tail_accuracy(predictions: artifacts.Predictions, steps: int, out) -> list:
+def save_tail_accuracy(predictions: saved_predictions.Predictions, steps: int, out) -> list:
     """tail_accuracy.csv and .png from the saved test scores; returns the two paths."""
     task = tasks.for_name(predictions.task)
     names = list(predictions.class_names)
     targets = task.indicator(predictions.labels, len(names))
     table = tasks.tail_accuracy(targets, predictions.scores, names, tasks.tail_thresholds(predictions.scores, steps))
     paths = [out / "tail_accuracy.csv", out / "tail_accuracy.png"]
-    common.save_csv(table, paths[0], index=False)
+    fileio.save_csv(table, paths[0], index=False)
     plot_tail_accuracy(table, names, task.score_words, len(predictions.relpaths), paths[1])
     mean = table[table.label == "mean"]
     print("tail accuracy (mean over classes) at t = " + ", ".join(
@@ -220,15 +172,15 @@ def save_tail_accuracy(predictions: artifacts.Predictions, steps: int, out) -> l
 
 # ---- the single-label evaluation -----------------------------------------------------------------
 
-def evaluate_multiclass(trained: artifacts.TrainedModel, predictions: artifacts.Predictions, out) -> list:
+def evaluate_multiclass(trained: checkpoints.TrainedModel, predictions: saved_predictions.Predictions, out) -> list:
     """Metrics table, confusion matrix and misclassified gallery; returns the files written."""
     labels, predicted, names = predictions.labels, predictions.predicted, predictions.class_names
-    table = metrics_table(labels, predicted, predictions.scores, names)
+    table = metrics.metrics_table(labels, predicted, predictions.scores, names)
     print_table(table)
     outputs = [out / name for name in ("test_metrics.csv", "test_metrics.json", "confusion_matrix.png",
                                        "misclassified_test_images.png")]
-    common.save_csv(table, outputs[0], index=False)
-    common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
+    fileio.save_csv(table, outputs[0], index=False)
+    fileio.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
                           weights_source=trained.checkpoint["weights_source"], overall=table.iloc[-1].to_dict(),
                           per_class=table.to_dict("records")), outputs[1])
     plot_confusion(confusion_matrix(labels, predicted, labels=range(len(names))), names,
@@ -264,7 +216,7 @@ def multilabel_metrics_table(targets: np.ndarray, scores: np.ndarray, label_name
 
 def plot_label_metrics(table: pd.DataFrame, path) -> None:
     """Grouped bars per label: AP, precision and recall at 0.5; the mAP in the title."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     rows, overall = table.iloc[:-1], table.iloc[-1]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(rows) + 3), 4.6), layout="constrained")
@@ -281,10 +233,10 @@ def plot_label_metrics(table: pd.DataFrame, path) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=9)
     ax.set_title(f"Test set, per label: mAP {overall.average_precision:.3f}, exact-match accuracy "
                  f"{overall.exact_match:.3f} on {int(overall.n_test)} images")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
-def evaluate_multilabel(trained: artifacts.TrainedModel, predictions: artifacts.Predictions, out) -> list:
+def evaluate_multilabel(trained: checkpoints.TrainedModel, predictions: saved_predictions.Predictions, out) -> list:
     """Per-label metrics table and its bar chart; returns the files written."""
     table = multilabel_metrics_table(predictions.labels, predictions.scores, list(predictions.class_names))
     print("Test set, per label (images carrying it / AP / precision / recall / F1 at score 0.5):")
@@ -295,8 +247,8 @@ def evaluate_multilabel(trained: artifacts.TrainedModel, predictions: artifacts.
     print(f"mAP {overall.average_precision:.4f}, macro P {overall.precision:.4f} R {overall.recall:.4f}, micro P "
           f"{overall.micro_precision:.4f} R {overall.micro_recall:.4f}, exact match {overall.exact_match:.4f}")
     outputs = [out / "test_metrics.csv", out / "test_metrics.json", out / "test_label_metrics.png"]
-    common.save_csv(table, outputs[0], index=False)
-    common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, task="multilabel",
+    fileio.save_csv(table, outputs[0], index=False)
+    fileio.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, task="multilabel",
                           weights_source=trained.checkpoint["weights_source"], overall=overall.to_dict(),
                           per_label=table.to_dict("records")), outputs[1])
     plot_label_metrics(table, outputs[2])
@@ -307,23 +259,23 @@ EVALUATIONS = {"multiclass": evaluate_multiclass, "multilabel": evaluate_multila
 
 
 def run(cfg) -> None:
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
-    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
-    inputs = artifacts.start_stage(paths, "evaluate", [paths.best, paths.split])
+    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    inputs = provenance.start_stage(paths, "evaluate", [paths.best, paths.split])
     checkpoint = trained.checkpoint
     print(f"evaluate.py  {paths.best} (epoch {checkpoint['epoch']:.2f}, trunk: {checkpoint['weights_source']})")
     cache = trained.trunk_cache(cfg, paths, runtime)
-    predictions = predict_test_set(trained, cache, runtime)
+    predictions = saved_predictions.predict_test_set(trained, cache, runtime)
     outputs = EVALUATIONS[predictions.task](trained, predictions, paths.out)
     outputs += save_tail_accuracy(predictions, cfg.TAIL_THRESHOLDS, paths.out)
-    outputs += artifacts.save_predictions(paths, predictions)
-    artifacts.save_provenance(paths, "evaluate", inputs, outputs)
+    outputs += saved_predictions.save_predictions(paths, predictions)
+    provenance.save_provenance(paths, "evaluate", inputs, outputs, cfg)
     print(f"-> {', '.join(str(p) for p in outputs)}")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

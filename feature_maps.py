@@ -31,12 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-import artifacts
 import backbone
-import common
-import tasks
 import dataloader
-from common import PipelineError
+from plankton import checkpoints, fileio, locations, plots, provenance, runner
+from plankton.errors import PipelineError
 
 TOP_EIGENVALUES = 5  # eig_1..eig_5 in feature_map_stats.csv
 MAX_CHANNELS = 4096  # a pooled output wider than this would need a covariance matrix too large to decompose
@@ -49,7 +47,6 @@ CONDITIONS = {  # name: (what the legend says, image subset, which modules it me
 CONDITION_COLOURS = {"seen_test": "#1f77b4", "unseen": "#e6550d", "head_init": "#7f7f7f", "random_trunk": "#2ca02c"}
 
 
-TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
 
 
 # ---- the modules ---------------------------------------------------------------------------------
@@ -183,7 +180,7 @@ def sample(relpaths: list[str], limit: int, seed: int) -> list[str]:
     return [relpaths[i] for i in chosen]
 
 
-def measure(trained: artifacts.TrainedModel, names: list[str], limit: int, seed: int,
+def measure(trained: checkpoints.TrainedModel, names: list[str], limit: int, seed: int,
             runtime: dataloader.Runtime) -> dict[str, tuple[int, dict[str, ModuleStats]]]:
     """{condition: (images used, {module: stats})} for every condition that has modules to measure."""
     images = {subset: sample(trained.split.subset(subset)[0], limit, seed) for subset in ("test", "unseen")}
@@ -232,7 +229,7 @@ def trunk_words(weights_source: str, fresh_seed: int) -> str:
 def plot_spectra(spectra: pd.DataFrame, stats: pd.DataFrame, names: list[str], kinds: dict[str, str], title: str,
                  path) -> None:
     """One panel per module (its name and layer type), one line per condition, log scale."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     columns = min(3, len(names))
     rows = -(-len(names) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows + 0.8), squeeze=False)
@@ -261,12 +258,12 @@ def plot_spectra(spectra: pd.DataFrame, stats: pd.DataFrame, names: list[str], k
     fig.suptitle(f"Eigenvalues (log scale, largest first) of the covariance of each module's output averaged over "
                  f"height and width ({counts} images)\n{title}", fontsize=10)
     fig.tight_layout()
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def plot_nonpositive(stats: pd.DataFrame, names: list[str], title: str, path) -> None:
     """Grouped bars: for each module, one bar per condition measured there, its share written on it."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(names) + 2), 4.6))
     width = 0.8 / len(CONDITIONS)
     for x, name in enumerate(names):
@@ -285,35 +282,35 @@ def plot_nonpositive(stats: pd.DataFrame, names: list[str], title: str, path) ->
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("share of output values <= 0")
     ax.set_title(f"Share of non-positive values in each module's output\n{title}", fontsize=10)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def run(cfg) -> None:
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
-    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     names = resolve_modules(trained.model, cfg.FEATURE_MODULES)
-    inputs = artifacts.start_stage(paths, "feature_maps", [paths.best, paths.split])
+    inputs = provenance.start_stage(paths, "feature_maps", [paths.best, paths.split])
     checkpoint = trained.checkpoint
     print(f"feature_maps.py  {paths.best} (trunk: {checkpoint['weights_source']}), modules: {', '.join(names)}")
     results = measure(trained, names, cfg.FEATURE_IMAGES, cfg.SEED, runtime)
     stats, spectra = tables(results, names)
     outputs = [paths.out / name for name in ("feature_map_stats.csv", "feature_map_spectra.csv",
                                              "feature_map_spectra.png", "feature_map_nonpositive.png")]
-    common.save_csv(stats, outputs[0], index=False)
-    common.save_csv(spectra, outputs[1], index=False)
+    fileio.save_csv(stats, outputs[0], index=False)
+    fileio.save_csv(spectra, outputs[1], index=False)
     fresh_seed = int(checkpoint["config"].get("SEED") or 0) + 1
     title = trunk_words(checkpoint["weights_source"], fresh_seed)
     modules = dict(trained.model.named_modules())
     plot_spectra(spectra, stats, names, {n: type(modules[n]).__name__ for n in names}, title, outputs[2])
     plot_nonpositive(stats, names, title, outputs[3])
-    artifacts.save_provenance(paths, "feature_maps", inputs, outputs)
+    provenance.save_provenance(paths, "feature_maps", inputs, outputs, cfg)
     print(stats[["module", "condition", "n_images", "nonpositive_share", "effective_rank"]].to_string(index=False))
     print(f"-> {outputs[0]}, {outputs[2]}, {outputs[3]}")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

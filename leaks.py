@@ -30,16 +30,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-import artifacts
-import common
 import dataloader
-import images
-import tasks
+from plankton import checkpoints, fileio, images, locations, plots, provenance, registry, runner
 
 QUERY_SUBSETS = ("val", "test", "unseen")
 COLUMNS = ["subset", "path", "class_name", "train_path", "train_class", "same_class", "distance", "kind"]
 
-TASKS = ("multiclass",)  # single-label only: pairs are reported with their class folders (run_all.py skips it)
 
 
 def pooled_trunk_features(source: dataloader.FeatureSource, trunk, runtime, grid: int) -> np.ndarray:
@@ -141,7 +137,7 @@ def print_summary(summary: dict) -> None:
 def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, checked: str = "") -> None:
     """Each pair side by side (the val/test/unseen image, then its training image), closest first;
     a panel saying so, and what was checked (`checked`), when there are none."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     shown = leaks.head(limit)
     if shown.empty:
         fig, ax = plt.subplots(figsize=(7, 2.5))
@@ -150,7 +146,7 @@ def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, ch
                 ha="center", va="center", fontsize=11)
         ax.set_axis_off()
         ax.set_title("Leaks between splits")
-        common.save_figure(fig, path)
+        plots.save_figure(fig, path)
         return
     pairs_per_row = min(4, len(shown))
     rows = -(-len(shown) // pairs_per_row)
@@ -172,7 +168,7 @@ def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, ch
                  f"each pair: the val/test/unseen image (left) and its training image (right); "
                  f"red title = another class", fontsize=10)
     fig.tight_layout()
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def nearest_per_subset(trained, cache, runtime, grid: int) -> dict:
@@ -186,11 +182,11 @@ def nearest_per_subset(trained, cache, runtime, grid: int) -> dict:
 
 
 def run(cfg) -> None:
-    tasks.require(cfg.TASK, TASKS, "leaks.py")
-    paths = artifacts.prepare_output_dirs(cfg)
+    registry.require_task("leaks", cfg.TASK)
+    paths = locations.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
-    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
-    inputs = artifacts.start_stage(paths, "leaks", [paths.best, paths.split])
+    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    inputs = provenance.start_stage(paths, "leaks", [paths.best, paths.split])
     cache = trained.trunk_cache(cfg, paths, runtime)
     nearest = nearest_per_subset(trained, cache, runtime, cfg.LEAK_GRID)
     table = trained.split.table
@@ -198,17 +194,17 @@ def run(cfg) -> None:
     summary = leak_summary(leaks, table, nearest, cfg.LEAK_THRESHOLD, cfg.LEAK_GRID)
     print_summary(summary)
     outputs = [paths.out / "leaks.csv", paths.out / "leaks.png", paths.leaks_summary]
-    common.save_csv(leaks, outputs[0], index=False)
+    fileio.save_csv(leaks, outputs[0], index=False)
     checked = "checked: " + ", ".join(f"{c['images']} {s}" for s, c in summary["subsets"].items()) + \
         f" images against {int((table.subset == 'train').sum())} training images"
     plot_leaks(leaks, trained.split.root, cfg.LEAK_THRESHOLD, cfg.LEAK_FIGURE_PAIRS, outputs[1], checked)
-    common.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, **summary), outputs[2])
-    artifacts.save_provenance(paths, "leaks", inputs, outputs)
+    fileio.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, **summary), outputs[2])
+    provenance.save_provenance(paths, "leaks", inputs, outputs, cfg)
     print(f"-> {outputs[0]}, {outputs[1]}, {outputs[2]}")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

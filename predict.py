@@ -16,8 +16,8 @@ Writes: outputs/predictions/predictions.csv (one row per readable image: path re
         predicted class and of the images flagged unknown), and last outputs/provenance_predict.json.
         A later run replaces them. The split, the checkpoints and every other output stay as they are.
 
-Scores are softmax(logits / T), T fitted on the validation set (calibration.fit_temperature); the
-prediction is the same as without T. The open-set score is open_set.SCORES[PREDICT_SCORE] (higher =
+Scores are softmax(logits / T), T fitted on the validation set (calibrate.fit_temperature); the
+prediction is the same as without T. The open-set score is openset.SCORES[PREDICT_SCORE] (higher =
 more likely unknown); an image is flagged unknown when it scores above the threshold that keeps
 PREDICT_KEEP of the validation images (seen classes) as known.
 """
@@ -27,23 +27,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import artifacts
-import calibration
-import common
 import dataloader
-import dataset_overview
-import images
-import open_set
-import tasks
-import training
-from common import PipelineError
+from plankton import (
+    calibrate,
+    checkpoints,
+    embedding_files,
+    fileio,
+    images,
+    locations,
+    openset,
+    plots,
+    provenance,
+    registry,
+    runner,
+    training,
+)
+from plankton.errors import PipelineError
 
 TOP = 3  # classes (with scores) listed per image
 
 
 # ---- the new images ------------------------------------------------------------------------------
 
-def find_new_images(predict_dir, paths: artifacts.Paths) -> tuple[Path, list[str], list[str], dict[str, str]]:
+def find_new_images(predict_dir, paths: locations.Paths) -> tuple[Path, list[str], list[str], dict[str, str]]:
     """(the folder, its readable images, their SHA-256 in the same order, {unreadable file: why}).
     A missing or empty folder, or one where no image can be read, is a PipelineError."""
     if predict_dir is None:
@@ -67,7 +73,6 @@ def find_new_images(predict_dir, paths: artifacts.Paths) -> tuple[Path, list[str
                             f"read (e.g. {images.printable(first)!r}: {bad[first]})")
     return root, readable, [hashes[f] for f in readable], bad
 
-TASKS = ("multiclass",)  # single-label only: one predicted class per new image (run_all.py skips it)
 
 
 def new_image_outputs(trained, cache, runtime, root: Path, relpaths: list[str], hashes: list[str]):
@@ -93,7 +98,7 @@ def prediction_table(relpaths: list[str], hashes: list[str], probs: np.ndarray, 
     table["unknown"] = open_scores > threshold
     if embeddings is not None:
         columns = pd.DataFrame(embeddings.astype(np.float32),
-                               columns=[f"{artifacts.EMBEDDING_PREFIX}{i}" for i in range(embeddings.shape[1])])
+                               columns=[f"{embedding_files.EMBEDDING_PREFIX}{i}" for i in range(embeddings.shape[1])])
         table = pd.concat([table, columns], axis=1)
     return table
 
@@ -122,7 +127,7 @@ def sample_rows(table: pd.DataFrame, class_names: list[str], per_row: int, seed:
 
 def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, fitted: dict, score_name: str,
                      path) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(len(picked), per_row, figsize=(1.35 * per_row + 1.8, 1.6 * len(picked) + 1.0),
                              squeeze=False)
     for r, (title, rows) in enumerate(picked.items()):
@@ -137,7 +142,7 @@ def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, 
                     ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=9, color="grey")
                 continue
             row = rows.iloc[c]
-            pixels = dataset_overview.thumbnail(root / row.path)
+            pixels = images.thumbnail(root / row.path)
             ax.imshow(pixels, interpolation="nearest" if max(pixels.shape[:2]) < 64 else "antialiased")
             caption = f"{row.predicted_class} {row.top1_score:.2f}\nopen-set {row.open_set_score:.3g}"
             ax.set_xlabel(caption, fontsize=6.5, labelpad=1)
@@ -152,7 +157,7 @@ def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, 
                  f"caption: predicted class and its softmax score (temperature {fitted['temperature']:.3g}), "
                  f"open-set score", fontsize=9.5, y=1.0)
     fig.tight_layout()
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 # ---- the script ----------------------------------------------------------------------------------
@@ -160,11 +165,11 @@ def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, 
 def reference_and_threshold(cfg, trained, cache, runtime) -> dict:
     """From the split's train and val images: the open-set reference, the unknown threshold on the
     validation scores, and the temperature fitted on the validation logits."""
-    reference = open_set.reference_from_model(trained, cache, runtime, cfg)
-    val_logits, val_embeddings, val_labels = open_set.subset_outputs(trained, cache, runtime, "val")
-    val_scores = open_set.SCORES[cfg.PREDICT_SCORE](val_logits, val_embeddings, reference)
-    threshold = open_set.keep_threshold(val_scores, cfg.PREDICT_KEEP)
-    temperature, not_fitted = calibration.validation_temperature(val_logits, val_labels)
+    reference = openset.reference_from_model(trained, cache, runtime, cfg)
+    val_logits, val_embeddings, val_labels = openset.subset_outputs(trained, cache, runtime, "val")
+    val_scores = openset.SCORES[cfg.PREDICT_SCORE](val_logits, val_embeddings, reference)
+    threshold = openset.keep_threshold(val_scores, cfg.PREDICT_KEEP)
+    temperature, not_fitted = calibrate.validation_temperature(val_logits, val_labels)
     return dict(reference=reference, threshold=threshold, val_images=len(val_labels),
                 val_kept=float((val_scores <= threshold).mean()), temperature=temperature,
                 temperature_note=not_fitted or f"fitted on {len(val_labels)} validation images")
@@ -184,28 +189,28 @@ def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
 
 
 def run(cfg) -> None:
-    tasks.require(cfg.TASK, TASKS, "predict.py")
-    paths = artifacts.prepare_output_dirs(cfg)
+    registry.require_task("predict", cfg.TASK)
+    paths = locations.prepare_output_dirs(cfg)
     root, relpaths, hashes, bad = find_new_images(cfg.PREDICT_DIR, paths)
     runtime = dataloader.runtime_from_settings(cfg)
-    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
-    inputs = artifacts.start_stage(paths, "predict", [paths.best, paths.split])
+    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    inputs = provenance.start_stage(paths, "predict", [paths.best, paths.split])
     names = list(trained.checkpoint["class_names"])
     print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {paths.best}")
     cache = trained.trunk_cache(cfg, paths, runtime)
     fitted = reference_and_threshold(cfg, trained, cache, runtime)
     logits, embeddings = new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
-    open_scores = open_set.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
-    table = prediction_table(relpaths, hashes, calibration.probabilities(logits, fitted["temperature"]), names,
+    open_scores = openset.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
+    table = prediction_table(relpaths, hashes, calibrate.probabilities(logits, fitted["temperature"]), names,
                              open_scores, fitted["threshold"], embeddings if cfg.PREDICT_EMBEDDINGS else None)
     paths.predictions_dir.mkdir(exist_ok=True)
-    outputs = [paths.out / name for name in artifacts.STAGE_OUTPUTS["predict"]]
-    common.save_csv(table, outputs[0], index=False)
-    common.save_json(summary(cfg, trained, root, table, bad, fitted, len(relpaths) + len(bad)), outputs[1])
-    common.save_csv(bad_files_table(bad), outputs[2], index=False)
+    outputs = [paths.out / name for name in registry.stage("predict").outputs]
+    fileio.save_csv(table, outputs[0], index=False)
+    fileio.save_json(summary(cfg, trained, root, table, bad, fitted, len(relpaths) + len(bad)), outputs[1])
+    fileio.save_csv(bad_files_table(bad), outputs[2], index=False)
     plot_predictions(root, sample_rows(table, names, cfg.PREDICT_SAMPLES, cfg.SEED), cfg.PREDICT_SAMPLES, fitted,
                      cfg.PREDICT_SCORE, outputs[3])
-    artifacts.save_provenance(paths, "predict", inputs, outputs)
+    provenance.save_provenance(paths, "predict", inputs, outputs, cfg)
     if bad:
         print(f"warning: {len(bad)} unreadable file(s) left out; see {outputs[2]}", file=sys.stderr)
     print(f"{int(table.unknown.sum())} of {len(table)} images flagged unknown ({cfg.PREDICT_SCORE} score > "
@@ -215,7 +220,7 @@ def run(cfg) -> None:
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

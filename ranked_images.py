@@ -20,15 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-import artifacts
-import common
-import tasks
-import images
+from plankton import images, locations, plots, provenance, registry, runner, saved_predictions
+from plankton.errors import PipelineError
 
 SHOWN = 10  # images per row
 
 
-TASKS = ("multiclass",)  # single-label only: ranks each class's softmax score; run_all.py skips it for TASK="multilabel"
 
 
 def ranked(scores: np.ndarray, labels: np.ndarray, class_index: int, among: str,
@@ -46,7 +43,7 @@ def chosen_classes(setting: list[str], class_names: list[str]) -> list[int]:
     """Indices of the classes RANKED_CLASSES names ([] = all); a name that is no seen class is an error."""
     unknown = [name for name in setting if name not in class_names]
     if unknown:
-        raise common.PipelineError(f"RANKED_CLASSES={setting!r}: {', '.join(map(repr, unknown))} not among the "
+        raise PipelineError(f"RANKED_CLASSES={setting!r}: {', '.join(map(repr, unknown))} not among the "
                                    f"seen classes ({', '.join(class_names)}); [] ranks every seen class")
     return [class_names.index(name) for name in setting] if setting else list(range(len(class_names)))
 
@@ -56,7 +53,7 @@ def file_name(class_index: int, class_name: str) -> str:
     return f"ranked_{class_index}_{re.sub(r'[^A-Za-z0-9._-]', '_', class_name).strip('.') or 'class'}.png"
 
 
-def load_pictures(predictions: artifacts.Predictions, indices, root: Path) -> dict[int, object]:
+def load_pictures(predictions: saved_predictions.Predictions, indices, root: Path) -> dict[int, object]:
     """Every image to be shown, decoded before anything is written; a missing one is one error line."""
     pictures = {}
     for i in sorted(set(int(j) for j in indices)):
@@ -64,7 +61,7 @@ def load_pictures(predictions: artifacts.Predictions, indices, root: Path) -> di
         try:
             pictures[i] = images.load_rgb(path)
         except (OSError, ValueError) as err:
-            raise common.PipelineError(f"cannot read {path} ({type(err).__name__}), shown in the ranked images; "
+            raise PipelineError(f"cannot read {path} ({type(err).__name__}), shown in the ranked images; "
                                        f"restore it, or re-run train.py and evaluate.py on the current images")
     return pictures
 
@@ -74,9 +71,9 @@ def score_text(score: float) -> str:
     return f"{score:.1e}" if score < 0.001 else f"{score:.3f}" if score <= 0.999 else f"{score:.6f}".rstrip("0")
 
 
-def plot_ranked(predictions: artifacts.Predictions, class_index: int, rows: tuple, pictures: dict,
+def plot_ranked(predictions: saved_predictions.Predictions, class_index: int, rows: tuple, pictures: dict,
                 among: str, path) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     names, name = predictions.class_names, predictions.class_names[class_index]
     fig, axes = plt.subplots(2, SHOWN, figsize=(1.7 * SHOWN, 5.4), squeeze=False)
     for r, (indices, label) in enumerate(zip(rows, ("highest", "lowest"))):
@@ -99,29 +96,29 @@ def plot_ranked(predictions: artifacts.Predictions, class_index: int, rows: tupl
                  f"for {name}, among {pool}\n(caption: true class, green when it is {name}; score for {name})",
                  fontsize=11)
     fig.tight_layout()
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def run(cfg) -> None:
-    tasks.require(cfg.TASK, TASKS, "ranked_images.py")
-    paths = artifacts.prepare_output_dirs(cfg)
-    predictions = artifacts.open_predictions(paths)
+    registry.require_task("ranked_images", cfg.TASK)
+    paths = locations.prepare_output_dirs(cfg)
+    predictions = saved_predictions.open_predictions(paths)
     classes = chosen_classes(list(cfg.RANKED_CLASSES), predictions.class_names)
     selections = {c: ranked(predictions.scores, predictions.labels, c, cfg.RANKED_AMONG) for c in classes}
     pictures = load_pictures(predictions, [i for rows in selections.values() for part in rows for i in part],
                              Path(predictions.data_dir))
-    inputs = artifacts.start_stage(paths, "ranked_images", [paths.best, paths.scores])
+    inputs = provenance.start_stage(paths, "ranked_images", [paths.best, paths.scores])
     outputs = []
     for c, rows in selections.items():
         outputs.append(paths.out / file_name(c, predictions.class_names[c]))
         plot_ranked(predictions, c, rows, pictures, cfg.RANKED_AMONG, outputs[-1])
-    artifacts.save_provenance(paths, "ranked_images", inputs, outputs)
+    provenance.save_provenance(paths, "ranked_images", inputs, outputs, cfg)
     print(f"ranked test images (among {cfg.RANKED_AMONG}) for {len(outputs)} class(es) -> "
           f"{outputs[0] if len(outputs) == 1 else paths.out / 'ranked_*.png'}")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

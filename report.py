@@ -5,34 +5,27 @@ self-contained HTML file that opens offline in any browser, with no server.
 
 Reads:  the settings; outputs/class_counts.csv/.png, sample_images.png, model_summary.txt, the training
         curves, test_metrics.csv and the confusion matrix; then each stage's files as its
-        outputs/provenance_<stage>.json names them (without one: artifacts.STAGE_OUTPUTS' patterns);
+        outputs/provenance_<stage>.json names them (without one: the registry's output patterns);
         outputs/umap_coordinates.csv and the images it names (thumbnails); checkpoints/best.pth (classes,
         data folder, trunk weights); outputs/stage_times.json.
 Writes: outputs/report.html (figures as embedded PNGs, tables as HTML, the UMAP as an interactive Bokeh
         plot with its JavaScript and thumbnails inside the file), and last outputs/provenance_report.json.
 
 Sections: settings, data overview, model summary, training curves, test metrics, then one section per
-stage of run_all.STAGES in order (its docstring's first paragraph, every figure, every CSV table up to
-TABLE_ROWS rows), stage timings and provenance. A stage added to run_all.STAGES (with its outputs in
-artifacts.STAGE_OUTPUTS) appears with no change here.
+stage of plankton/registry.py's STAGES in order (its docstring's first paragraph, every figure, every
+CSV table up to TABLE_ROWS rows), stage timings and provenance. A stage added to the registry appears
+with no change here.
 """
 import base64
 import datetime
 import html
-import importlib
-import inspect
 import io
 import json
 from pathlib import Path
 
 import pandas as pd
 
-import artifacts
-import common
-import dimensionality_reduction
-import images
-import settings
-import tasks
+from plankton import checkpoints, fileio, images, locations, plots, provenance, registry, runner, settings
 
 TABLE_ROWS = 30  # rows of a CSV table shown in the report (the file itself has them all)
 TABLE_COLUMNS = 20  # columns shown at most (an embeddings table has 131)
@@ -41,19 +34,6 @@ TEXT_LIMIT = 20_000  # a .txt output up to this many characters is shown as text
 SHA_PREFIX = 12  # hex digits of each SHA-256 shown in the provenance table
 HALF_ROW_PX = 1000  # a figure at most this many pixels wide is shown two to a row, scaled to fit
 REPORT_NAME = "report.html"
-TASKS = tasks.ALL_TASKS  # reports what either task's stages wrote
-
-# The sections before the stages, with the files each shows (by name, in outputs/).
-FRONT_SECTIONS = (
-    ("Data overview", ("class_counts.csv", "class_counts.png", "sample_images.png")),
-    ("Model summary", ("model_summary.txt",)),
-    ("Training curves", ("training_plot.png", "training_classwise_accuracy.png", "training_classwise_ap.png")),
-    ("Test metrics", ("test_metrics.csv", "confusion_matrix.png", "misclassified_test_images.png",
-                      "test_label_metrics.png")),
-)
-# Stages that keep no provenance record of their own, and what they write (train.py: best.pth records its split).
-UNRECORDED_OUTPUTS = {"train": ["model_summary.txt", "training_history.csv", "training_plot.png",
-                                "training_classwise_accuracy.png", "training_classwise_ap.png"]}
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1250px;margin:0 auto;padding:0 24px 60px;
@@ -194,11 +174,11 @@ def front_sections(out: Path, read: list[Path], skipped: list[str]) -> list[str]
     """Data overview, model summary, training curves and test metrics, from their fixed files (those
     the run's task writes; a section with none of them says why)."""
     sections = []
-    for title, names in FRONT_SECTIONS:
+    for title, names in registry.front_sections():
         present = [out / n for n in names if (out / n).is_file()]
         body = render_files(present, read, keep_order=True)
         if not present:
-            owners = sorted({artifacts.stage_of(n) for n in names} & set(skipped))
+            owners = sorted({registry.stage_of(n) for n in names} & set(skipped))
             why = (f"{', '.join(o + '.py' for o in owners)} did not run: not for this task (see its TASKS)" if owners
                    else "run run_all.py, or the stage that writes them")
             body += note(f"Not in {out}: {', '.join(names)} ({why}).")
@@ -206,32 +186,27 @@ def front_sections(out: Path, read: list[Path], skipped: list[str]) -> list[str]
     return sections
 
 
-def stage_files(paths: artifacts.Paths, stage: str) -> tuple[list[Path], str]:
+def stage_files(paths: locations.Paths, stage: str) -> tuple[list[Path], str]:
     """A stage's output files, from its provenance record, else from its output patterns, and where
     the list came from."""
-    record = artifacts.provenance_path(paths, stage)
+    record = provenance.provenance_path(paths, stage)
     if record.is_file():
         try:
             names = list(json.loads(record.read_text())["outputs"])
             return [paths.out / n for n in names if (paths.out / n).is_file()], record.name
         except (ValueError, KeyError, TypeError):
             pass
-    if stage in artifacts.STAGE_OUTPUTS:
-        return sorted(paths.out / n for n in artifacts.existing_outputs(paths, stage)), "its output patterns (no record)"
-    return [paths.out / n for n in UNRECORDED_OUTPUTS.get(stage, []) if (paths.out / n).is_file()], "train.py's fixed file names (it keeps no record)"
+    found = sorted(paths.out / n for n in provenance.existing_outputs(paths, stage))
+    return found, ("its output patterns (no record)" if registry.stage(stage).recorded
+                   else f"{stage}.py's fixed file names (it keeps no record)")
 
 
-def explanation(module) -> str:
-    """The first paragraph of a stage module's docstring, as one line."""
-    first = inspect.cleandoc(module.__doc__ or "").split("\n\n")[0]
-    return " ".join(first.split())
-
-
-def stage_section(paths: artifacts.Paths, stage: str, module, front: dict, read: list[Path]) -> str:
+def stage_section(paths: locations.Paths, entry: registry.Stage, front: dict, read: list[Path]) -> str:
+    stage = entry.name
     files, source = stage_files(paths, stage)
-    body = f'<p class="explain">{esc(explanation(module))} <i>({esc(stage)}.py)</i></p>'
+    body = f'<p class="explain">{esc(entry.explanation())} <i>({esc(entry.script)})</i></p>'
     if not files:
-        return section(f"Stage: {stage}", body + f'<p class="warn">No outputs of {esc(stage)} in {esc(paths.out)}: '
+        return section(entry.title, body + f'<p class="warn">No outputs of {esc(stage)} in {esc(paths.out)}: '
                                                  f"the stage has not run (python {esc(stage)}.py).</p>")
     above = [f for f in files if f.name in front]
     rest = [f for f in files if f.name not in front]
@@ -240,22 +215,17 @@ def stage_section(paths: artifacts.Paths, stage: str, module, front: dict, read:
     body += note(f"{len(files)} files, listed by {source}.")
     if stage in INTERACTIVE:
         body += INTERACTIVE[stage](paths)
-    return section(f"Stage: {stage}", body + render_files(rest, read))
+    return section(entry.title, body + render_files(rest, read))
 
 
-def stages_in_order(paths: artifacts.Paths, task: str) -> tuple[list[tuple[str, object]], list[str]]:
-    """run_all's stages for `task`, then the optional stages (predict.py, seeds.py) whose outputs are
-    there; all but the report. Also the names of the stages left out because they are not for `task`."""
-    import run_all  # here, not at the top: run_all imports this module
-    stages = [(name, module) for name, module in run_all.STAGES if name != "report"]
-    for name in artifacts.STAGE_OUTPUTS:
-        if name not in dict(stages) and name != "report" and artifacts.existing_outputs(paths, name):
-            try:
-                stages.append((name, importlib.import_module(name)))
-            except ImportError:
-                continue
-    skipped = [name for name, module in stages if task not in getattr(module, "TASKS", (task,))]
-    return [(name, module) for name, module in stages if name not in skipped], skipped
+def stages_in_order(paths: locations.Paths, cfg) -> tuple[list[registry.Stage], list[str]]:
+    """The registry's stages that run_all runs with these settings, then those run by hand (seeds.py)
+    or on request (predict.py) whose outputs are there; all but the report. Also the names of the
+    stages left out because they do not handle TASK."""
+    stages = [s for s in registry.STAGES if s.name != "report"
+              and (s.wanted(cfg) or provenance.existing_outputs(paths, s.name))]
+    skipped = [s.name for s in stages if not s.handles(cfg.TASK)]
+    return [s for s in stages if s.handles(cfg.TASK)], skipped
 
 
 def timings_section(out: Path) -> str:
@@ -272,12 +242,12 @@ def timings_section(out: Path) -> str:
                    + f'<table class="data"><tr><th>stage</th><th>seconds</th><th>share</th></tr>{rows}</table>')
 
 
-def provenance_section(paths: artifacts.Paths, stages: list[str], read: list[Path]) -> str:
+def provenance_section(paths: locations.Paths, stages: list[str], read: list[Path]) -> str:
     """Per stage: code version, then each input and output with its SHA-256 prefix; then the package
     versions the stages recorded beside those installed now."""
     rows, versions = [], {}
     for stage in stages:
-        path = artifacts.provenance_path(paths, stage)
+        path = provenance.provenance_path(paths, stage)
         if not path.is_file():
             continue
         record = json.loads(path.read_text())
@@ -289,7 +259,7 @@ def provenance_section(paths: artifacts.Paths, stages: list[str], read: list[Pat
                  for role, name, s in named]
         for package, version in record.get("packages", {}).items():
             versions.setdefault(package, set()).add(version)
-    now = common.package_versions()
+    now = provenance.package_versions()
     package_rows = "".join(f"<tr><td>{esc(p)}</td><td>{esc(', '.join(sorted(versions.get(p, {'not recorded'}))))}</td>"
                            f"<td>{esc(v)}</td></tr>" for p, v in now.items())
     body = (note("SHA-256 prefixes of every file each stage read and wrote (python verify.py checks them all).")
@@ -368,23 +338,23 @@ def umap_plot(coords: pd.DataFrame, colours: dict[str, str]):
     return plot
 
 
-def interactive_umap(paths: artifacts.Paths) -> str:
+def interactive_umap(paths: locations.Paths) -> str:
     """The interactive UMAP of umap_coordinates.csv with the thumbnails of its images, or a line saying why not."""
     coords_path = paths.out / "umap_coordinates.csv"
     if not coords_path.is_file() or not paths.best.is_file():
         return note(f"No interactive UMAP: {coords_path.name} or best.pth is missing.")
     coords = pd.read_csv(coords_path, dtype={"class_name": str, "path": str})
-    checkpoint = artifacts.open_checkpoint(paths.best)
+    checkpoint = checkpoints.open_checkpoint(paths.best)
     return umap_html(coords, Path(checkpoint["data_dir"]), checkpoint["class_names"], checkpoint["unseen_classes"])
 
 
 def umap_html(coords: pd.DataFrame, root: Path, seen: list[str], unseen: list[str]) -> str:
     """The Bokeh plot (its data inline; the library is in the page's head) with a panel for a clicked
-    point, coloured as umap_embeddings.png is (dimensionality_reduction.class_colours)."""
+    point, coloured as umap_embeddings.png is (plots.class_colours)."""
     from bokeh.embed import components
     from matplotlib.colors import to_hex
     coords = coords.assign(thumb=[thumbnail_uri(root / p) for p in coords.path])
-    colours = {c: to_hex(rgba) for c, rgba in dimensionality_reduction.class_colours(seen, unseen).items()}
+    colours = {c: to_hex(rgba) for c, rgba in plots.class_colours(seen, unseen).items()}
     script, div = components(umap_plot(coords, colours))
     missing = int((coords.thumb == "").sum())
     lost = note(f"{missing} images could not be read for thumbnails.") if missing else ""
@@ -403,18 +373,18 @@ INTERACTIVE = {"dimensionality_reduction": interactive_umap}  # extra content at
 
 # ---- the page ------------------------------------------------------------------------------------
 
-def header(paths: artifacts.Paths) -> str:
+def header(paths: locations.Paths) -> str:
     """Title, where the run lives, and a warning when the trunk was not ImageNet-pretrained."""
     weights = ""
     if paths.best.is_file():
-        source = artifacts.open_checkpoint(paths.best).get("weights_source", "unknown (not recorded)")
+        source = checkpoints.open_checkpoint(paths.best).get("weights_source", "unknown (not recorded)")
         if not source.startswith("ImageNet"):
             weights = (f'<p class="warn">Trunk weights: {esc(source)}, not ImageNet-pretrained. These figures show '
                        f"what the pipeline does, not what a pretrained trunk's embeddings say.</p>")
     made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"<h1>Plankton pipeline report</h1><p>Output folder <code>{esc(paths.out.resolve())}</code>, checkpoints "
             f"<code>{esc(paths.checkpoints.resolve())}</code>; made {made} by report.py (code "
-            f"{esc(common.code_version())}).</p>{weights}")
+            f"{esc(provenance.code_version())}).</p>{weights}")
 
 
 def page(head: str, sections: list[str]) -> str:
@@ -427,36 +397,36 @@ def page(head: str, sections: list[str]) -> str:
             + "\n".join(sections) + "\n</body></html>\n")
 
 
-def build_report(cfg, paths: artifacts.Paths, read: list[Path]) -> str:
+def build_report(cfg, paths: locations.Paths, read: list[Path]) -> str:
     """The whole page; every file it shows is added to `read`."""
-    stages, skipped = stages_in_order(paths, cfg.TASK)
-    front = {n: title for title, names in FRONT_SECTIONS for n in names}
+    stages, skipped = stages_in_order(paths, cfg)
+    front = {n: title for title, names in registry.front_sections() for n in names}
     sections = [settings_section(cfg)] + front_sections(paths.out, read, skipped)
-    sections += [stage_section(paths, name, module, front, read) for name, module in stages]
+    sections += [stage_section(paths, stage, front, read) for stage in stages]
     if skipped:
         sections.append(section("Stages not run for this task", note(
             f"TASK={cfg.TASK!r}: {', '.join(n + '.py' for n in skipped)} analyse single-label runs only; "
             f"run_all.py skips them (see the README's multi-label section).")))
-    sections += [timings_section(paths.out), provenance_section(paths, [n for n, _ in stages], read)]
+    sections += [timings_section(paths.out), provenance_section(paths, [s.name for s in stages], read)]
     return page(header(paths), sections)
 
 
 def run(cfg) -> None:
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     read: list[Path] = []
     document = build_report(cfg, paths, read)
     inputs = [paths.best] if paths.best.is_file() else []
     inputs += list(dict.fromkeys(p for p in read if p.is_file()))
-    recorded = artifacts.start_stage(paths, "report", inputs)
+    recorded = provenance.start_stage(paths, "report", inputs)
     target = paths.out / REPORT_NAME
-    with common.atomic_path(target) as tmp:
+    with fileio.atomic_path(target) as tmp:
         tmp.write_text(document, encoding="utf-8")
-    artifacts.save_provenance(paths, "report", recorded, [target])
+    provenance.save_provenance(paths, "report", recorded, [target], cfg)
     print(f"-> {target} ({target.stat().st_size / 1e6:.1f} MB; open it in any browser, no server needed)")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,9 @@ model is rebuilt from best.pth and the scores compared are the ones on disk.
 import numpy as np
 import pandas as pd
 
-import artifacts
-import common
 import dataloader
-import evaluate
-import tasks
-
-
-TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
+from plankton import checkpoints, fileio, locations, metrics, provenance, runner, saved_predictions, tasks
+from plankton.errors import PipelineError
 
 
 def _compare(saved: np.ndarray, now: np.ndarray, saved_pred: np.ndarray, now_pred: np.ndarray) -> dict:
@@ -35,7 +30,7 @@ def _compare(saved: np.ndarray, now: np.ndarray, saved_pred: np.ndarray, now_pre
                 same_prediction_share=float((saved_pred == now_pred).mean()) if len(saved) else 1.0)
 
 
-def class_part(predictions: artifacts.Predictions, c: int) -> tuple[np.ndarray, np.ndarray]:
+def class_part(predictions: saved_predictions.Predictions, c: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, predictions) a class's row compares: its test images' scores for every class
     (multiclass), or every test image's score and 0/1 prediction for the label (multilabel)."""
     if predictions.task == "multiclass":
@@ -44,20 +39,20 @@ def class_part(predictions: artifacts.Predictions, c: int) -> tuple[np.ndarray, 
     return predictions.scores[:, c], predictions.predicted[:, c]
 
 
-def class_average_precisions(predictions: artifacts.Predictions) -> np.ndarray:
+def class_average_precisions(predictions: saved_predictions.Predictions) -> np.ndarray:
     """Each class's (one-vs-rest) or label's average precision of its score."""
     if predictions.task == "multiclass":
-        return evaluate.average_precisions(predictions.labels, predictions.scores, len(predictions.class_names))
+        return metrics.average_precisions(predictions.labels, predictions.scores, len(predictions.class_names))
     return tasks.average_precisions(predictions.labels, predictions.scores)
 
 
-def compare_predictions(saved: artifacts.Predictions, now: artifacts.Predictions) -> pd.DataFrame:
+def compare_predictions(saved: saved_predictions.Predictions, now: saved_predictions.Predictions) -> pd.DataFrame:
     """Per class (its test images; multilabel: the label's score on every test image) and overall:
     score differences, share of identical predictions (multilabel: of the 0/1 decisions at 0.5), and
     each class's average precision saved vs recomputed (overall: mAP)."""
     if (saved.relpaths != now.relpaths or saved.task != now.task
             or not np.array_equal(saved.labels, now.labels)):
-        raise common.PipelineError("the saved test predictions list other images than the current split's "
+        raise PipelineError("the saved test predictions list other images than the current split's "
                                    "test set; re-run evaluate.py")
     ap_saved, ap_now = class_average_precisions(saved), class_average_precisions(now)
     rows = []
@@ -83,26 +78,26 @@ def print_report(table: pd.DataFrame, tolerance: float) -> None:
 
 
 def run(cfg) -> None:
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
-    trained = artifacts.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
-    saved = artifacts.open_predictions(paths)
-    inputs = artifacts.start_stage(paths, "reproduce", [paths.best, paths.split, paths.scores])
+    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    saved = saved_predictions.open_predictions(paths)
+    inputs = provenance.start_stage(paths, "reproduce", [paths.best, paths.split, paths.scores])
     how = f"trunk cache ({cfg.CACHE_DTYPE})" if cfg.CACHE_TRUNK else "images (CACHE_TRUNK=False)"
     print(f"reproduce.py  {paths.best} reloaded; test scores recomputed from the {how}, compared with {paths.scores}")
     cache = trained.trunk_cache(cfg, paths, runtime)
-    table = compare_predictions(saved, evaluate.predict_test_set(trained, cache, runtime))
+    table = compare_predictions(saved, saved_predictions.predict_test_set(trained, cache, runtime))
     print_report(table, cfg.REPRO_TOLERANCE)
     overall = table.iloc[-1]
     passed = bool(overall.max_abs_score_difference <= cfg.REPRO_TOLERANCE)
     outputs = [paths.out / "reproduction_check.csv", paths.out / "reproduction_check.json"]
-    common.save_csv(table, outputs[0], index=False)
-    common.save_json(dict(passed=passed, tolerance=cfg.REPRO_TOLERANCE, recomputed_from=how,
+    fileio.save_csv(table, outputs[0], index=False)
+    fileio.save_json(dict(passed=passed, tolerance=cfg.REPRO_TOLERANCE, recomputed_from=how,
                           checkpoint_sha256=trained.sha256, overall=overall.to_dict(),
                           per_class=table.to_dict("records")), outputs[1])
-    artifacts.save_provenance(paths, "reproduce", inputs, outputs)
+    provenance.save_provenance(paths, "reproduce", inputs, outputs, cfg)
     if not passed:
-        raise common.PipelineError(
+        raise PipelineError(
             f"reproduction check failed: scores recomputed from {paths.best} differ from {paths.scores} by up to "
             f"{overall.max_abs_score_difference:.3g} (REPRO_TOLERANCE={cfg.REPRO_TOLERANCE:g}; "
             f"{100 * overall.same_prediction_share:.1f}% identical predictions); see {outputs[0]}")
@@ -110,7 +105,7 @@ def run(cfg) -> None:
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

@@ -27,32 +27,37 @@ import types
 import pandas as pd
 import torch
 
-import artifacts
-import common
-import tasks
 import dataloader
-import evaluate
-import train
-import training
-import transfer_learning
-import trunk_cache
-from common import PipelineError
-
-
-TASKS = ("multiclass",)  # single-label only: the single-label recipe per seed; run_all.py skips it for TASK="multilabel"
+from plankton import (
+    checkpoints,
+    fileio,
+    hashing,
+    locations,
+    metrics,
+    plots,
+    probes,
+    provenance,
+    registry,
+    runner,
+    splits,
+    system,
+    training,
+    trunk_cache,
+)
+from plankton.errors import PipelineError
 
 
 def initial_trunk(cfg, paths, split) -> tuple[str, str]:
     """(path, weights source): the trunk train.py starts from with these settings, saved once for all seeds."""
-    common.set_seed(cfg.SEED)  # as train.py: the same trunk when WEIGHTS gives none (random initialisation)
-    model, _, weights_source = train.new_model(cfg, len(split.seen_classes))
+    system.set_seed(cfg.SEED)  # as train.py: the same trunk when WEIGHTS gives none (random initialisation)
+    model, _, weights_source = training.new_model(cfg, len(split.seen_classes))
     trunk = {f"trunk.{k}": v.detach().cpu().contiguous() for k, v in model.trunk.state_dict().items()}
     path = paths.seeds / "initial_trunk.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or common.tensors_sha256(torch.load(path, weights_only=True)) != common.tensors_sha256(trunk):
-        common.save_torch(trunk, path)
+    if not path.is_file() or hashing.tensors_sha256(torch.load(path, weights_only=True)) != hashing.tensors_sha256(trunk):
+        fileio.save_torch(trunk, path)
     if paths.best.is_file():
-        shared = artifacts.open_checkpoint(paths.best)["trunk_sha256"] == common.tensors_sha256(model.trunk.state_dict())
+        shared = checkpoints.open_checkpoint(paths.best)["trunk_sha256"] == hashing.tensors_sha256(model.trunk.state_dict())
         print(f"the seeds start from {'the same trunk as' if shared else 'ANOTHER trunk than'} {paths.best}")
     return str(path), weights_source
 
@@ -64,50 +69,46 @@ def seed_settings(cfg, seed: int, folder, trunk_path: str) -> types.SimpleNamesp
 
 
 def train_seed(seed_cfg, split_path) -> float:
-    """train.run in the seed's folder on a copy of the split; its printout goes to train_log.txt.
-    Returns the seconds it took."""
-    folder = artifacts.Paths.from_settings(seed_cfg).out
+    """train.py in its own process in the seed's folder, on a copy of the split; its printout goes to
+    train_log.txt. Returns the seconds it took."""
+    folder = locations.Paths.from_settings(seed_cfg).out
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / "split.csv"
-    if not copy.is_file() or common.sha256_file(copy) != common.sha256_file(split_path):
-        with common.atomic_path(copy) as tmp:
+    if not copy.is_file() or hashing.sha256_file(copy) != hashing.sha256_file(split_path):
+        with fileio.atomic_path(copy) as tmp:
             shutil.copyfile(split_path, tmp)
-    log, started = io.StringIO(), time.time()
+    started = time.time()
     try:
-        with contextlib.redirect_stdout(log):
-            train.run(seed_cfg)
+        runner.run_stage_process("train", seed_cfg, folder / "train_log.txt")
     except PipelineError as err:
-        raise PipelineError(f"seed {seed_cfg.SEED} ({folder}): {err}".replace("train.py", "seeds.py")) from err
-    finally:
-        with common.atomic_path(folder / "train_log.txt") as tmp:
-            tmp.write_text(log.getvalue())
+        raise PipelineError(f"seed {seed_cfg.SEED} ({folder}): {err}") from err
     return time.time() - started
 
 
 def evaluate_seed(seed_cfg, main_seed: int, runtime) -> dict:
     """Test accuracy (overall and per class) and, per probe, the transfer balanced accuracy with the
     largest training size (mean over draws) of one seed's best.pth."""
-    seed_paths = artifacts.Paths.from_settings(seed_cfg)
+    seed_paths = locations.Paths.from_settings(seed_cfg)
     with contextlib.redirect_stdout(io.StringIO()):  # the split's checks print what train.py printed
-        trained = artifacts.open_trained_model(seed_cfg, seed_paths, runtime.device, runtime.channels_last)
+        trained = checkpoints.open_trained_model(seed_cfg, seed_paths, runtime.device, runtime.channels_last)
     checkpoint = trained.checkpoint
     cache = trunk_cache.from_settings(seed_cfg, seed_paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
                                       trained.preprocess, runtime)
     test = trained.source("test", cache)
     logits, _ = training.head_outputs(trained.model, test, runtime)
     scores = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-    table = evaluate.metrics_table(test.labels.numpy(), logits.argmax(1), scores, list(checkpoint["class_names"]))
+    table = metrics.metrics_table(test.labels.numpy(), logits.argmax(1), scores, list(checkpoint["class_names"]))
     row = dict(seed=seed_cfg.SEED, best_epoch=checkpoint["epoch"], best_val_loss=checkpoint["val_loss"],
                test_accuracy=float(table.accuracy.iloc[-1]))
     row.update({f"test_acc_{r.class_name}": r.accuracy for r in table.iloc[:-1].itertuples()})
     unseen = trained.source("unseen", cache)
     _, embeddings = training.head_outputs(trained.model, unseen, runtime)
-    curves = transfer_learning.transfer_curves(embeddings, unseen.labels.numpy(), seed_cfg.TRANSFER_TEST_FRACTION,
-                                               seed_cfg.TRANSFER_REPEATS, seed_cfg.KNN_K, main_seed)
+    curves = probes.transfer_curves(embeddings, unseen.labels.numpy(), seed_cfg.TRANSFER_TEST_FRACTION,
+                                    seed_cfg.TRANSFER_REPEATS, probes.ProbeSettings.from_settings(seed_cfg), main_seed)
     largest = curves[curves.n_train == curves.n_train.max()]
     row["transfer_n_train"] = int(largest.n_train.iloc[0])
     row.update({f"transfer_{m}": float(largest[largest.method == m].balanced_accuracy.mean())
-                for m in transfer_learning.PROBES})
+                for m in probes.PROBES})
     return row
 
 
@@ -120,7 +121,7 @@ def summarise(per_seed: pd.DataFrame) -> pd.DataFrame:
 
 def plot_seed_curves(histories: dict[int, pd.DataFrame], path) -> None:
     """Validation loss and accuracy of every seed's run, the best pass of each marked."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     colours = plt.get_cmap("tab10" if len(histories) <= 10 else "tab20")
     for i, (seed, history) in enumerate(histories.items()):
@@ -137,7 +138,7 @@ def plot_seed_curves(histories: dict[int, pd.DataFrame], path) -> None:
     axes[1].legend(title="dot = best pass (lowest validation loss)", loc="center left", bbox_to_anchor=(1.02, 0.5),
                    fontsize=8, title_fontsize=8)
     fig.suptitle(f"Validation curves of {len(histories)} training seeds on one split")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def print_summary(summary: pd.DataFrame) -> None:
@@ -147,35 +148,35 @@ def print_summary(summary: pd.DataFrame) -> None:
 
 
 def run(cfg) -> None:
-    tasks.require(cfg.TASK, TASKS, "seeds.py")
-    paths = artifacts.prepare_output_dirs(cfg)
+    registry.require_task("seeds", cfg.TASK)
+    paths = locations.prepare_output_dirs(cfg)
     runtime = dataloader.runtime_from_settings(cfg)
-    split = artifacts.split_from_settings(cfg, paths, create=True)
-    inputs = artifacts.start_stage(paths, "seeds", [paths.split])
+    split = splits.split_from_settings(cfg, paths, create=True)
+    inputs = provenance.start_stage(paths, "seeds", [paths.split])
     trunk_path, weights_source = initial_trunk(cfg, paths, split)
     rows, histories, started = [], {}, time.time()
     for seed in cfg.SEEDS:
         seed_cfg = seed_settings(cfg, seed, paths.seeds / f"seed_{seed}", trunk_path)
         seconds = train_seed(seed_cfg, paths.split)
         rows.append(dict(evaluate_seed(seed_cfg, cfg.SEED, runtime), train_seconds=seconds))
-        histories[seed] = pd.read_csv(artifacts.Paths.from_settings(seed_cfg).history)
+        histories[seed] = pd.read_csv(locations.Paths.from_settings(seed_cfg).history)
         print(f"seed {seed}: test accuracy {rows[-1]['test_accuracy']:.4f}, best validation loss "
               f"{rows[-1]['best_val_loss']:.4f} at epoch {rows[-1]['best_epoch']:.2f} ({seconds:.1f} s)")
     per_seed = pd.DataFrame(rows).assign(trunk_weights=weights_source)
     summary = summarise(per_seed)
     outputs = [paths.out / name for name in ("seed_robustness.csv", "seed_robustness_summary.csv",
                                              "seed_training_curves.png")]
-    common.save_csv(per_seed, outputs[0], index=False)
-    common.save_csv(summary, outputs[1], index=False)
-    common.note_trunk_weights(weights_source)  # the trunk every seed started from, not its saved copy's path
+    fileio.save_csv(per_seed, outputs[0], index=False)
+    fileio.save_csv(summary, outputs[1], index=False)
+    plots.note_trunk_weights(weights_source)  # the trunk every seed started from, not its saved copy's path
     plot_seed_curves(histories, outputs[2])
     print_summary(summary)
-    artifacts.save_provenance(paths, "seeds", inputs, outputs)
+    provenance.save_provenance(paths, "seeds", inputs, outputs, cfg)
     print(f"{len(cfg.SEEDS)} seeds in {time.time() - started:.1f} s -> {outputs[0]}, {outputs[1]}, {outputs[2]}")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

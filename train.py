@@ -22,16 +22,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-import artifacts
 import backbone
-import common
 import dataloader
-import distributed
-import settings
-import tasks
-import training
-import trunk_cache
-from common import PipelineError
+from plankton import (
+    checkpoints,
+    distributed,
+    fileio,
+    locations,
+    plots,
+    provenance,
+    runner,
+    settings,
+    splits,
+    system,
+    tasks,
+    training,
+    trunk_cache,
+)
+from plankton.errors import PipelineError
 
 # settings that must be unchanged for a resumed run to be the same run
 RESUME_KEYS = ("SEEN_CLASSES", "UNSEEN_CLASSES", "IMAGE_SIZE", "RESIZE_MODE", "AUGMENT", "WEIGHTS", "TRUNK",
@@ -48,9 +56,6 @@ FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRAC
                                "LABELS_CSV")
 
 
-TASKS = tasks.ALL_TASKS  # works on single- and multi-label runs (run_all.py checks this)
-
-
 def resumable_checkpoint(cfg, paths, split) -> dict | None:
     """last.pth to resume from (or a finished run made with these settings), or None to start
     fresh. Starting over (RESUME=False) deletes an old last.pth first: a finished one must not
@@ -59,7 +64,7 @@ def resumable_checkpoint(cfg, paths, split) -> dict | None:
         paths.last.unlink(missing_ok=True)
     if not paths.last.is_file():
         return None
-    last = artifacts.open_checkpoint(paths.last)
+    last = checkpoints.open_checkpoint(paths.last)
     if last["split_sha256"] != split.sha256:
         raise PipelineError(f"{paths.last} was trained on another split.csv; run with --RESUME=False to start over")
     keys = FINISHED_KEYS if last.get("finished") else RESUME_KEYS
@@ -75,14 +80,6 @@ def resumable_checkpoint(cfg, paths, split) -> dict | None:
     return last
 
 
-def new_model(cfg, num_classes: int) -> tuple[torch.nn.Module, dict, str]:
-    """(model, arch, weights source): a fresh model with the trunk's weights as WEIGHTS says."""
-    arch = backbone.architecture_args(num_classes, cfg.IMAGE_SIZE, cfg.EMBEDDING_DIM, cfg.DROPOUT, cfg.TRUNK,
-                                      cfg.FINETUNE_BLOCKS)
-    model = backbone.build_model(arch)
-    return model, arch, backbone.load_trunk_weights(model, cfg.WEIGHTS)
-
-
 def build_model(cfg, split, last: dict | None, summary_path) -> tuple[torch.nn.Module, dict, str]:
     """(model, arch, weights source), fresh or as the run being resumed left it; prints its summary
     and keeps it in summary_path (outputs/model_summary.txt)."""
@@ -91,16 +88,16 @@ def build_model(cfg, split, last: dict | None, summary_path) -> tuple[torch.nn.M
         model, weights_source = backbone.build_model(arch), last["weights_source"]
         model.load_state_dict(last["model"])
     else:
-        model, arch, weights_source = new_model(cfg, len(split.seen_classes))
+        model, arch, weights_source = training.new_model(cfg, len(split.seen_classes))
     from torchinfo import summary
     stats = summary(model, input_size=(1, 3, cfg.IMAGE_SIZE, cfg.IMAGE_SIZE), verbose=0, device="cpu",
                     col_names=("output_size", "num_params", "trainable"))
     text = f"{stats}\ntrunk weights: {weights_source}\n"
     print(text, end="")
     if distributed.is_main():
-        with common.atomic_path(summary_path) as tmp:
+        with fileio.atomic_path(summary_path) as tmp:
             tmp.write_text(text)
-    common.note_trunk_weights(weights_source)
+    plots.note_trunk_weights(weights_source)
     return model, arch, weights_source
 
 
@@ -200,7 +197,7 @@ HISTORY_PANELS = {"multiclass": (("loss", "Cross-entropy loss"), ("acc", "Accura
 
 
 def plot_history(history: pd.DataFrame, path, task=tasks.MULTICLASS) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     best_epoch = best_position(history, task)
     for ax, (metric, title) in zip(axes, HISTORY_PANELS[task.name]):
@@ -215,7 +212,7 @@ def plot_history(history: pd.DataFrame, path, task=tasks.MULTICLASS) -> None:
     axes[1].set_ylim(min(0.0, float(np.nanmin(history[[f"train_{second}", f"val_{second}"]].values))), 1.02)
     best = history[task.monitor][history.epoch == best_epoch].iloc[0]
     fig.suptitle(f"Training: best {task.monitor_words.split(' ', 1)[1]} {best:.4f} at epoch {best_epoch:.2f}")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 CLASSWISE = {("multiclass", "acc"): ("accuracy", "mean over classes (balanced accuracy)"),
@@ -227,7 +224,7 @@ CLASSWISE = {("multiclass", "acc"): ("accuracy", "mean over classes (balanced ac
 
 def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, path, task=tasks.MULTICLASS) -> None:
     """A train panel and a validation panel: one line per class, the mean over classes thicker."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     what, mean_label = CLASSWISE[task.name, metric]
     kind = "class" if task.name == "multiclass" else "label"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, layout="constrained")
@@ -249,7 +246,7 @@ def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, p
     axes[1].legend(title=kind, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8,
                    ncol=1 if len(class_names) <= 20 else 2)
     fig.suptitle(f"Class-wise {what} at each validation pass")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def optimizer_and_schedule(cfg, model) -> tuple[torch.optim.Optimizer, object]:
@@ -264,7 +261,7 @@ def save_history(history: list[dict], paths, class_names: list[str], task=tasks.
     if not distributed.is_main():
         return
     frame = pd.DataFrame(history)
-    common.save_csv(frame, paths.history, index=False)
+    fileio.save_csv(frame, paths.history, index=False)
     if len(frame):
         plot_history(frame, paths.training_plot, task)
         plot_classwise(frame, class_names, "acc", paths.classwise_accuracy_plot, task)
@@ -272,19 +269,19 @@ def save_history(history: list[dict], paths, class_names: list[str], task=tasks.
 
 
 def run(cfg) -> None:
-    paths = artifacts.prepare_output_dirs(cfg)
-    common.set_seed(cfg.SEED)
+    paths = locations.prepare_output_dirs(cfg)
+    system.set_seed(cfg.SEED)
     runtime = dataloader.runtime_from_settings(cfg)
     if cfg.DETERMINISTIC:
         torch.use_deterministic_algorithms(True, warn_only=True)
     ranks = distributed.world_size()
-    print(f"train.py  device={runtime.device}  seed={cfg.SEED}  code={common.code_version()}"
+    print(f"train.py  device={runtime.device}  seed={cfg.SEED}  code={provenance.code_version()}"
           + (f"  processes={ranks} (torchrun)" if ranks > 1 else ""))
     if cfg.BATCH_SIZE < ranks:
         raise PipelineError(f"BATCH_SIZE={cfg.BATCH_SIZE} is smaller than the {ranks} processes; each needs an "
                             f"image of every batch: raise BATCH_SIZE or start fewer processes")
     with distributed.main_first():  # rank 0 draws and writes the split; the others then read it
-        split = artifacts.split_from_settings(cfg, paths, create=True)
+        split = splits.split_from_settings(cfg, paths, create=True)
         last = resumable_checkpoint(cfg, paths, split)
     if last and last.get("finished"):
         print(f"training already finished ({last['stop_reason']}); {paths.best} holds epoch "
@@ -305,16 +302,16 @@ def run(cfg) -> None:
     sources = training_sources(cfg, split, preprocess, cache)
 
     def record(**extra) -> dict:
-        return artifacts.checkpoint_record(model, arch, preprocess, split, weights_source, trunk_sha256,
+        return checkpoints.checkpoint_record(model, arch, preprocess, split, weights_source, trunk_sha256,
                                            settings.settings_dict(cfg), **extra)
 
     def save_last() -> None:  # rank 0's files only, here and below: the other ranks write nothing
         if distributed.is_main():
-            common.save_torch(record(**state.record(model, optimizer, scheduler)), paths.last)
+            fileio.save_torch(record(**state.record(model, optimizer, scheduler)), paths.last)
 
     def save_best(**extra) -> None:
         if distributed.is_main():
-            common.save_torch(record(**extra), paths.best)
+            fileio.save_torch(record(**extra), paths.best)
 
     started = time.time()
     classwise_seconds = fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best=save_best,
@@ -330,7 +327,7 @@ def run(cfg) -> None:
 
 
 def main(argv=None):
-    common.run_script(run, argv, distributed_ok=True)
+    runner.run_script(run, argv, distributed_ok=True)
 
 
 if __name__ == "__main__":

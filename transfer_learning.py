@@ -7,7 +7,7 @@ scored by balanced accuracy. Then the few-shot curves: training sets of exactly 
 
 Reads:  outputs/embeddings_unseen.pkl (checked against checkpoints/best.pth).
 Writes: outputs/transfer_learning.csv (every fit), outputs/accuracy_<probe>.png for each probe of
-        PROBES (the study's SVC, Linear and kNN plots among them), outputs/accuracy_all.png,
+        probes.PROBES (the study's SVC, Linear and kNN plots among them), outputs/accuracy_all.png,
         outputs/fewshot.csv (every few-shot fit: probe, shots, draw, balanced accuracy, accuracy per class),
         outputs/fewshot_summary.csv (per probe and shots: mean, sd, 95% t-interval over the draws),
         outputs/fewshot_all.png (every probe, accuracy against k with its interval band),
@@ -34,178 +34,11 @@ cover the choice of test part.
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score
 from scipy.stats import t as student_t
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
+from sklearn.metrics import balanced_accuracy_score
 
-import artifacts
-import common
-import tasks
-
-DINO_TEMPERATURE = 0.07  # the cosine kNN's temperature when none is given (FEWSHOT_TEMPERATURE's default)
-BLOCK_BYTES = 16 << 20  # the cosine kNN's similarities (test rows x training rows, float64) at most, per fit
-
-
-class CosineKNN(BaseEstimator, ClassifierMixin):
-    """kNN as DINO evaluates features: the `k` training rows of highest cosine similarity (all of
-    them when fewer) each vote for their class with weight exp(cos / temperature); the class with
-    the largest sum of votes is predicted (the first such class on a tie). A zero row has cos 0."""
-
-    def __init__(self, k: int = 10, temperature: float = DINO_TEMPERATURE):
-        self.k, self.temperature = k, temperature
-
-    def fit(self, x, y):
-        self.classes_, self.y_index_ = np.unique(y, return_inverse=True)
-        self.train_ = _unit(x)
-        return self
-
-    def votes(self, x) -> np.ndarray:
-        """Summed weights per class (columns in classes_ order) for each row of x, BLOCK_BYTES of
-        similarities at a time (a whole test part against 5,000 training rows took 0.7 GB)."""
-        x = _unit(x)
-        votes = np.zeros((len(x), len(self.classes_)))
-        k = min(self.k, len(self.train_))
-        block = max(1, BLOCK_BYTES // (8 * max(1, len(self.train_))))
-        for start in range(0, len(x), block):
-            similarity = x[start:start + block] @ self.train_.T
-            top = top_k_first(similarity, k)
-            # exp((cos - 1) / T): the same ranking as exp(cos / T), without overflow for a small T
-            weights = np.exp((np.take_along_axis(similarity, top, axis=1) - 1.0) / self.temperature)
-            rows = np.repeat(np.arange(start, start + len(similarity)), k)
-            np.add.at(votes, (rows, self.y_index_[top].ravel()), weights.ravel())
-        return votes
-
-    def predict(self, x):
-        return self.classes_[self.votes(x).argmax(1)]
-
-
-def top_k_first(values: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the columns of the k largest values, largest first, the lower column first among equal
-    values: what a stable argsort of -values gives in its first k columns, found by partitioning
-    (linear in the columns) and sorting only the few candidates."""
-    if k <= 0 or values.shape[1] == 0:
-        return np.zeros((len(values), 0), np.int64)
-    k = min(k, values.shape[1])
-    kth = -np.partition(-values, k - 1, axis=1)[:, k - 1]  # each row's k-th largest value
-    rows, cols = np.nonzero(values >= kth[:, None])  # the candidates: at least k a row, more on ties
-    order = np.lexsort((cols, -values[rows, cols], rows))  # by row, then value (largest first), then column
-    rows, cols = rows[order], cols[order]
-    starts = np.searchsorted(rows, np.arange(len(values)))
-    rank = np.arange(len(rows)) - starts[rows]
-    return cols[rank < k].reshape(len(values), k)
-
-
-class NearestClassMean(BaseEstimator, ClassifierMixin):
-    """The class whose mean training row is nearest (Euclidean; the first such class on a tie).
-    scikit-learn's NearestCentroid warns about one-image classes, the few-shot curves' first point."""
-
-    def fit(self, x, y):
-        self.classes_, index = np.unique(y, return_inverse=True)
-        x = np.asarray(x, dtype=np.float64)
-        self.means_ = np.stack([x[index == c].mean(0) for c in range(len(self.classes_))])
-        return self
-
-    def predict(self, x):
-        x = np.asarray(x, dtype=np.float64)
-        d2 = (x * x).sum(1)[:, None] - 2.0 * x @ self.means_.T + (self.means_ ** 2).sum(1)[None, :]
-        return self.classes_[d2.argmin(1)]
-
-
-def _unit(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
-# The probes fitted on the embeddings: name -> (training labels, KNN_K, seed, temperature) -> an
-# unfitted scikit-learn classifier. Adding a probe is one entry here; its own plot, its line in the
-# all-probes plots and its few-shot curve follow.
-PROBES = {
-    "SVC": lambda y, k, seed, t: make_pipeline(StandardScaler(), SVC(kernel="rbf", random_state=seed)),
-    "Linear": lambda y, k, seed, t: make_pipeline(StandardScaler(),
-                                                  LogisticRegression(max_iter=2000, random_state=seed)),
-    "kNN": lambda y, k, seed, t: KNeighborsClassifier(n_neighbors=knn_k(y, k)),
-    "kNN_cosine": lambda y, k, seed, t: CosineKNN(k=k, temperature=t),
-    "NCM": lambda y, k, seed, t: NearestClassMean(),
-}
-
-
-TASKS = ("multiclass",)  # single-label only: learns the unseen classes as single labels; run_all.py skips it for TASK="multilabel"
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per class: round(test_fraction * n) test samples, at least one; the rest (at least one) train."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        n_test = min(max(1, int(round(test_fraction * len(members)))), len(members) - 1)
-        test += list(members[:n_test])
-        train += list(members[n_test:])
-    return np.sort(np.array(train)), np.sort(np.array(test))
-
-
-def training_sizes(n_train: int, n_classes: int, largest: int | None = None) -> list[int]:
-    """From one sample per class to all (or `largest`), roughly doubling: 1, 2, 5 per class, then 10, 20, 50, ..."""
-    top = min(n_train, largest or n_train)
-    per_class = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
-    sizes = [p * n_classes for p in per_class if p * n_classes * 1.5 <= top]  # none crowding the last
-    return sizes + [top]
-
-
-def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """`size` indices with every class present and classes in proportion (as far as rounding allows)."""
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    if size >= len(labels):
-        return np.arange(len(labels))
-    take = np.maximum(1, np.floor(counts * size / len(labels)).astype(int))
-    while take.sum() < size:  # hand out what rounding left over, largest remainders first
-        room = counts - take
-        take[np.argmax(np.where(room > 0, counts * size / len(labels) - take, -np.inf))] += 1
-    while take.sum() > size:
-        take[np.argmax(take)] -= 1
-    return np.concatenate([rng.choice(np.flatnonzero(labels == c), t, replace=False) for c, t in zip(classes, take)])
-
-
-def knn_k(y_train: np.ndarray, k: int) -> int:
-    """k, but never more than the smallest class has samples: with k >= the training set, kNN
-    votes the same class for every point and says nothing about the embeddings."""
-    return max(1, min(k, int(np.bincount(y_train)[np.unique(y_train)].min())))
-
-
-def fit_and_predict(method, x_train, y_train, x_test, k, seed, temperature=DINO_TEMPERATURE) -> np.ndarray:
-    return PROBES[method](y_train, k, seed, temperature).fit(x_train, y_train).predict(x_test)
-
-
-def fit_and_score(method, x_train, y_train, x_test, y_test, k, seed, temperature=DINO_TEMPERATURE) -> float:
-    return balanced_accuracy_score(y_test, fit_and_predict(method, x_train, y_train, x_test, k, seed, temperature))
-
-
-def transfer_curves(x: np.ndarray, labels: np.ndarray, test_fraction: float, repeats: int, k: int, seed: int,
-                    n_jobs: int = -1, max_train: int | None = None,
-                    temperature: float = DINO_TEMPERATURE) -> pd.DataFrame:
-    """Balanced accuracy on the fixed test part for each probe, training size and repeat; training
-    sets of at most `max_train` samples."""
-    train, test = stratified_split(labels, test_fraction, seed)
-    n_classes = len(np.unique(labels))
-    jobs = []
-    for size in training_sizes(len(train), n_classes, max_train):
-        for repeat in range(repeats if size < len(train) else 1):
-            subset = train[stratified_subset(labels[train], size, seed * 1000 + repeat)]
-            jobs += [(method, size, repeat, subset) for method in PROBES]
-    # threads: the fits are small and release the GIL; worker processes took longer to start (2.8 s vs 0.5 s)
-    scores = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(fit_and_score)(m, x[s], labels[s], x[test], labels[test],
-                                                            k, seed, temperature) for m, _, _, s in jobs)
-    return pd.DataFrame([dict(method=m, n_train=size, repeat=r, n_test=len(test), balanced_accuracy=score,
-                              k=knn_k(labels[s], k) if m == "kNN" else np.nan)
-                         for (m, size, r, s), score in zip(jobs, scores)])
-
+from plankton import embedding_files, fileio, locations, plots, probes, provenance, registry, runner
+from plankton.errors import PipelineError
 
 # ---- few-shot: exactly k images per class ---------------------------------------------------------
 
@@ -224,16 +57,16 @@ def k_per_class(labels: np.ndarray, pool: np.ndarray, k: int, seed: int) -> np.n
     return np.concatenate([rng.choice(pool[labels[pool] == c], k, replace=False) for c in np.unique(labels[pool])])
 
 
-def fewshot_runs(x: np.ndarray, labels: np.ndarray, test_fraction: float, draws: int, k: int, seed: int,
-                 temperature: float = DINO_TEMPERATURE, n_jobs: int = -1, max_train: int | None = None) -> pd.DataFrame:
+def fewshot_runs(x: np.ndarray, labels: np.ndarray, test_fraction: float, draws: int, settings: probes.ProbeSettings,
+                 seed: int, n_jobs: int = -1, max_train: int | None = None) -> pd.DataFrame:
     """Every probe on `draws` training sets of exactly `shots` images per class for each shot count,
-    scored on the same fixed test part as transfer_curves: balanced accuracy and, in acc_<label>
+    scored on the same fixed test part as probes.transfer_curves: balanced accuracy and, in acc_<label>
     columns, each class's accuracy (recall)."""
-    train, test = stratified_split(labels, test_fraction, seed)
+    train, test = probes.stratified_split(labels, test_fraction, seed)
     jobs = [(method, shots, draw, k_per_class(labels, train, shots, seed * 1000 + 100 * shots + draw))
-            for shots in shot_counts(labels[train], max_train) for draw in range(draws) for method in PROBES]
+            for shots in shot_counts(labels[train], max_train) for draw in range(draws) for method in probes.PROBES]
     predictions = Parallel(n_jobs=n_jobs, prefer="threads")(
-        delayed(fit_and_predict)(m, x[s], labels[s], x[test], k, seed, temperature) for m, _, _, s in jobs)
+        delayed(probes.fit_and_predict)(m, x[s], labels[s], x[test], settings, seed) for m, _, _, s in jobs)
     classes, y_test = np.unique(labels), labels[test]
     rows = []
     for (method, shots, draw, subset), predicted in zip(jobs, predictions):
@@ -263,20 +96,15 @@ def fewshot_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# how the figures name each probe (the CSV and file names keep the keys of PROBES)
-PROBE_NAMES = {"SVC": "SVC (RBF kernel)", "Linear": "logistic regression (linear)", "kNN": "kNN",
-               "kNN_cosine": "cosine kNN, votes exp(cos/T)", "NCM": "nearest class mean"}
-MARKERS = "os^DvP*X"
-
-
 def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path) -> None:
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7.8, 5.0))
     n_classes = round(1 / chance)
-    for marker, method in zip(MARKERS, methods):
+    for method in methods:
+        probe = probes.PROBES[method]
         stats = results[results.method == method].groupby("n_train").balanced_accuracy.agg(["mean", "min", "max"])
-        name = PROBE_NAMES.get(method, method)
-        line, = ax.plot(stats.index, stats["mean"], f"{marker}-", label=f"{name} (mean)")
+        name = probe.label
+        line, = ax.plot(stats.index, stats["mean"], f"{probe.marker}-", color=probe.colour, label=f"{name} (mean)")
         ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15, color=line.get_color(),
                         label=f"{name} (min–max of draws)" if len(methods) == 1 else None)
     ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance ({chance:.2f})")
@@ -290,16 +118,16 @@ def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path)
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def plot_fewshot(summary: pd.DataFrame, chance: float, title: str, path) -> None:
     """Every probe's mean balanced accuracy against k images per class, its 95% interval as a band."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(8.4, 5.2))
-    for marker, method in zip(MARKERS, PROBES):
+    for method, probe in probes.PROBES.items():
         part = summary[summary.method == method].sort_values("shots")
-        line, = ax.plot(part.shots, part["mean"], f"{marker}-", label=PROBE_NAMES.get(method, method))
+        line, = ax.plot(part.shots, part["mean"], f"{probe.marker}-", color=probe.colour, label=probe.label)
         ax.fill_between(part.shots, part.ci95_low, part.ci95_high, alpha=0.15, color=line.get_color())
     ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance ({chance:.2f})")
     shots = sorted(summary.shots.unique())
@@ -312,50 +140,50 @@ def plot_fewshot(summary: pd.DataFrame, chance: float, title: str, path) -> None
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8, title="probe (band: 95% t-interval)", title_fontsize=8)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def plot_per_class(runs: pd.DataFrame, class_names: list[str], title: str, path) -> None:
     """Each class's accuracy at the largest k: one bar per probe, the mean over draws with its 95%
     t-interval as an error bar."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     largest = runs[runs.shots == runs.shots.max()]
-    width = 0.8 / len(PROBES)
+    width = 0.8 / len(probes.PROBES)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(class_names) + 3), 4.8))
-    for i, method in enumerate(PROBES):
+    for i, method in enumerate(probes.PROBES):
         part = largest[largest.method == method]
         cells = [t_interval(part[f"acc_{name}"]) for name in class_names]
         means = np.array([c[0] for c in cells])
         errors = np.array([[c[0] - c[1] for c in cells], [c[2] - c[0] for c in cells]])
-        ax.bar(np.arange(len(class_names)) + (i - (len(PROBES) - 1) / 2) * width, means, width,
-               yerr=np.nan_to_num(errors), capsize=2, label=PROBE_NAMES.get(method, method))
+        ax.bar(np.arange(len(class_names)) + (i - (len(probes.PROBES) - 1) / 2) * width, means, width,
+               yerr=np.nan_to_num(errors), capsize=2, color=probes.PROBES[method].colour, label=probes.PROBES[method].label)
     ax.set_xticks(range(len(class_names)), class_names, rotation=30 if max(map(len, class_names)) > 6 else 0)
     ax.set_xlabel("unseen class")
     ax.set_ylabel("accuracy on the class's test images")
     ax.set_ylim(0, 1.15)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper center", ncol=min(3, len(PROBES)), fontsize=8)
-    common.save_figure(fig, path)
+    ax.legend(loc="upper center", ncol=min(3, len(probes.PROBES)), fontsize=8)
+    plots.save_figure(fig, path)
 
 
 def run_fewshot(cfg, x: np.ndarray, labels: np.ndarray, class_names: list[str], out) -> list:
     """The few-shot runs, their table and summary, and their two figures; returns the files written."""
-    runs = fewshot_runs(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.FEWSHOT_DRAWS, cfg.KNN_K, cfg.SEED,
-                        cfg.FEWSHOT_TEMPERATURE, max_train=cfg.TRANSFER_MAX_TRAIN)
+    runs = fewshot_runs(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.FEWSHOT_DRAWS, probes.ProbeSettings.from_settings(cfg),
+                        cfg.SEED, max_train=cfg.TRANSFER_MAX_TRAIN)
     if runs.empty:
         print("note: few-shot curves skipped: no class has a training part")
         return []
     runs = runs.rename(columns={f"acc_{i}": f"acc_{name}" for i, name in enumerate(class_names)})
     summary = fewshot_summary(runs)
     outputs = [out / "fewshot.csv", out / "fewshot_summary.csv", out / "fewshot_all.png", out / "fewshot_per_class.png"]
-    common.save_csv(runs, outputs[0], index=False)
-    common.save_csv(summary, outputs[1], index=False)
+    fileio.save_csv(runs, outputs[0], index=False)
+    fileio.save_csv(summary, outputs[1], index=False)
     table = summary.assign(cell=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
                                  zip(summary["mean"], summary.ci95_low, summary.ci95_high)])
     print(f"Few-shot balanced accuracy, mean [95% t-interval] over {cfg.FEWSHOT_DRAWS} draws of exactly k images "
           f"per class:")
-    print(table.pivot(index="shots", columns="method", values="cell")[list(PROBES)].to_string())
+    print(table.pivot(index="shots", columns="method", values="cell")[list(probes.PROBES)].to_string())
     present = [class_names[c] for c in np.unique(labels)]
     where = (f"{len(present)} unseen classes, {int(runs.n_test.iloc[0])} test images, {cfg.FEWSHOT_DRAWS} draws per k; "
              f"cosine kNN: {cfg.KNN_K} neighbours, T = {cfg.FEWSHOT_TEMPERATURE}")
@@ -367,9 +195,9 @@ def run_fewshot(cfg, x: np.ndarray, labels: np.ndarray, class_names: list[str], 
 
 
 def run(cfg) -> None:
-    tasks.require(cfg.TASK, TASKS, "transfer_learning.py")
-    paths = artifacts.prepare_output_dirs(cfg)
-    frame = artifacts.open_embeddings(paths, "unseen")
+    registry.require_task("transfer_learning", cfg.TASK)
+    paths = locations.prepare_output_dirs(cfg)
+    frame = embedding_files.open_embeddings(paths, "unseen")
     names = list(frame.attrs["class_names"])
     counts = frame.class_name.value_counts()
     too_few = [c for c in names if counts.get(c, 0) < 2]
@@ -377,38 +205,38 @@ def run(cfg) -> None:
         print(f"note: classes {too_few} have fewer than 2 images and cannot be both trained and tested: left out")
         frame = frame[~frame.class_name.isin(too_few)]
     if frame.class_name.nunique() < 2:
-        raise common.PipelineError("transfer learning needs at least two unseen classes with 2 or more images each")
-    inputs = artifacts.start_stage(paths, "transfer_learning", [paths.best, paths.embeddings("unseen")])
-    x, labels = artifacts.embedding_matrix(frame), frame.label.to_numpy()
-    results = transfer_curves(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.TRANSFER_REPEATS, cfg.KNN_K, cfg.SEED,
-                              max_train=cfg.TRANSFER_MAX_TRAIN, temperature=cfg.FEWSHOT_TEMPERATURE)
+        raise PipelineError("transfer learning needs at least two unseen classes with 2 or more images each")
+    inputs = provenance.start_stage(paths, "transfer_learning", [paths.best, paths.embeddings("unseen")])
+    x, labels = embedding_files.embedding_matrix(frame), frame.label.to_numpy()
+    results = probes.transfer_curves(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.TRANSFER_REPEATS,
+                                     probes.ProbeSettings.from_settings(cfg), cfg.SEED, max_train=cfg.TRANSFER_MAX_TRAIN)
     available = len(labels) - int(results.n_test.iloc[0])
     if available > cfg.TRANSFER_MAX_TRAIN:
         print(f"note: training sets capped at TRANSFER_MAX_TRAIN={cfg.TRANSFER_MAX_TRAIN} of the {available} "
               f"training images (an RBF SVC's cost grows with the square of its training set or more)")
     outputs = [paths.out / "transfer_learning.csv"]
-    common.save_csv(results, outputs[0], index=False)
+    fileio.save_csv(results, outputs[0], index=False)
 
     n_classes, n_test = frame.class_name.nunique(), int(results.n_test.iloc[0])
-    summary = results.groupby(["n_train", "method"]).balanced_accuracy.mean().unstack()[list(PROBES)]
+    summary = results.groupby(["n_train", "method"]).balanced_accuracy.mean().unstack()[list(probes.PROBES)]
     print(f"Balanced accuracy on {n_test} held-out unseen images ({n_classes} classes), mean over draws:")
     print(summary.round(4).to_string())
     if n_test < 10 * n_classes:
         print(f"note: the test part has only {n_test} images: each accuracy moves by {1 / n_test:.2f} per image")
     chance = 1.0 / n_classes
     where = f"{n_classes} unseen classes, {n_test} test images"
-    for method in PROBES:
+    for method in probes.PROBES:
         outputs.append(paths.out / f"accuracy_{method}.png")
-        plot_curves(results, [method], chance, f"{PROBE_NAMES.get(method, method)} on the embeddings: {where}", outputs[-1])
+        plot_curves(results, [method], chance, f"{probes.PROBES[method].label} on the embeddings: {where}", outputs[-1])
     outputs.append(paths.out / "accuracy_all.png")
-    plot_curves(results, list(PROBES), chance, f"All classifiers: {where}", outputs[-1])
+    plot_curves(results, list(probes.PROBES), chance, f"All classifiers: {where}", outputs[-1])
     outputs += run_fewshot(cfg, x, labels, names, paths.out)
-    artifacts.save_provenance(paths, "transfer_learning", inputs, outputs)
+    provenance.save_provenance(paths, "transfer_learning", inputs, outputs, cfg)
     print(f"-> {paths.out / 'transfer_learning.csv'}, {paths.out}/accuracy_*.png")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-import artifacts
-import common
-import safepickle
+from plankton import checkpoints, embedding_files, hashing, locations, provenance, registry, runner, safepickle
+from plankton.errors import PipelineError
 
 
-def stage_mismatches(paths: artifacts.Paths, stage: str, record: dict) -> list[str]:
+def stage_mismatches(paths: locations.Paths, stage: str, record: dict) -> list[str]:
     """Each input and output of a stage's record whose file is gone or whose SHA-256 differs."""
     problems = []
     named = [(p, sha, "input") for p, sha in record["inputs"].items()]
@@ -27,23 +26,23 @@ def stage_mismatches(paths: artifacts.Paths, stage: str, record: dict) -> list[s
     for path, sha256, role in named:
         if not Path(path).is_file():
             problems.append(f"{path}: missing ({role} of {stage})")
-        elif artifacts.file_sha256(path) != sha256:
+        elif hashing.file_sha256(path) != sha256:
             problems.append(f"{path}: changed since {stage} recorded it as its {role}")
-    unvouched = artifacts.existing_outputs(paths, stage) - set(record["outputs"])
+    unvouched = provenance.existing_outputs(paths, stage) - set(record["outputs"])
     problems += [f"{paths.out / name}: not written by the {stage} run that made the record" for name in sorted(unvouched)]
     return problems
 
 
-def chain_mismatches(paths: artifacts.Paths) -> list[str]:
+def chain_mismatches(paths: locations.Paths) -> list[str]:
     """best.pth made from this split.csv; each embeddings file from this best.pth and split.csv."""
     if not paths.best.is_file():
         return [f"{paths.best}: missing"]
     problems = []
-    best, best_sha = artifacts.open_checkpoint(paths.best), artifacts.file_sha256(paths.best)
-    split_sha = artifacts.file_sha256(paths.split) if paths.split.is_file() else None
+    best, best_sha = checkpoints.open_checkpoint(paths.best), hashing.file_sha256(paths.best)
+    split_sha = hashing.file_sha256(paths.split) if paths.split.is_file() else None
     if best["split_sha256"] != split_sha:
         problems.append(f"{paths.best}: trained on another split.csv than {paths.split}")
-    for subset in artifacts.EMBEDDED_SUBSETS:
+    for subset in embedding_files.EMBEDDED_SUBSETS:
         path = paths.embeddings(subset)
         if not path.is_file():
             continue
@@ -60,7 +59,7 @@ def chain_mismatches(paths: artifacts.Paths) -> list[str]:
 
 
 def print_versions(records: dict) -> None:
-    now = common.package_versions()
+    now = provenance.package_versions()
     print(f"{'package':<14}{'now':<16}then")
     for name, version in now.items():
         then = sorted({r.get("packages", {}).get(name, "not recorded") for r in records.values()})
@@ -69,19 +68,19 @@ def print_versions(records: dict) -> None:
 
 
 def run(cfg) -> None:
-    paths = artifacts.Paths.from_settings(cfg)
+    paths = locations.Paths.from_settings(cfg)
     records, problems = {}, []
-    for stage in artifacts.STAGE_OUTPUTS:
-        path = artifacts.provenance_path(paths, stage)
+    for stage in [entry.name for entry in registry.STAGES if entry.recorded]:
+        path = provenance.provenance_path(paths, stage)
         if path.is_file():
             try:
                 records[stage] = json.loads(path.read_text())
             except ValueError:
                 problems.append(f"{path}: not a provenance record")
-        elif artifacts.existing_outputs(paths, stage):
+        elif provenance.existing_outputs(paths, stage):
             problems.append(f"{paths.out}: {stage} outputs without {path.name} (the stage stopped part-way?)")
     if not records and not paths.best.is_file():
-        raise common.PipelineError(f"nothing to verify in {paths.out} and {paths.checkpoints}: run run_all.py first")
+        raise PipelineError(f"nothing to verify in {paths.out} and {paths.checkpoints}: run run_all.py first")
     for stage, record in records.items():
         problems += stage_mismatches(paths, stage, record)
     problems += chain_mismatches(paths)
@@ -89,13 +88,13 @@ def run(cfg) -> None:
     for problem in problems:
         print(f"mismatch: {problem}", file=sys.stderr)
     if problems:
-        raise common.PipelineError(f"{len(problems)} mismatch(es) in the run in {paths.out}")
+        raise PipelineError(f"{len(problems)} mismatch(es) in the run in {paths.out}")
     checked = sum(len(r["inputs"]) + len(r["outputs"]) for r in records.values())
     print(f"verified: {len(records)} stages, {checked} recorded files, the chain split -> best.pth -> embeddings")
 
 
 def main(argv=None):
-    common.run_script(run, argv)
+    runner.run_script(run, argv)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from plankton import checkpoints, fileio
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # one numba cache for the whole session, so UMAP compiles once, not once per test
 os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
 
-import artifacts  # noqa: E402
-import common  # noqa: E402
-import settings  # noqa: E402
+from plankton import settings  # noqa: E402
 
 
 def make_image_folder(root: Path, classes: dict[str, int], size: int = 24, seed: int = 0) -> Path:
@@ -98,7 +98,7 @@ def settings_file(path: Path, **settings) -> Path:
 
 
 def model_tensors(path: Path) -> dict:
-    return artifacts.open_checkpoint(path)["model"]
+    return checkpoints.open_checkpoint(path)["model"]
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -121,14 +121,14 @@ def train_killed_after_first(cfg, monkeypatch, name: str = "last.pth") -> None:
     """train.run(cfg), stopped by a KeyboardInterrupt right after its first save of `name`: a kill
     at that moment, in-process. Undoes the test's monkeypatches afterwards."""
     import train
-    real_save = common.save_torch
+    real_save = fileio.save_torch
 
     def killed_after(obj, path):
         real_save(obj, path)
         if Path(path).name == name:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "save_torch", killed_after)
+    monkeypatch.setattr(fileio, "save_torch", killed_after)
     with pytest.raises(KeyboardInterrupt):
         train.run(cfg)
     monkeypatch.undo()

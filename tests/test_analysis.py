@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import compute_average_distances as cad
-import transfer_learning
+from plankton import probes, projection
 
 
 @pytest.mark.parametrize("block", [3, 512])
@@ -34,18 +34,18 @@ def test_transfer_learning_learns_well_separated_embeddings():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 60)
     x = rng.normal(size=(180, 128)) + 6.0 * np.eye(3, 128)[labels] * 3
-    results = transfer_learning.transfer_curves(x, labels, test_fraction=0.3, repeats=2, k=10, seed=0, n_jobs=1)
+    results = probes.transfer_curves(x, labels, test_fraction=0.3, repeats=2, settings=probes.ProbeSettings(knn_k=10), seed=0, n_jobs=1)
     full = results[results.n_train == results.n_train.max()].groupby("method").balanced_accuracy.mean()
-    assert set(full.index) == set(transfer_learning.PROBES) and (full > 0.95).all()
+    assert set(full.index) == set(probes.PROBES) and (full > 0.95).all()
     assert results.n_train.min() == 3  # one per class
-    shuffled = transfer_learning.transfer_curves(x, rng.permutation(labels), 0.3, 2, 10, 0, n_jobs=1)
+    shuffled = probes.transfer_curves(x, rng.permutation(labels), 0.3, 2, probes.ProbeSettings(knn_k=10), 0, n_jobs=1)
     assert shuffled[shuffled.n_train == shuffled.n_train.max()].balanced_accuracy.mean() < 0.6
 
 
 def test_stratified_subset_has_every_class_and_the_size_asked():
     labels = np.array([0] * 50 + [1] * 5 + [2] * 45)
     for size in (3, 10, 37, 100):
-        picked = transfer_learning.stratified_subset(labels, size, seed=0)
+        picked = probes.stratified_subset(labels, size, seed=0)
         assert len(picked) == size and len(set(picked)) == size
         assert set(labels[picked]) == {0, 1, 2}
 
@@ -53,10 +53,10 @@ def test_stratified_subset_has_every_class_and_the_size_asked():
 
 def test_exact_neighbours_equal_sklearns_and_start_with_the_point_itself():
     from sklearn.neighbors import NearestNeighbors
-    import dimensionality_reduction
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=(700, 16)).astype(np.float32)
-    indices, distances = dimensionality_reduction.exact_neighbours(x, 7, block=256)  # blocks of uneven size
+    indices, distances = projection.exact_neighbours(x, 7, block=256)  # blocks of uneven size
     ref_distances, ref_indices = NearestNeighbors(n_neighbors=7).fit(x).kneighbors(x)
     assert (indices[:, 0] == np.arange(700)).all() and (distances[:, 0] == 0).all()
     np.testing.assert_array_equal(indices, ref_indices)
@@ -75,12 +75,12 @@ def test_transfer_training_sets_stop_at_the_cap():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(2), 100)
     x = rng.normal(size=(200, 8)) + 3.0 * labels[:, None]
-    results = transfer_learning.transfer_curves(x, labels, 0.3, 2, 5, 0, n_jobs=1, max_train=50)
+    results = probes.transfer_curves(x, labels, 0.3, 2, probes.ProbeSettings(knn_k=5), 0, n_jobs=1, max_train=50)
     assert results.n_train.max() == 50 and (results[results.n_train == 50].repeat.nunique() == 2)
 
 
 def test_compile_ahead_starts_nothing_when_umaps_code_is_cached(tmp_path, monkeypatch):
-    import dimensionality_reduction as dr
+    from plankton import projection as dr
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     assert not dr.umap_code_cached()
     (tmp_path / "umap_x").mkdir()
@@ -92,7 +92,7 @@ def test_compile_ahead_starts_nothing_when_umaps_code_is_cached(tmp_path, monkey
 
 @pytest.mark.slow
 def test_compile_ahead_fills_a_cold_numba_cache_in_the_background(tmp_path, monkeypatch):
-    import dimensionality_reduction as dr
+    from plankton import projection as dr
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     dr.compile_ahead()
     assert dr._compiling is not None and dr._compiling.poll() is None  # running while we go on

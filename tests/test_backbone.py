@@ -9,7 +9,7 @@ from torchvision.models import efficientnet_v2_s
 from torchvision.models.convnext import CNBlock
 
 import backbone
-from common import PipelineError
+from plankton.errors import PipelineError
 
 # What each trunk should be, written out here rather than read from the table: the prefix that
 # torchvision's full model puts before the trunk's keys, the full model's parameters it keeps, and

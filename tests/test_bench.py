@@ -1,7 +1,11 @@
 """bench.py's measuring pieces (the benchmark itself is run by hand: its figures are not tests)."""
-import numpy as np
+import sys
 
-import bench
+import numpy as np
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import bench  # noqa: E402
 
 
 def test_the_owned_memory_sampler_sees_a_short_lived_allocation_and_not_a_mapped_file(tmp_path):

@@ -16,15 +16,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PYTHON, REPO, Exploit, env, make_image_folder, settings_file, tiny_config
 
-import artifacts
-import common
 import dimensionality_reduction
 import embed
 import evaluate
 import train
 import transfer_learning
-from conftest import PYTHON, REPO, Exploit, env, make_image_folder, settings_file, tiny_config
+from plankton import embedding_files, fileio, hashing, locations, plots, probes, progress, provenance, registry, runner
+from plankton.errors import PipelineError
 
 SEEN, UNSEEN = ["a", "b", "c"], ["u", "v"]
 
@@ -35,10 +35,10 @@ def contents(folder: Path) -> dict[str, bytes]:
 
 
 def one_error_line(stage_run, cfg, capsys) -> str:
-    """Run a stage the way its script does (common.run_script); return its single stderr line."""
+    """Run a stage the way its script does (runner.run_script); return its single stderr line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        common.run_script(lambda _settings: stage_run(cfg), [f"--OUTPUT_DIR={cfg.OUTPUT_DIR}",
+        runner.run_script(lambda _settings: stage_run(cfg), [f"--OUTPUT_DIR={cfg.OUTPUT_DIR}",
                                                              f"--CHECKPOINT_DIR={cfg.CHECKPOINT_DIR}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1, err
@@ -46,11 +46,11 @@ def one_error_line(stage_run, cfg, capsys) -> str:
     return err[0]
 
 
-def fake_embeddings(cfg, root: Path, seed: int = 0) -> artifacts.Paths:
+def fake_embeddings(cfg, root: Path, seed: int = 0) -> locations.Paths:
     """A stand-in best.pth and embeddings of the images under root (3 training images per seen
     class: every one of them appears in the close/far figures), made without training."""
-    paths = artifacts.prepare_output_dirs(cfg)
-    common.save_torch({"stand_in": torch.full((4,), float(seed))}, paths.best)
+    paths = locations.prepare_output_dirs(cfg)
+    fileio.save_torch({"stand_in": torch.full((4,), float(seed))}, paths.best)
     rng = np.random.default_rng(seed)
     for subset, classes, rows in (("train", SEEN, slice(0, 3)), ("test", SEEN, slice(3, 6)),
                                   ("unseen", UNSEEN, slice(0, 12))):
@@ -61,10 +61,10 @@ def fake_embeddings(cfg, root: Path, seed: int = 0) -> artifacts.Paths:
             labels += [i] * len(files)
         labels = np.array(labels)
         points = rng.normal(size=(len(labels), 8)) + 4.0 * np.eye(8)[labels]
-        frame = artifacts.embeddings_frame(points, labels, classes, relpaths, dict(
-            checkpoint_sha256=artifacts.file_sha256(paths.best), split_sha256="stand-in", subset=subset,
+        frame = embedding_files.embeddings_frame(points, labels, classes, relpaths, dict(
+            checkpoint_sha256=hashing.file_sha256(paths.best), split_sha256="stand-in", subset=subset,
             class_names=classes, data_dir=str(root), weights_source="none"))
-        artifacts.save_embeddings(frame, paths.embeddings(subset))
+        embedding_files.save_embeddings(frame, paths.embeddings(subset))
     return paths
 
 
@@ -86,24 +86,24 @@ def fail_replace_of(monkeypatch, names: set[str], error: OSError) -> None:
 
 
 def temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if common.TMP_MARK in p.name]
+    return [p for p in folder.rglob("*") if fileio.TMP_MARK in p.name]
 
 
 # ---- 1. runs beside each other ---------------------------------------------------------------------
 
 def test_cleanup_removes_only_temporaries_of_dead_processes(tmp_path):
     cfg = tiny_config(tmp_path)
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live_own = paths.checkpoints / f"last.pth{common.TMP_MARK}{os.getpid()}-0123abcd"
-        live_other = paths.cache / "trunk_x" / f"features.npy{common.TMP_MARK}{sleeper.pid}-89abcdef"
-        dead = paths.out / f"split.csv{common.TMP_MARK}{_pid_of_finished()}-deadbeef"
+        live_own = paths.checkpoints / f"last.pth{fileio.TMP_MARK}{os.getpid()}-0123abcd"
+        live_other = paths.cache / "trunk_x" / f"features.npy{fileio.TMP_MARK}{sleeper.pid}-89abcdef"
+        dead = paths.out / f"split.csv{fileio.TMP_MARK}{_pid_of_finished()}-deadbeef"
         users = [paths.out / "notes.tmp-final.tex", paths.out / "draft.tmp-1234", paths.checkpoints / "a.tmp-9"]
         for path in [live_own, live_other, dead] + users:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("x")
-        artifacts.prepare_output_dirs(cfg)
+        locations.prepare_output_dirs(cfg)
         assert live_own.exists() and live_other.exists(), "a running process's temporary was deleted"
         assert all(p.exists() for p in users), "a user's own file was deleted"
         assert not dead.exists(), "a killed run's temporary was left behind"
@@ -120,8 +120,8 @@ def _pid_of_finished() -> int:
 
 
 def test_temporaries_are_named_unmistakably(tmp_path):
-    with common.atomic_path(tmp_path / "best.pth") as first, common.atomic_path(tmp_path / "best.pth") as second:
-        assert common.TMP_NAME.fullmatch(first.name) and first.name.startswith(f"best.pth.tmp-plankton-{os.getpid()}-")
+    with fileio.atomic_path(tmp_path / "best.pth") as first, fileio.atomic_path(tmp_path / "best.pth") as second:
+        assert fileio.TMP_NAME.fullmatch(first.name) and first.name.startswith(f"best.pth.tmp-plankton-{os.getpid()}-")
         assert first != second  # two writers in one process never share a temporary
         first.write_text("one")
         second.write_text("two")
@@ -135,17 +135,17 @@ _TORCH_DISK_FULL = RuntimeError("[enforce fail at inline_container.cc:858] . Pyt
 
 
 def test_every_atomic_writer_turns_a_full_disk_into_one_line_naming_the_file(tmp_path, monkeypatch):
-    plt = common.pyplot()
+    plt = plots.pyplot()
     frame = pd.DataFrame({"label": [0], "class_name": ["a"], "path": ["a/x.png"], "e0": [1.0]})
-    writers = {"table.csv": lambda p: common.save_csv(frame, p), "record.json": lambda p: common.save_json({}, p),
-               "figure.png": lambda p: common.save_figure(plt.figure(), p),
-               "model.pth": lambda p: common.save_torch({"w": torch.ones(3)}, p),
-               "embeddings_train.pkl": lambda p: artifacts.save_embeddings(frame, p)}
+    writers = {"table.csv": lambda p: fileio.save_csv(frame, p), "record.json": lambda p: fileio.save_json({}, p),
+               "figure.png": lambda p: plots.save_figure(plt.figure(), p),
+               "model.pth": lambda p: fileio.save_torch({"w": torch.ones(3)}, p),
+               "embeddings_train.pkl": lambda p: embedding_files.save_embeddings(frame, p)}
     for name, write in writers.items():
         (tmp_path / name).write_text("old")
     fail_replace_of(monkeypatch, set(writers), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     for name, write in writers.items():
-        with pytest.raises(common.PipelineError) as error:
+        with pytest.raises(PipelineError) as error:
             write(tmp_path / name)
         assert str(error.value) == f"cannot write {tmp_path / name}: No space left on device"
         assert (tmp_path / name).read_text() == "old", name
@@ -158,8 +158,8 @@ def test_every_atomic_writer_turns_a_full_disk_into_one_line_naming_the_file(tmp
         Path(f).write_bytes(Path(f).read_bytes()[:100])
         raise _TORCH_DISK_FULL
     monkeypatch.setattr(torch, "save", disk_full_save)
-    with pytest.raises(common.PipelineError, match=r"cannot write .*model.pth: the write failed, is the disk full"):
-        common.save_torch({"w": torch.ones(3)}, tmp_path / "model.pth")
+    with pytest.raises(PipelineError, match=r"cannot write .*model.pth: the write failed, is the disk full"):
+        fileio.save_torch({"w": torch.ones(3)}, tmp_path / "model.pth")
     assert (tmp_path / "model.pth").read_text() == "old"
     assert not temporaries(tmp_path)
 
@@ -175,8 +175,8 @@ def test_a_full_disk_in_a_stage_is_one_line_and_leaves_the_stage_unconfirmed(fak
     assert not temporaries(paths.out)
     # half new (the table, one figure), half old: no provenance vouches for any of them
     assert (paths.out / "transfer_learning.csv").read_bytes() != old_table
-    assert not artifacts.provenance_path(paths, "transfer_learning").exists()
-    assert str(paths.out / "transfer_learning.csv") in artifacts.stale_outputs(paths, "transfer_learning")
+    assert not provenance.provenance_path(paths, "transfer_learning").exists()
+    assert str(paths.out / "transfer_learning.csv") in provenance.stale_outputs(paths, "transfer_learning")
 
 
 def _read_only_folder_denies_writes(folder: Path) -> bool:
@@ -207,7 +207,7 @@ def test_a_read_only_output_folder_is_one_line_and_keeps_the_old_outputs(faked, 
     assert line.startswith("error: cannot ") and line.endswith(": Permission denied"), line
     assert str(paths.out / "provenance_transfer_learning.json") in line or "transfer_learning.csv" in line, line
     assert contents(paths.out) == before
-    assert artifacts.stale_outputs(paths, "transfer_learning") == []
+    assert provenance.stale_outputs(paths, "transfer_learning") == []
 
 
 def _denied():
@@ -228,67 +228,67 @@ def test_an_unwritable_folder_outside_the_atomic_writers_is_one_line(tmp_path, c
 
 def test_provenance_vouches_for_each_output_file_and_flags_any_other(faked):
     cfg, paths = faked
-    assert artifacts.stale_outputs(paths, "transfer_learning") == []  # nothing yet
+    assert provenance.stale_outputs(paths, "transfer_learning") == []  # nothing yet
     transfer_learning.run(cfg)
-    record = json.loads(artifacts.provenance_path(paths, "transfer_learning").read_text())
-    written = sorted(p.name for pattern in artifacts.STAGE_OUTPUTS["transfer_learning"] for p in paths.out.glob(pattern))
-    assert sorted(record["outputs"]) == written and len(written) == 2 + len(transfer_learning.PROBES) + 4  # + few-shot
-    assert all(record["outputs"][n] == common.sha256_file(paths.out / n) for n in written)
-    assert record["inputs"] == {str(paths.best): common.sha256_file(paths.best),
-                                str(paths.embeddings("unseen")): common.sha256_file(paths.embeddings("unseen"))}
-    assert artifacts.stale_outputs(paths, "transfer_learning") == []
+    record = json.loads(provenance.provenance_path(paths, "transfer_learning").read_text())
+    written = sorted(p.name for pattern in registry.stage("transfer_learning").outputs for p in paths.out.glob(pattern))
+    assert sorted(record["outputs"]) == written and len(written) == 2 + len(probes.PROBES) + 4  # + few-shot
+    assert all(record["outputs"][n] == hashing.sha256_file(paths.out / n) for n in written)
+    assert record["inputs"] == {str(paths.best): hashing.sha256_file(paths.best),
+                                str(paths.embeddings("unseen")): hashing.sha256_file(paths.embeddings("unseen"))}
+    assert provenance.stale_outputs(paths, "transfer_learning") == []
 
-    plt = common.pyplot()
-    common.save_figure(plt.figure(), paths.out / "accuracy_SVC.png")  # one output replaced by another run
+    plt = plots.pyplot()
+    plots.save_figure(plt.figure(), paths.out / "accuracy_SVC.png")  # one output replaced by another run
     (paths.out / "accuracy_old.png").write_bytes(b"left by an older run")
-    assert artifacts.stale_outputs(paths, "transfer_learning") == [str(paths.out / "accuracy_SVC.png"),
+    assert provenance.stale_outputs(paths, "transfer_learning") == [str(paths.out / "accuracy_SVC.png"),
                                                                    str(paths.out / "accuracy_old.png")]
     fake_embeddings(cfg, Path(cfg.DATA_DIR), seed=1)  # a new checkpoint: every output is now stale
-    assert len(artifacts.stale_outputs(paths, "transfer_learning")) == len(written) + 1  # every output and the older file
+    assert len(provenance.stale_outputs(paths, "transfer_learning")) == len(written) + 1  # every output and the older file
 
 
 def test_a_stage_stopped_part_way_is_flagged_and_the_next_run_says_it_replaces_it(faked, capsys, monkeypatch):
     cfg, paths = faked
     transfer_learning.run(cfg)
     fake_embeddings(cfg, Path(cfg.DATA_DIR), seed=1)  # new embeddings, then a stop after the first figure
-    real_save_figure, saved = common.save_figure, []
+    real_save_figure, saved = plots.save_figure, []
 
     def killed_after_one(fig, path):
         if saved:
             raise KeyboardInterrupt
         saved.append(path)
         real_save_figure(fig, path)
-    monkeypatch.setattr(common, "save_figure", killed_after_one)
+    monkeypatch.setattr(plots, "save_figure", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         transfer_learning.run(cfg)
     monkeypatch.undo()
-    outputs = [str(paths.out / name) for name in artifacts.existing_outputs(paths, "transfer_learning")]
-    assert "transfer_learning.csv" in str(outputs) and len(outputs) == 2 + len(transfer_learning.PROBES) + 4
-    assert artifacts.stale_outputs(paths, "transfer_learning") == sorted(outputs)
+    outputs = [str(paths.out / name) for name in provenance.existing_outputs(paths, "transfer_learning")]
+    assert "transfer_learning.csv" in str(outputs) and len(outputs) == 2 + len(probes.PROBES) + 4
+    assert provenance.stale_outputs(paths, "transfer_learning") == sorted(outputs)
     capsys.readouterr()
     transfer_learning.run(cfg)
     assert "no provenance_transfer_learning.json (an earlier run stopped part-way): replacing them" in capsys.readouterr().out
-    assert artifacts.stale_outputs(paths, "transfer_learning") == []
+    assert provenance.stale_outputs(paths, "transfer_learning") == []
 
 
 def test_an_input_replaced_while_a_stage_runs_leaves_no_provenance(faked, monkeypatch):
     cfg, paths = faked
-    real_save_csv = common.save_csv
+    real_save_csv = fileio.save_csv
 
     def save_then_another_embed(frame, path, **kwargs):
         real_save_csv(frame, path, **kwargs)
         fake_embeddings(cfg, Path(cfg.DATA_DIR), seed=2)
-    monkeypatch.setattr(common, "save_csv", save_then_another_embed)
-    with pytest.raises(common.PipelineError, match=r"best.pth changed while transfer_learning ran"):
+    monkeypatch.setattr(fileio, "save_csv", save_then_another_embed)
+    with pytest.raises(PipelineError, match=r"best.pth changed while transfer_learning ran"):
         transfer_learning.run(cfg)
-    assert not artifacts.provenance_path(paths, "transfer_learning").exists()
+    assert not provenance.provenance_path(paths, "transfer_learning").exists()
 
 
 @pytest.fixture
 def trained(tmp_path, tiny_folder):
     cfg = tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=1)
     train.run(cfg)
-    return cfg, artifacts.Paths.from_settings(cfg)
+    return cfg, locations.Paths.from_settings(cfg)
 
 
 def test_evaluate_and_embed_record_provenance_and_refuse_a_copied_data_folder(trained, tmp_path, capsys):
@@ -299,10 +299,10 @@ def test_evaluate_and_embed_record_provenance_and_refuse_a_copied_data_folder(tr
                                          "test_predictions.csv", "test_predictions.parquet", "test_scores.npz",
                                          "misclassified_test_images.png", "tail_accuracy.csv", "tail_accuracy.png"]),
                            ("embed", [f"embeddings_{s}.{e}" for s in ("train", "test", "unseen") for e in ("pkl", "parquet")])):
-        record = json.loads(artifacts.provenance_path(paths, stage).read_text())
+        record = json.loads(provenance.provenance_path(paths, stage).read_text())
         assert sorted(record["outputs"]) == sorted(outputs)
         assert sorted(record["inputs"]) == sorted([str(paths.best), str(paths.split)])
-        assert artifacts.stale_outputs(paths, stage) == []
+        assert provenance.stale_outputs(paths, stage) == []
     as_csv = pd.read_csv(paths.predictions, dtype={"true_class": str, "predicted_class": str})
     pd.testing.assert_frame_equal(pd.read_parquet(paths.predictions.with_suffix(".parquet")), as_csv,
                                   check_dtype=False)  # the Parquet copy: the same columns and values
@@ -326,7 +326,7 @@ def test_a_missing_close_far_image_is_one_line_before_anything_is_written(faked,
     line = one_error_line(dimensionality_reduction.run, cfg, capsys)
     assert line == (f"error: {gone} no longer exists (1 of the 9 images the close/far figures show are gone) — "
                     f"restore them, or re-run embed.py")
-    assert artifacts.stale_outputs(paths, "dimensionality_reduction") == []
+    assert provenance.stale_outputs(paths, "dimensionality_reduction") == []
     assert not list(paths.out.glob("*.png")) and not list(paths.out.glob("umap_*"))
 
 
@@ -401,7 +401,7 @@ def test_a_script_leaves_a_running_process_temporary_and_the_users_files_alone(t
     data = make_image_folder(tmp_path / "images", {"a": 4, "b": 4})
     out = tmp_path / "outputs"
     out.mkdir()
-    mine = out / f"split.csv{common.TMP_MARK}{os.getpid()}-0badf00d"
+    mine = out / f"split.csv{fileio.TMP_MARK}{os.getpid()}-0badf00d"
     notes = out / "notes.tmp-final.tex"
     mine.write_text("being written")
     notes.write_text("\\section{}")
@@ -413,15 +413,15 @@ def test_a_script_leaves_a_running_process_temporary_and_the_users_files_alone(t
 
 
 def test_long_steps_print_progress_lines_when_the_output_is_a_log_file(capsys, monkeypatch):
-    monkeypatch.setattr(common, "PROGRESS_EVERY", 0.0)  # a line after every item
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.0)  # a line after every item
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    bar = common.Progress(range(4), "trunk features of 4 images", unit="batches")
+    bar = progress.Progress(range(4), "trunk features of 4 images", unit="batches")
     bar.set_postfix(loss="0.5")
     assert list(bar) == [0, 1, 2, 3]
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[-1].startswith("trunk features of 4 images: 4/4 (100%) batches in ")
     assert lines[0].endswith(", loss 0.5") and "s left" in lines[0]
-    assert not list(common.Progress([], "nothing", min_total=200)) and capsys.readouterr().out == ""
+    assert not list(progress.Progress([], "nothing", min_total=200)) and capsys.readouterr().out == ""
 
 
 def test_a_scripts_output_and_its_error_line_are_kept_in_a_log(tmp_path, capsys):
@@ -436,12 +436,12 @@ def test_a_scripts_output_and_its_error_line_are_kept_in_a_log(tmp_path, capsys)
 
 def test_figures_say_which_trunk_weights_made_them_unless_imagenet(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr(common, "atomic_path", lambda path: contextlib.nullcontext(path))
-    plt = common.pyplot()
+    monkeypatch.setattr(fileio, "atomic_path", lambda path: contextlib.nullcontext(path))
+    plt = plots.pyplot()
     for source, expected in (("random initialisation (WEIGHTS=None)", True), ("ImageNet (efficientnet.pth)", False)):
-        common.note_trunk_weights(source)
+        plots.note_trunk_weights(source)
         fig, _ = plt.subplots()
         monkeypatch.setattr(fig, "savefig", lambda *a, **k: saved.append([t.get_text() for t in fig.texts]))
-        common.save_figure(fig, tmp_path / "figure.png")
+        plots.save_figure(fig, tmp_path / "figure.png")
         assert any("random initialisation" in text and "not ImageNet" in text for text in saved[-1]) == expected
-    common.note_trunk_weights("ImageNet")  # later tests start without a note
+    plots.note_trunk_weights("ImageNet")  # later tests start without a note

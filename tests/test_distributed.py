@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import distributed
 from conftest import REPO, env, make_image_folder, settings_file
+
+from plankton import distributed
 
 TORCHRUN = str(Path(REPO) / ".venv" / "bin" / "torchrun")
 
@@ -84,8 +84,8 @@ class _TinyHead(torch.nn.Module):
 def _one_epoch(world: int, init_file: str | None, out_file: str, rank: int = 0) -> None:
     """Two SGD steps of training.train_one_epoch on 13 fixed rows, batches of 7 and 6 (uneven
     blocks over 2 ranks), in one process (world 1) or as `rank` of `world` gloo processes with DDP."""
-    import training
     from dataloader import FeatureSource, Runtime
+    from plankton import training
     if world > 1:  # a forked child: one thread (OpenMP's pool, used by the parent's training, is not fork-safe)
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import dir_args, make_image_folder, tiny_config
 from PIL import Image
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, precision_recall_fscore_support
 
-import artifacts
-import common
 import evaluate
 import ranked_images
 import reproduce
 import train
-from conftest import dir_args, make_image_folder, tiny_config
+from plankton import fileio, locations, metrics, provenance, runner, saved_predictions
+from plankton.errors import PipelineError
 
 # a hand-made case: 8 test images of 3 classes; class 2 is never predicted
 LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 2])
@@ -33,7 +33,7 @@ def brute_force_ap(positive: np.ndarray, score: np.ndarray) -> float:
 
 def test_metrics_equal_sklearn_and_a_direct_computation():
     predicted = SCORES.argmax(1)  # [0, 0, 1, 1, 0, 0, 1, 0]
-    table = evaluate.metrics_table(LABELS, predicted, SCORES, ["a", "b", "c"])
+    table = metrics.metrics_table(LABELS, predicted, SCORES, ["a", "b", "c"])
     precision, recall, f1, _ = precision_recall_fscore_support(LABELS, predicted, labels=[0, 1, 2], zero_division=0)
     np.testing.assert_allclose(table.precision[:3], precision)
     np.testing.assert_allclose(table.recall[:3], recall)
@@ -67,8 +67,8 @@ def test_softmax_sums_to_one_and_keeps_the_argmax():
     np.testing.assert_allclose(scores[1], 1 / 3, rtol=1e-6)
 
 
-def _predictions(labels, scores, names=("a", "b", "c")) -> artifacts.Predictions:
-    return artifacts.Predictions(np.log(scores).astype(np.float32), scores.astype(np.float32), labels,
+def _predictions(labels, scores, names=("a", "b", "c")) -> saved_predictions.Predictions:
+    return saved_predictions.Predictions(np.log(scores).astype(np.float32), scores.astype(np.float32), labels,
                                  [f"x/{i}.png" for i in range(len(labels))], list(names), "/nowhere", "0" * 64)
 
 
@@ -91,7 +91,7 @@ def test_ranked_selection_on_a_hand_made_score_table():
 def test_ranked_classes_and_file_names():
     assert ranked_images.chosen_classes([], ["a", "b"]) == [0, 1]
     assert ranked_images.chosen_classes(["b"], ["a", "b"]) == [1]
-    with pytest.raises(common.PipelineError, match=r"'zz' not among the seen classes \(a, b\)"):
+    with pytest.raises(PipelineError, match=r"'zz' not among the seen classes \(a, b\)"):
         ranked_images.chosen_classes(["b", "zz"], ["a", "b"])
     assert ranked_images.file_name(3, "Rhabdo/nell idae?") == "ranked_3_Rhabdo_nell_idae_.png"
     assert ranked_images.file_name(0, "..") == "ranked_0_class.png"
@@ -120,7 +120,7 @@ def evaluated(tmp_path_factory):
     cfg = tiny_config(tmp, folder, MAX_EPOCHS=1)
     train.run(cfg)
     evaluate.run(cfg)
-    return cfg, artifacts.Paths.from_settings(cfg)
+    return cfg, locations.Paths.from_settings(cfg)
 
 
 def test_predictions_files_hold_every_test_image_once(evaluated):
@@ -131,15 +131,15 @@ def test_predictions_files_hold_every_test_image_once(evaluated):
     assert list(table.columns) == ["path", "true_class", "predicted_class", "score_a", "score_b", "score_c"]
     assert list(table.path) == list(test.relpath) and list(table.true_class) == list(test.class_name)
     assert (table.true_class == "c").sum() == 1
-    saved = artifacts.open_predictions(paths)
+    saved = saved_predictions.open_predictions(paths)
     assert saved.scores.dtype == np.float32 and saved.logits.dtype == np.float32
     np.testing.assert_array_equal(saved.scores, table[["score_a", "score_b", "score_c"]].to_numpy(np.float32))
     np.testing.assert_allclose(saved.scores.sum(1), 1, rtol=1e-5)
     assert list(table.predicted_class) == [saved.class_names[i] for i in saved.predicted]
-    metrics = pd.read_csv(paths.out / "test_metrics.csv")
-    direct = evaluate.metrics_table(saved.labels, saved.predicted, saved.scores, saved.class_names)
-    pd.testing.assert_frame_equal(metrics, direct, check_dtype=False)
-    record = json.loads(artifacts.provenance_path(paths, "evaluate").read_text())
+    written = pd.read_csv(paths.out / "test_metrics.csv")
+    direct = metrics.metrics_table(saved.labels, saved.predicted, saved.scores, saved.class_names)
+    pd.testing.assert_frame_equal(written, direct, check_dtype=False)
+    record = json.loads(provenance.provenance_path(paths, "evaluate").read_text())
     assert sorted(record["outputs"]) == sorted(["test_metrics.csv", "test_metrics.json", "confusion_matrix.png",
                                                 "misclassified_test_images.png", "test_predictions.csv",
                                                 "test_predictions.parquet", "test_scores.npz", "tail_accuracy.csv",
@@ -163,7 +163,7 @@ def test_reproduction_passes_on_a_fresh_run_and_fails_on_a_tampered_score(evalua
         arrays["scores"][0, 0] += 0.25  # one score edited
         with open(paths.scores, "wb") as handle:
             np.savez(handle, **arrays)
-        line = one_error_line(capsys, lambda a: common.run_script(lambda _s: reproduce.run(cfg), a), argv)
+        line = one_error_line(capsys, lambda a: runner.run_script(lambda _s: reproduce.run(cfg), a), argv)
         assert "reproduction check failed" in line and "0.25" in line and "REPRO_TOLERANCE" in line, line
         failed = json.loads((paths.out / "reproduction_check.json").read_text())
         assert not failed["passed"] and failed["overall"]["max_abs_score_difference"] == pytest.approx(0.25, abs=1e-6)
@@ -173,10 +173,10 @@ def test_reproduction_passes_on_a_fresh_run_and_fails_on_a_tampered_score(evalua
 
 def test_predictions_of_another_checkpoint_are_refused(evaluated, tmp_path):
     cfg, paths = evaluated
-    other = artifacts.Paths(paths.out, tmp_path, paths.cache)
-    common.save_torch({"stand_in": np.zeros(1).tolist()}, other.best)
-    with pytest.raises(common.PipelineError, match="another checkpoint.*re-run evaluate.py"):
-        artifacts.open_predictions(other)
+    other = locations.Paths(paths.out, tmp_path, paths.cache)
+    fileio.save_torch({"stand_in": np.zeros(1).tolist()}, other.best)
+    with pytest.raises(PipelineError, match="another checkpoint.*re-run evaluate.py"):
+        saved_predictions.open_predictions(other)
 
 
 @pytest.mark.parametrize("among", ["class", "all"])
@@ -184,7 +184,7 @@ def test_ranked_images_of_a_class_with_one_test_image(evaluated, among):
     cfg, paths = evaluated
     cfg.RANKED_AMONG, cfg.RANKED_CLASSES = among, ["c", "a"]
     ranked_images.run(cfg)
-    record = json.loads(artifacts.provenance_path(paths, "ranked_images").read_text())
+    record = json.loads(provenance.provenance_path(paths, "ranked_images").read_text())
     assert sorted(record["outputs"]) == ["ranked_0_a.png", "ranked_2_c.png"]
     assert Image.open(paths.out / "ranked_2_c.png").size[0] > 1000
 

@@ -6,20 +6,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_tensors, model_tensors, tiny_config, train_killed_after_first
 
-import artifacts
 import backbone
-import common
 import dataloader
 import embed
 import evaluate
-import safepickle
-import settings
 import train
-import training
-import trunk_cache
-from common import PipelineError
-from conftest import assert_same_tensors, model_tensors, tiny_config, train_killed_after_first
+from plankton import (
+    checkpoints,
+    embedding_files,
+    hashing,
+    locations,
+    safepickle,
+    settings,
+    splits,
+    system,
+    training,
+    trunk_cache,
+)
+from plankton.errors import PipelineError
 
 PREPROCESS = dataloader.Preprocess(32, "stretch", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RUNTIME = dataloader.Runtime(torch.device("cpu"), batch_size=8, workers=0, channels_last=True, mixed_precision=False)
@@ -69,12 +75,12 @@ def test_the_tuned_blocks_get_their_own_learning_rate():
 def test_zero_blocks_is_the_frozen_model_bit_for_bit():
     """The hash is of the base commit's model (before fine-tuning existed), same seed and settings:
     only torch's CPU generator draws it, so it holds on any machine."""
-    common.set_seed(0)
+    system.set_seed(0)
     model = backbone.build_model(backbone.architecture_args(3, 32, 16, 0.2, "efficientnet_v2_s"))
-    assert common.tensors_sha256(model.state_dict()) == \
+    assert hashing.tensors_sha256(model.state_dict()) == \
         "4bc2d57a0c377f760dbcac6c0fa6a7ec2b8a28d6895ddf8daa64b24f9e79dcc7"
     assert len(model.tuned_trunk) == 0
-    assert backbone.frozen_trunk_sha256(model) == common.tensors_sha256(model.trunk.state_dict())  # the old key
+    assert backbone.frozen_trunk_sha256(model) == hashing.tensors_sha256(model.trunk.state_dict())  # the old key
     # one group of the very list the optimizer had before: the same step, bit for bit
     twin = backbone.build_model(backbone.architecture_args(3, 32, 16, 0.2, "efficientnet_v2_s"))
     twin.load_state_dict(model.state_dict())
@@ -140,19 +146,19 @@ def test_a_fine_tuned_checkpoint_gives_evaluate_and_embed_the_in_memory_models_o
                         real_place(model, runtime))
     train.run(cfg)  # one epoch, one validation pass: best.pth is the model left in memory
     model = in_memory[0].eval()
-    paths = artifacts.Paths.from_settings(cfg)
-    checkpoint = artifacts.open_checkpoint(paths.best)
+    paths = locations.Paths.from_settings(cfg)
+    checkpoint = checkpoints.open_checkpoint(paths.best)
     assert checkpoint["arch"]["finetune_blocks"] == 1 and checkpoint["trunk_sha256"] == backbone.frozen_trunk_sha256(model)
     evaluate.run(cfg)
     embed.run(cfg)
-    split = artifacts.split_from_settings(cfg, paths, create=False)
+    split = splits.split_from_settings(cfg, paths, create=False)
     relpaths, labels = split.subset("test")
     dataset = dataloader.ImageDataset(tiny_folder, relpaths, labels, PREPROCESS)
     with torch.no_grad():
         logits, embeddings = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     frame = safepickle.load_dataframe(paths.embeddings("test"))
-    np.testing.assert_allclose(artifacts.embedding_matrix(frame), embeddings.numpy(), rtol=1e-4, atol=1e-5)
-    trained = artifacts.open_trained_model(cfg, paths, torch.device("cpu"))
+    np.testing.assert_allclose(embedding_files.embedding_matrix(frame), embeddings.numpy(), rtol=1e-4, atol=1e-5)
+    trained = checkpoints.open_trained_model(cfg, paths, torch.device("cpu"))
     cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
                                       trained.preprocess, RUNTIME)
     opened_logits, _ = training.head_outputs(trained.model, trained.source("test", cache), RUNTIME)

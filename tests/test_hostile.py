@@ -1,6 +1,7 @@
 """The hostile-use examples of the settings, run through each script's main() as a user would run
 it: one `error:` line on stderr, exit status 1, and nothing written (not even the output folders)."""
 import pytest
+from conftest import dir_args
 
 import compute_average_distances
 import dimensionality_reduction
@@ -10,7 +11,7 @@ import ranked_images
 import reproduce
 import train
 import transfer_learning
-from conftest import dir_args
+from plankton import system
 
 BAD_SETTINGS = ["--BATCH_SIZE=0", "--LR=abc", "--SEED=x", "--DEVICE=tpu", "--NUM_WORKERS=-1", "--DROPOUT=1.5",
                 "--UMAP_SAMPLES=0", "--CLOSE_FAR_COUNT=0", "--EMBEDDING_DIM=0", "--UNSEEN_CLASSES=[]",
@@ -43,7 +44,7 @@ def test_a_bad_setting_stops_every_script_before_anything_is_written(tmp_path, c
 
 
 def test_help_lists_every_setting_and_exits_0(capsys):
-    import settings
+    from plankton import settings
     with pytest.raises(SystemExit) as stop:
         train.main(["--help"])
     assert stop.value.code == 0
@@ -52,7 +53,7 @@ def test_help_lists_every_setting_and_exits_0(capsys):
 
 
 def test_a_tilde_in_a_folder_setting_is_the_home_folder(tmp_path, monkeypatch):
-    import settings
+    from plankton import settings
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = settings.load_settings(["--OUTPUT_DIR=~/runs/out"])
     assert cfg.OUTPUT_DIR == str(tmp_path / "runs" / "out")
@@ -62,12 +63,11 @@ def test_a_second_run_on_the_same_folders_stops_at_once(tmp_path, capsys):
     import subprocess
     import sys
     import time
-    import common
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); import common\n"
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from plankton import runner\n"
         "from pathlib import Path\n"
-        "with common.folder_lock(Path(sys.argv[2])):\n"
-        "    print('held', flush=True); time.sleep(60)"), str(common.REPO_DIR), str(tmp_path / "outputs")],
+        "with runner.folder_lock(Path(sys.argv[2])):\n"
+        "    print('held', flush=True); time.sleep(60)"), str(system.REPO_DIR), str(tmp_path / "outputs")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -1,17 +1,16 @@
-"""Finding, checking, decoding and splitting images (images.py, artifacts.prepare_split)."""
+"""Finding, checking, decoding and splitting images (images.py, splits.prepare_split)."""
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_image_folder, tiny_config
 from PIL import Image, ImageFile
 
-import artifacts
-import common
-import images
 import train
-from conftest import make_image_folder, tiny_config
+from plankton import fileio, hashing, images, locations, splits
+from plankton.errors import PipelineError
 
 
 def test_builtin_digits_export_real_images(tmp_path):
@@ -26,8 +25,8 @@ def test_builtin_digits_export_real_images(tmp_path):
 def test_split_is_stratified_disjoint_persisted_and_reread(tmp_path):
     folder = make_image_folder(tmp_path / "images", {"a": 40, "b": 60, "c": 20, "u": 5, "v": 5})
     cfg = tiny_config(tmp_path, folder)
-    paths = artifacts.prepare_output_dirs(cfg)
-    split = artifacts.split_from_settings(cfg, paths, create=True)
+    paths = locations.prepare_output_dirs(cfg)
+    split = splits.split_from_settings(cfg, paths, create=True)
     table = split.table
     assert not table.relpath.duplicated().any()  # every image in exactly one subset
     for name, n in (("a", 40), ("b", 60), ("c", 20)):
@@ -36,7 +35,7 @@ def test_split_is_stratified_disjoint_persisted_and_reread(tmp_path):
         assert part["train"] == n - part["test"] - part["val"]
     assert (table[table.class_name.isin(["u", "v"])].subset == "unseen").all()
     first_bytes = paths.split.read_bytes()
-    again = artifacts.split_from_settings(tiny_config(tmp_path, folder, SEED=123), paths, create=True)
+    again = splits.split_from_settings(tiny_config(tmp_path, folder, SEED=123), paths, create=True)
     assert paths.split.read_bytes() == first_bytes  # re-read, never re-drawn (even with another seed)
     assert again.sha256 == split.sha256
 
@@ -44,7 +43,7 @@ def test_split_is_stratified_disjoint_persisted_and_reread(tmp_path):
 def test_split_of_small_classes_keeps_one_image_in_each_subset(tmp_path):
     folder = make_image_folder(tmp_path / "images", {"a": 3, "b": 10, "c": 4, "u": 1, "v": 2})
     cfg = tiny_config(tmp_path, folder)
-    split = artifacts.split_from_settings(cfg, artifacts.prepare_output_dirs(cfg), create=True)
+    split = splits.split_from_settings(cfg, locations.prepare_output_dirs(cfg), create=True)
     counts = split.table.groupby(["class_name", "subset"]).size()
     for name in "abc":
         assert all(counts[(name, s)] >= 1 for s in ("train", "val", "test"))
@@ -135,8 +134,8 @@ def test_load_rgb_converts_odd_modes_to_8_bit_rgb(odd_folder):
 def test_unreadable_images_are_left_out_and_reported(tmp_path, odd_folder):
     folder, kinds = odd_folder
     cfg = tiny_config(tmp_path, folder)
-    paths = artifacts.prepare_output_dirs(cfg)
-    split = artifacts.split_from_settings(cfg, paths, create=True)
+    paths = locations.prepare_output_dirs(cfg)
+    split = splits.split_from_settings(cfg, paths, create=True)
     bad = {f"a/{name}" for name, kind in kinds.items() if kind == "bad"}
     good = {f"a/{name}" for name, kind in kinds.items() if kind == "good"}
     in_split = set(split.table.relpath)
@@ -155,9 +154,9 @@ def test_unreadable_images_are_left_out_and_reported(tmp_path, odd_folder):
 def test_bad_images_error_setting_stops_the_split(tmp_path, odd_folder):
     folder, _ = odd_folder
     cfg = tiny_config(tmp_path, folder, BAD_IMAGES="error")
-    paths = artifacts.prepare_output_dirs(cfg)
-    with pytest.raises(common.PipelineError, match="unreadable image"):
-        artifacts.split_from_settings(cfg, paths, create=True)
+    paths = locations.prepare_output_dirs(cfg)
+    with pytest.raises(PipelineError, match="unreadable image"):
+        splits.split_from_settings(cfg, paths, create=True)
     assert not paths.split.exists()
     assert len(pd.read_csv(paths.bad_images)) == 3
 
@@ -165,24 +164,24 @@ def test_bad_images_error_setting_stops_the_split(tmp_path, odd_folder):
 def test_scan_is_cached_and_rescans_only_changed_files(tmp_path, odd_folder, monkeypatch):
     folder, _ = odd_folder
     cfg = tiny_config(tmp_path, folder)
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     calls = []
     real = images.load_rgb
     monkeypatch.setattr(images, "load_rgb", lambda path: (calls.append(Path(path).name), real(path))[1])
-    first = artifacts.split_from_settings(cfg, paths, create=True)
+    first = splits.split_from_settings(cfg, paths, create=True)
     n_files = sum(len(v) for v in images.list_class_images(folder).values())
     assert len(calls) == n_files - 1  # every file decoded once, except the 0-byte one (no decode needed)
     assert list((tmp_path / "cache").glob("scan_*.csv"))
     calls.clear()
-    second = artifacts.split_from_settings(cfg, paths, create=False)
+    second = splits.split_from_settings(cfg, paths, create=False)
     assert calls == [], f"the second scan decoded {calls}"
     assert second.sha256 == first.sha256
     assert len(pd.read_csv(paths.bad_images)) == 3  # the cached verdicts still leave the bad files out
     # an edited image is decoded again, and only that one; the split then refuses it as modified
     Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "a" / "img_000.png")
     os.utime(folder / "a" / "img_000.png", ns=(1, 1))
-    with pytest.raises(common.PipelineError, match="1 modified"):
-        artifacts.split_from_settings(cfg, paths, create=False)
+    with pytest.raises(PipelineError, match="1 modified"):
+        splits.split_from_settings(cfg, paths, create=False)
     assert calls == ["img_000.png"]
 
 
@@ -190,8 +189,8 @@ def test_empty_class_folder_is_named(tmp_path, odd_folder):
     folder, _ = odd_folder
     (folder / "w").mkdir()
     cfg = tiny_config(tmp_path, folder, UNSEEN_CLASSES=["u", "w"])
-    with pytest.raises(common.PipelineError) as error:
-        artifacts.split_from_settings(cfg, artifacts.prepare_output_dirs(cfg), create=True)
+    with pytest.raises(PipelineError) as error:
+        splits.split_from_settings(cfg, locations.prepare_output_dirs(cfg), create=True)
     assert str(folder / "w") in str(error.value)
 
 
@@ -201,8 +200,8 @@ def test_class_folder_holding_only_unreadable_files_is_named(tmp_path, odd_folde
     (folder / "w" / "broken.png").write_text("not an image")
     Image.new("RGB", (8, 8)).save(folder / "w" / ".hidden.png")  # hidden: does not count
     cfg = tiny_config(tmp_path, folder, UNSEEN_CLASSES=["u", "w"])
-    with pytest.raises(common.PipelineError, match="'w'"):
-        artifacts.split_from_settings(cfg, artifacts.prepare_output_dirs(cfg), create=True)
+    with pytest.raises(PipelineError, match="'w'"):
+        splits.split_from_settings(cfg, locations.prepare_output_dirs(cfg), create=True)
 
 
 def test_truncated_images_stay_refused_after_every_module_is_imported():
@@ -218,13 +217,13 @@ def test_truncated_images_stay_refused_after_every_module_is_imported():
 ])
 def test_bad_settings_stop_training_before_anything_is_written(tmp_path, tiny_folder, settings, message):
     cfg = tiny_config(tmp_path, tiny_folder, **settings)
-    with pytest.raises(common.PipelineError, match=message):
+    with pytest.raises(PipelineError, match=message):
         train.run(cfg)
     assert not (tmp_path / "outputs" / "split.csv").exists() and not (tmp_path / "checkpoints" / "best.pth").exists()
 
 
 def test_misspelt_class_lists_the_folders_that_exist(tmp_path, tiny_folder):
-    with pytest.raises(common.PipelineError) as error:
+    with pytest.raises(PipelineError) as error:
         train.run(tiny_config(tmp_path, tiny_folder, SEEN_CLASSES=["a", "B", "c"]))
     assert "a (16), b (16), c (16), u (12), v (12)" in str(error.value)
 
@@ -250,8 +249,8 @@ def test_broken_links_and_names_that_are_not_utf8_are_reported_not_crashed(tmp_p
     os.write(fd, _png_bytes())
     os.close(fd)
     cfg = tiny_config(tmp_path, tiny_folder)
-    paths = artifacts.prepare_output_dirs(cfg)
-    split = artifacts.split_from_settings(cfg, paths, create=True)
+    paths = locations.prepare_output_dirs(cfg)
+    split = splits.split_from_settings(cfg, paths, create=True)
     reasons = dict(pd.read_csv(paths.bad_images, keep_default_na=False).itertuples(index=False))
     assert sorted(reasons) == ["a/\\xff.png", "a/gone.png", "a/loop.png"]
     assert "broken symbolic link" in reasons["a/gone.png"] and "loops" in reasons["a/loop.png"]
@@ -260,7 +259,7 @@ def test_broken_links_and_names_that_are_not_utf8_are_reported_not_crashed(tmp_p
     for written in [paths.split, paths.bad_images, *(tmp_path / "cache").glob("scan_*.csv")]:
         written.read_bytes().decode("utf-8")  # every CSV is valid UTF-8
     assert "linked folder(s) not followed" in capsys.readouterr().err
-    artifacts.split_from_settings(cfg, paths, create=False)  # the cached scan reads back
+    splits.split_from_settings(cfg, paths, create=False)  # the cached scan reads back
 
 
 def test_names_starting_with_double_underscore_are_images_unless_archive_leftovers(tmp_path, tiny_folder):
@@ -281,7 +280,7 @@ def test_gif_and_webp_are_images_and_other_files_are_named_in_a_note(tmp_path, t
     for name in ("notes.txt", "labels.csv", "more.TXT", "README"):
         (a / name).write_text("not an image\n")
     cfg = tiny_config(tmp_path, tiny_folder)
-    split = artifacts.split_from_settings(cfg, artifacts.prepare_output_dirs(cfg), create=True)
+    split = splits.split_from_settings(cfg, locations.prepare_output_dirs(cfg), create=True)
     assert {"a/anim.gif", "a/pic.webp"} <= set(split.table.relpath)
     assert tuple(np.asarray(images.load_rgb(a / "anim.gif"))[5, 5]) == (250, 0, 0)  # the first frame
     assert tuple(np.asarray(images.load_rgb(a / "pic.webp"))[5, 5]) == (0, 250, 0)
@@ -324,19 +323,19 @@ def test_an_image_replaced_with_its_old_size_and_time_is_caught(tmp_path, tiny_f
     a = tiny_folder / "a"
     Image.new("RGB", (24, 24), (1, 2, 3)).save(a / "extra.bmp")  # BMP: same size on disk for any pixels
     cfg = tiny_config(tmp_path, tiny_folder)
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     paths.scan_cache(tiny_folder).write_text("relpath,size,mtime_ns,reason\na/extra.bmp,1,1,\n")  # an old cache
-    split = artifacts.split_from_settings(cfg, paths, create=True)
+    split = splits.split_from_settings(cfg, paths, create=True)
     relpaths = split.subset("train")[0] + split.subset("test")[0]
-    file_hashes = [common.sha256_file(tiny_folder / p) for p in relpaths]
+    file_hashes = [hashing.sha256_file(tiny_folder / p) for p in relpaths]
     split_bytes = paths.split.read_bytes()
     before = os.stat(a / "extra.bmp")
     time.sleep(0.05)  # file times tick every few milliseconds
     Image.new("RGB", (24, 24), (200, 2, 3)).save(a / "extra.bmp")  # what cp -p / rsync -a / unzip do
     os.utime(a / "extra.bmp", ns=(before.st_atime_ns, before.st_mtime_ns))
     assert os.stat(a / "extra.bmp").st_size == before.st_size
-    with pytest.raises(common.PipelineError) as error:
-        artifacts.split_from_settings(cfg, paths, create=False)
+    with pytest.raises(PipelineError) as error:
+        splits.split_from_settings(cfg, paths, create=False)
     message = str(error.value)
     assert "\n" not in message and "1 modified" in message and "a/extra.bmp" in message
     assert paths.split.read_bytes() == split_bytes
@@ -377,11 +376,11 @@ def _edit_split(table: pd.DataFrame, edit: str) -> pd.DataFrame:
     ("not a sha256", r"line \d+ .*: sha256 'abc' is not a SHA-256"),
 ])
 def test_a_damaged_split_file_is_refused_in_one_line_and_left_alone(tmp_path, tiny_cfg, edit, message):
-    paths = artifacts.prepare_output_dirs(tiny_cfg)
-    artifacts.split_from_settings(tiny_cfg, paths, create=True)
-    common.save_csv(_edit_split(pd.read_csv(paths.split, dtype=str), edit), paths.split, index=False)
+    paths = locations.prepare_output_dirs(tiny_cfg)
+    splits.split_from_settings(tiny_cfg, paths, create=True)
+    fileio.save_csv(_edit_split(pd.read_csv(paths.split, dtype=str), edit), paths.split, index=False)
     damaged = paths.split.read_bytes()
-    with pytest.raises(common.PipelineError, match=message) as error:
-        artifacts.split_from_settings(tiny_cfg, paths, create=True)
+    with pytest.raises(PipelineError, match=message) as error:
+        splits.split_from_settings(tiny_cfg, paths, create=True)
     assert "\n" not in str(error.value) and str(paths.split) in str(error.value)
     assert ("delete" in str(error.value)) and paths.split.read_bytes() == damaged

@@ -8,16 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-import artifacts
-import common
-import labelsets
 import run_all
-import settings
-import tasks
-from conftest import tiny_config
+from plankton import checkpoints, embedding_files, labelsets, locations, saved_predictions, settings, splits, tasks
+from plankton.errors import PipelineError
 
 LABELS = ["a", "b", "c", "u", "v"]  # a, b, c seen; u, v unseen (tiny_config's classes)
 
@@ -130,7 +127,7 @@ def write_labels(folder: Path, rows: list[tuple[str, str]]) -> Path:
 def test_each_bad_labels_csv_ends_in_one_clear_line(tmp_path, rows, words):
     folder = make_multilabel_folder(tmp_path / "data", n=6)
     path = tmp_path / "nothing.csv" if rows is None else write_labels(folder, rows)
-    with pytest.raises(common.PipelineError) as caught:
+    with pytest.raises(PipelineError) as caught:
         labelsets.read_labels_csv(path, folder, LABELS[:3], LABELS[3:])
     message = str(caught.value)
     assert words in message and "\n" not in message
@@ -152,16 +149,16 @@ def test_a_bad_labels_csv_through_the_script_is_one_error_line(tmp_path, capsys)
 def test_a_configured_label_no_image_carries_is_an_error(tmp_path):
     folder = make_multilabel_folder(tmp_path / "data", n=6)
     write_labels(folder, [("pics/img_000.png", "a;b")])
-    with pytest.raises(common.PipelineError, match="label 'c' .*is carried by no image"):
+    with pytest.raises(PipelineError, match="label 'c' .*is carried by no image"):
         labelsets.read_labels_csv(folder / "labels.csv", folder, LABELS[:3], LABELS[3:])
 
 
 def test_settings_refuse_labels_csv_for_a_single_label_run_and_label_smoothing_for_multilabel():
-    with pytest.raises(common.PipelineError, match="LABELS_CSV='x.csv': read only with TASK='multilabel'"):
+    with pytest.raises(PipelineError, match="LABELS_CSV='x.csv': read only with TASK='multilabel'"):
         settings.load_settings(["--LABELS_CSV=x.csv"])
-    with pytest.raises(common.PipelineError, match="LABEL_SMOOTHING=0.1"):
+    with pytest.raises(PipelineError, match="LABEL_SMOOTHING=0.1"):
         settings.load_settings(["--TASK=multilabel", "--LABEL_SMOOTHING=0.1"])
-    with pytest.raises(common.PipelineError, match="TASK='multi': must be 'multiclass' or 'multilabel'"):
+    with pytest.raises(PipelineError, match="TASK='multi': must be 'multiclass' or 'multilabel'"):
         settings.load_settings(["--TASK=multi"])
 
 
@@ -170,21 +167,21 @@ def test_settings_refuse_labels_csv_for_a_single_label_run_and_label_smoothing_f
 def test_images_with_any_unseen_label_are_held_out_and_the_split_is_checked(tmp_path):
     folder = make_multilabel_folder(tmp_path / "data")
     cfg = tiny_config(tmp_path, folder, TASK="multilabel")
-    paths = artifacts.prepare_output_dirs(cfg)
-    split = artifacts.split_from_settings(cfg, paths, create=True)
+    paths = locations.prepare_output_dirs(cfg)
+    split = splits.split_from_settings(cfg, paths, create=True)
     sets = split.table.set_index("relpath").labels.str.split(";")
     unseen = split.table.subset == "unseen"
     assert all(bool({"u", "v"} & set(s)) for s in sets[unseen.to_numpy()])
     assert not any({"u", "v"} & set(s) for s in sets[~unseen.to_numpy()])
     relpaths, targets = split.subset("train")
     assert targets.shape == (len(relpaths), 3) and targets.sum(1).min() >= 1
-    again = artifacts.split_from_settings(cfg, paths, create=False)  # re-read and checked
+    again = splits.split_from_settings(cfg, paths, create=False)  # re-read and checked
     assert again.sha256 == split.sha256 and again.task == "multilabel"
     table = pd.read_csv(folder / "labels.csv")
     table.loc[0, "labels"] = "a;b;c" if table.loc[0, "labels"] != "a;b;c" else "a"
     table.to_csv(folder / "labels.csv", index=False)
-    with pytest.raises(common.PipelineError, match="1 relabelled"):
-        artifacts.split_from_settings(cfg, paths, create=False)
+    with pytest.raises(PipelineError, match="1 relabelled"):
+        splits.split_from_settings(cfg, paths, create=False)
 
 
 def test_rarest_label_uses_the_counts_given():
@@ -221,10 +218,10 @@ def test_multilabel_pipeline_end_to_end(tmp_path):
     out = Path(cfg.OUTPUT_DIR)
     history = pd.read_csv(out / "training_history.csv")
     assert {"val_map", "train_map", "val_ap_a", "train_ap_c"} <= set(history.columns)
-    best = artifacts.open_checkpoint(Path(cfg.CHECKPOINT_DIR) / "best.pth")
+    best = checkpoints.open_checkpoint(Path(cfg.CHECKPOINT_DIR) / "best.pth")
     assert best["task"] == "multilabel" and best["val_map"] == pytest.approx(history.val_map.max())
     metrics = pd.read_csv(out / "test_metrics.csv")
-    predictions = artifacts.open_predictions(artifacts.Paths.from_settings(cfg))
+    predictions = saved_predictions.open_predictions(locations.Paths.from_settings(cfg))
     assert predictions.task == "multilabel" and predictions.labels.shape == (len(predictions.relpaths), 3)
     expected = [average_precision_score(predictions.labels[:, c], predictions.scores[:, c])
                 if predictions.labels[:, c].any() else np.nan for c in range(3)]
@@ -233,12 +230,12 @@ def test_multilabel_pipeline_end_to_end(tmp_path):
     tail = pd.read_csv(out / "tail_accuracy.csv")
     assert set(tail.label) == {"a", "b", "c", "mean"} and (tail.n_above >= 0).all()
     assert (tail.n_above == 0).eq(tail.tail_accuracy.isna()).all()
-    frame = artifacts.open_embeddings(artifacts.Paths.from_settings(cfg), "unseen")
+    frame = embedding_files.open_embeddings(locations.Paths.from_settings(cfg), "unseen")
     assert "labels" in frame.columns and all({"u", "v"} & set(s.split(";")) for s in frame["labels"])
     for name in ("training_plot.png", "training_classwise_ap.png", "tail_accuracy.png", "test_label_metrics.png",
                  "umap_embeddings.png", "average_angular_distances_test.png", "reproduction_check.csv"):
         assert (out / name).is_file(), name
-    with pytest.raises(common.PipelineError, match="trained for TASK='multilabel'"):
+    with pytest.raises(PipelineError, match="trained for TASK='multilabel'"):
         import evaluate
         evaluate.run(tiny_config(tmp_path, folder))
 

@@ -6,20 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import dir_args, make_image_folder, tiny_config
 from PIL import Image
 
-import artifacts
 import backbone
-import common
 import dataset_overview
 import feature_maps
 import train
-from conftest import dir_args, make_image_folder, tiny_config
+from plankton import hashing, locations, provenance, splits, system
+from plankton.errors import PipelineError
 
 
 def test_class_counts_equal_a_direct_count_of_split_csv(tiny_cfg):
     dataset_overview.run(tiny_cfg)
-    paths = artifacts.Paths.from_settings(tiny_cfg)
+    paths = locations.Paths.from_settings(tiny_cfg)
     split = pd.read_csv(paths.split, dtype=str)
     counts = pd.read_csv(paths.out / "class_counts.csv", dtype={"class_name": str})
     assert counts.class_name.tolist() == ["a", "b", "c", "u", "v", dataset_overview.ALL_CLASSES]
@@ -31,15 +31,15 @@ def test_class_counts_equal_a_direct_count_of_split_csv(tiny_cfg):
     assert counts.set_index("class_name").loc[["u", "v"], "kind"].tolist() == ["unseen", "unseen"]
     for name in ("class_counts.png", "sample_images.png"):
         assert Image.open(paths.out / name).size[0] > 300
-    record = json.loads(artifacts.provenance_path(paths, "dataset_overview").read_text())
+    record = json.loads(provenance.provenance_path(paths, "dataset_overview").read_text())
     assert sorted(record["outputs"]) == ["class_counts.csv", "class_counts.png", "sample_images.png"]
 
 
 def test_the_overview_draws_the_split_train_then_keeps(tiny_cfg):
     dataset_overview.run(tiny_cfg)
-    paths = artifacts.Paths.from_settings(tiny_cfg)
-    drawn = common.sha256_file(paths.split)
-    split = artifacts.split_from_settings(tiny_cfg, paths, create=True)  # what train.py calls
+    paths = locations.Paths.from_settings(tiny_cfg)
+    drawn = hashing.sha256_file(paths.split)
+    split = splits.split_from_settings(tiny_cfg, paths, create=True)  # what train.py calls
     assert split.sha256 == drawn
 
 
@@ -47,9 +47,9 @@ def test_a_class_smaller_than_the_sample_row_leaves_blank_cells(tmp_path):
     folder = make_image_folder(tmp_path / "images", {"a": 3, "b": 12, "u": 2, "v": 5})
     cfg = tiny_config(tmp_path, folder, SEEN_CLASSES=["a", "b"], UNSEEN_CLASSES=["u", "v"], OVERVIEW_SAMPLES=4)
     dataset_overview.run(cfg)
-    counts = pd.read_csv(artifacts.Paths.from_settings(cfg).out / "class_counts.csv", index_col="class_name")
+    counts = pd.read_csv(locations.Paths.from_settings(cfg).out / "class_counts.csv", index_col="class_name")
     assert counts.loc["a", ["train", "val", "test"]].tolist() == [1, 1, 1]
-    picked = dataset_overview.pick_samples(pd.read_csv(artifacts.Paths.from_settings(cfg).split, dtype=str),
+    picked = dataset_overview.pick_samples(pd.read_csv(locations.Paths.from_settings(cfg).split, dtype=str),
                                            ["a", "b", "u"], 4, 0)
     assert [len(picked[c]) for c in ("a", "b", "u")] == [3, 4, 2]
 
@@ -96,7 +96,7 @@ def test_auto_modules_are_the_trunk_blocks_and_the_head_convolutions(tiny_model)
 
 
 def test_an_unknown_module_name_is_one_line_listing_the_valid_names(tiny_model):
-    with pytest.raises(common.PipelineError) as err:
+    with pytest.raises(PipelineError) as err:
         feature_maps.resolve_modules(tiny_model, ["trunk.layer1", "head.9"])
     message = str(err.value)
     assert "\n" not in message and "'head.9'" in message and "head.0" in message and "trunk.layer2" in message
@@ -104,7 +104,7 @@ def test_an_unknown_module_name_is_one_line_listing_the_valid_names(tiny_model):
 
 def test_the_head_at_initialisation_is_what_train_py_built_before_its_first_step(tiny_model):
     checkpoint = {"arch": backbone.architecture_args(3, 32, 8, trunk="resnet18")}
-    common.set_seed(7)
+    system.set_seed(7)
     before_training = backbone.build_model(checkpoint["arch"])  # as train.py: seed, then build
     trained = backbone.build_model(checkpoint["arch"])  # another draw stands for the trained weights
     runtime = dataloader_runtime()
@@ -131,7 +131,7 @@ def test_feature_maps_on_a_trained_tiny_model(tmp_path, capsys):
                       TRUNK="resnet18", FEATURE_IMAGES=5)
     train.run(cfg)
     feature_maps.run(cfg)
-    paths = artifacts.Paths.from_settings(cfg)
+    paths = locations.Paths.from_settings(cfg)
     stats = pd.read_csv(paths.out / "feature_map_stats.csv")
     assert set(zip(stats.module, stats.condition)) == {
         (m, c) for m in ("trunk.conv1", "trunk.bn1", "trunk.layer1", "trunk.layer2") for c in
@@ -145,7 +145,7 @@ def test_feature_maps_on_a_trained_tiny_model(tmp_path, capsys):
         assert (np.diff(values.to_numpy()) <= 1e-12).all(), (module, condition)
     for name in ("feature_map_spectra.png", "feature_map_nonpositive.png"):
         assert Image.open(paths.out / name).size[0] > 300
-    assert json.loads(artifacts.provenance_path(paths, "feature_maps").read_text())["stage"] == "feature_maps"
+    assert json.loads(provenance.provenance_path(paths, "feature_maps").read_text())["stage"] == "feature_maps"
 
 
 @pytest.mark.parametrize("argument", ["--FEATURE_MODULES=[]", "--FEATURE_MODULES=trunk.0", "--FEATURE_IMAGES=1",

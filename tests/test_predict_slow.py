@@ -5,15 +5,15 @@ import subprocess
 
 import pandas as pd
 import pytest
+from conftest import PYTHON, REPO, dir_args, env, make_image_folder
 from PIL import Image
 
-import artifacts
 import calibration
 import evaluate
 import open_set
 import predict
 import train
-from conftest import PYTHON, REPO, dir_args, env, make_image_folder
+from plankton import calibrate, locations, openset, provenance
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def _mixed_folder(tmp_path):
 def test_predict_flags_unseen_images_and_lists_the_corrupt_one(tmp_path, tiny_cfg, capsys):
     tiny_cfg.MAX_EPOCHS = 6
     train.run(tiny_cfg)
-    paths = artifacts.Paths.from_settings(tiny_cfg)
+    paths = locations.Paths.from_settings(tiny_cfg)
     split_before, best_before = paths.split.read_bytes(), paths.best.read_bytes()
     tiny_cfg.PREDICT_DIR = str(_mixed_folder(tmp_path))
     predict.run(tiny_cfg)
@@ -53,10 +53,10 @@ def test_predict_flags_unseen_images_and_lists_the_corrupt_one(tmp_path, tiny_cf
     assert summary["flagged_unknown"] == int(table.unknown.sum()) and summary["val_kept"] >= tiny_cfg.PREDICT_KEEP
     assert Image.open(out / "predictions.png").size[0] > 300
     assert paths.split.read_bytes() == split_before and paths.best.read_bytes() == best_before
-    record = json.loads(artifacts.provenance_path(paths, "predict").read_text())
+    record = json.loads(provenance.provenance_path(paths, "predict").read_text())
     assert set(record["outputs"]) == {"predictions/predictions.csv", "predictions/predictions.json",
                                       "predictions/bad_files.csv", "predictions/predictions.png"}
-    assert artifacts.stale_outputs(paths, "predict") == []
+    assert provenance.stale_outputs(paths, "predict") == []
 
     tiny_cfg.PREDICT_EMBEDDINGS = True  # again, with embeddings, from the trunk cache
     predict.run(tiny_cfg)
@@ -68,13 +68,13 @@ def test_predict_flags_unseen_images_and_lists_the_corrupt_one(tmp_path, tiny_cf
     open_set.run(tiny_cfg)
     calibration.run(tiny_cfg)
     scores = pd.read_csv(paths.out / "open_set_scores.csv")
-    assert scores.score.tolist() == list(open_set.SCORES) and scores.auroc.between(0, 1).all()
+    assert scores.score.tolist() == list(openset.SCORES) and scores.auroc.between(0, 1).all()
     table = pd.read_csv(paths.out / "calibration.csv")
     assert table[["subset", "when"]].values.tolist() == [["val", "before"], ["val", "after"], ["test", "before"],
                                                           ["test", "after"]]
     val = table[table.subset == "val"].set_index("when")
     assert val.nll["after"] <= val.nll["before"] + 1e-9  # fitted there: it can only lower the NLL
-    assert calibration.BINS == 15 and artifacts.stale_outputs(paths, "calibration") == []
+    assert calibrate.BINS == 15 and provenance.stale_outputs(paths, "calibration") == []
 
 
 def test_predict_command_line_bad_folder_is_one_error_line(tmp_path):

@@ -9,12 +9,11 @@ from PIL import Image
 from scipy.spatial.distance import cdist, pdist, squareform
 from sklearn.manifold import trustworthiness
 
-import artifacts
 import embedding_quality
 import leaks
 import train
 import transfer_learning
-
+from plankton import embedding_files, locations, probes, splits
 
 # ---- embedding quality -----------------------------------------------------------------------------
 
@@ -81,8 +80,8 @@ def test_trustworthiness_uses_the_subsets_plotted_points_and_equals_sklearns():
 
 def test_the_sample_cap_is_applied_and_said(capsys):
     x, labels = clustered(sizes=(30, 30))
-    frame = artifacts.embeddings_frame(x, labels, ["p", "q"], [f"p/{i}.png" for i in range(60)], {})
-    coords = pd.DataFrame(columns=artifacts.UMAP_COLUMNS)
+    frame = embedding_files.embeddings_frame(x, labels, ["p", "q"], [f"p/{i}.png" for i in range(60)], {})
+    coords = pd.DataFrame(columns=embedding_files.UMAP_COLUMNS)
     row = embedding_quality.subset_quality(frame, coords, "test", limit=20, neighbours=5, seed=0)
     assert row["n_images"] == 60 and row["n_used"] == 20 and "QUALITY_SAMPLES=20" in capsys.readouterr().out
     assert np.isnan(row["trustworthiness"]) and row["n_trust"] == 0
@@ -109,8 +108,8 @@ def test_a_copied_and_a_noised_training_image_in_the_test_set_are_caught(tmp_pat
     noisy = np.clip(pixels + np.random.default_rng(0).normal(0, 2, pixels.shape), 0, 255).astype(np.uint8)
     Image.fromarray(noisy).save(tiny_folder / "a" / "noisy.png")
     shutil.copy(tiny_folder / "a" / "img_001.png", tiny_folder / "u" / "dup.png")
-    paths = artifacts.prepare_output_dirs(tiny_cfg)
-    artifacts.split_from_settings(tiny_cfg, paths, create=True)
+    paths = locations.prepare_output_dirs(tiny_cfg)
+    splits.split_from_settings(tiny_cfg, paths, create=True)
     table = pd.read_csv(paths.split, dtype=str)
     subset_of = {"a/img_000.png": "train", "a/img_001.png": "train", "a/img_002.png": "val", "a/copy.png": "test",
                  "a/noisy.png": "test"}
@@ -151,7 +150,7 @@ def test_cosine_knn_votes_equal_a_hand_computation():
     train_x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
     train_y = np.array([5, 7, 7, 5])
     query = np.array([[2.0, 0.5]])
-    model = transfer_learning.CosineKNN(k=3, temperature=0.5).fit(train_x, train_y)
+    model = probes.CosineKNN(k=3, temperature=0.5).fit(train_x, train_y)
     cos = np.array([2.0, 0.5]) / np.hypot(2.0, 0.5)
     sims = [cos[0], cos[1], (cos[0] + cos[1]) / np.sqrt(2), -cos[0]]  # the 3 highest: rows 0, 2, 1
     votes_5 = np.exp(sims[0] / 0.5)
@@ -161,7 +160,7 @@ def test_cosine_knn_votes_equal_a_hand_computation():
     assert model.predict(query).tolist() == [7 if votes_7 > votes_5 else 5]
     assert votes_7 > votes_5  # two weaker neighbours outvote the nearest one here
     # a small temperature lets the nearest neighbour win alone
-    assert transfer_learning.CosineKNN(k=3, temperature=0.01).fit(train_x, train_y).predict(query).tolist() == [5]
+    assert probes.CosineKNN(k=3, temperature=0.01).fit(train_x, train_y).predict(query).tolist() == [5]
 
 
 def test_top_k_first_is_a_stable_argsort_cut_to_k_ties_included():
@@ -171,18 +170,18 @@ def test_top_k_first_is_a_stable_argsort_cut_to_k_ties_included():
         values = rng.integers(0, 3, (n, m)).astype(float) if trial % 2 else rng.normal(size=(n, m))  # many ties
         k = int(rng.integers(1, m + 3))
         expected = np.argsort(-values, axis=1, kind="stable")[:, :min(k, m)]
-        assert np.array_equal(transfer_learning.top_k_first(values, k), expected)
+        assert np.array_equal(probes.top_k_first(values, k), expected)
 
 
 def test_cosine_knn_votes_are_the_same_in_blocks(monkeypatch):
     rng = np.random.default_rng(2)
     train_x, train_y = rng.normal(size=(40, 6)), rng.integers(0, 4, 40)
     queries = np.vstack([rng.normal(size=(23, 6)), np.zeros((1, 6))])  # a zero row among them
-    whole = transfer_learning.CosineKNN(k=5, temperature=0.1).fit(train_x, train_y).votes(queries)
-    monkeypatch.setattr(transfer_learning, "BLOCK_BYTES", 8 * 40 * 3)  # 3 queries a block
-    blocked = transfer_learning.CosineKNN(k=5, temperature=0.1).fit(train_x, train_y).votes(queries)
+    whole = probes.CosineKNN(k=5, temperature=0.1).fit(train_x, train_y).votes(queries)
+    monkeypatch.setattr(probes, "BLOCK_BYTES", 8 * 40 * 3)  # 3 queries a block
+    blocked = probes.CosineKNN(k=5, temperature=0.1).fit(train_x, train_y).votes(queries)
     np.testing.assert_array_equal(blocked, whole)
-    sims = transfer_learning._unit(queries) @ transfer_learning._unit(train_x).T
+    sims = probes._unit(queries) @ probes._unit(train_x).T
     top = np.argsort(-sims, axis=1, kind="stable")[:, :5]
     expected = np.zeros((24, 4))
     for i in range(24):
@@ -197,12 +196,12 @@ def test_nearest_class_mean_equals_a_direct_computation():
     queries = rng.normal(size=(25, 4))
     means = np.stack([x[y == c].mean(0) for c in (0, 2, 9)])
     expected = np.array([0, 2, 9])[cdist(queries, means).argmin(1)]
-    assert transfer_learning.NearestClassMean().fit(x, y).predict(queries).tolist() == expected.tolist()
+    assert probes.NearestClassMean().fit(x, y).predict(queries).tolist() == expected.tolist()
 
 
 def test_the_k_per_class_sampler_draws_exactly_k_of_each_class_and_never_a_test_image():
     labels = np.array([0] * 20 + [1] * 9 + [2] * 14)
-    train_part, test_part = transfer_learning.stratified_split(labels, 0.3, seed=0)
+    train_part, test_part = probes.stratified_split(labels, 0.3, seed=0)
     assert transfer_learning.shot_counts(labels[train_part]) == [1, 2, 5]  # the smallest class keeps 6
     for k in (1, 2, 5):
         for seed in range(5):
@@ -211,8 +210,8 @@ def test_the_k_per_class_sampler_draws_exactly_k_of_each_class_and_never_a_test_
             assert set(picked) <= set(train_part) and not set(picked) & set(test_part)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(len(labels), 3)) + 4.0 * labels[:, None]
-    runs = transfer_learning.fewshot_runs(x, labels, 0.3, draws=3, k=3, seed=0, n_jobs=1)
-    assert set(runs.method) == set(transfer_learning.PROBES) and (runs.n_train == 3 * runs.shots).all()
+    runs = transfer_learning.fewshot_runs(x, labels, 0.3, draws=3, settings=probes.ProbeSettings(knn_k=3), seed=0, n_jobs=1)
+    assert set(runs.method) == set(probes.PROBES) and (runs.n_train == 3 * runs.shots).all()
     assert sorted(runs.shots.unique()) == [1, 2, 5] and (runs.groupby(["method", "shots"]).size() == 3).all()
 
 

@@ -8,14 +8,12 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_image_folder, tiny_config
 from PIL import Image
 
-import artifacts
-import common
 import report
-import run_all
 import verify
-from conftest import make_image_folder, tiny_config
+from plankton import fileio, locations, provenance, registry
 
 
 def _png(path, width=60, height=40, value=90):
@@ -28,8 +26,8 @@ def made_up_run(tmp_path):
     the classes and data folder, UMAP coordinates of real images, and evaluate's provenance record."""
     folder = make_image_folder(tmp_path / "images", {"a": 4, "b": 4, "c": 4, "u": 3, "v": 3})
     cfg = tiny_config(tmp_path, folder)
-    paths = artifacts.prepare_output_dirs(cfg)
-    common.save_torch(dict(data_dir=str(folder), class_names=["a", "b", "c"], unseen_classes=["u", "v"],
+    paths = locations.prepare_output_dirs(cfg)
+    fileio.save_torch(dict(data_dir=str(folder), class_names=["a", "b", "c"], unseen_classes=["u", "v"],
                            weights_source="random initialisation (WEIGHTS=None)"), paths.best)
     pd.DataFrame(dict(class_name=["a", "b"], train=[3, 3])).to_csv(paths.out / "class_counts.csv", index=False)
     _png(paths.out / "class_counts.png")
@@ -46,10 +44,10 @@ def made_up_run(tmp_path):
     _png(paths.out / "umap_embeddings.png", value=200)
     pd.DataFrame(dict(n=np.arange(50), value=np.linspace(0, 1, 50))).to_csv(paths.out / "transfer_learning.csv",
                                                                             index=False)
-    inputs = artifacts.start_stage(paths, "evaluate", [paths.best])
-    artifacts.save_provenance(paths, "evaluate", inputs, [paths.out / "test_metrics.csv",
+    inputs = provenance.start_stage(paths, "evaluate", [paths.best])
+    provenance.save_provenance(paths, "evaluate", inputs, [paths.out / "test_metrics.csv",
                                                           paths.out / "confusion_matrix.png"])
-    common.save_json(dict(dataset_overview=1.5, train=10.0), paths.out / "stage_times.json")
+    fileio.save_json(dict(dataset_overview=1.5, train=10.0), paths.out / "stage_times.json")
     return cfg, paths, coords, folder
 
 
@@ -61,7 +59,7 @@ def test_the_page_is_self_contained_with_every_section(made_up_run):
     assert "Bokeh" in page and "<script" in page  # bokeh.min.js itself is in the file
     headings = re.findall(r"<h2>(.*?)</h2>", page)
     expected = (["Settings", "Data overview", "Model summary", "Training curves", "Test metrics"]
-                + [f"Stage: {name}" for name, _ in run_all.STAGES if name != "report"]
+                + [s.title for s in registry.run_all_stages(cfg) if s.name != "report"]
                 + ["Stage timings", "Provenance"])
     assert [h for h in headings if h in expected] == expected
     assert "PlanktonNet &lt;head&gt;" in page  # the model summary, escaped
@@ -87,7 +85,7 @@ def test_the_umap_data_carries_each_points_thumbnail_class_and_subset(made_up_ru
 def test_the_report_records_provenance_that_verifies(made_up_run):
     cfg, paths, _, _ = made_up_run
     report.run(cfg)
-    record = json.loads(artifacts.provenance_path(paths, "report").read_text())
+    record = json.loads(provenance.provenance_path(paths, "report").read_text())
     assert list(record["outputs"]) == ["report.html"]
     assert str(paths.out / "provenance_evaluate.json") in record["inputs"]
     assert verify.stage_mismatches(paths, "report", record) == []
@@ -126,7 +124,7 @@ def test_a_multilabel_run_leaves_out_single_label_stages_and_says_why(made_up_ru
     report.run(cfg)
     page = (paths.out / "report.html").read_text(encoding="utf-8")
     headings = re.findall(r"<h2>(.*?)</h2>", page)
-    single_only = [name for name, module in run_all.STAGES if module.TASKS == ("multiclass",)]
+    single_only = [s.name for s in registry.STAGES if s.tasks == ("multiclass",)]
     assert single_only and not any(f"Stage: {name}" in headings for name in single_only)
     assert "Stage: embed" in headings and "Stages not run for this task" in headings
     overview = page[page.index("<h2>Data overview</h2>"):page.index("<h2>Model summary</h2>")]

@@ -6,10 +6,10 @@ import shutil
 import time
 
 import pytest
-
-import artifacts
-import run_all
 from conftest import make_image_folder, tiny_config
+
+import run_all
+from plankton import locations, registry
 
 pytestmark = pytest.mark.slow
 INSTALL = "apt-get install chromium chromium-driver"
@@ -55,7 +55,7 @@ def opened_report(tmp_path_factory):
     folder = make_image_folder(tmp / "images", {"a": 16, "b": 16, "c": 16, "u": 12, "v": 12})
     cfg = tiny_config(tmp, folder, MAX_EPOCHS=2)
     run_all.run(cfg)
-    page = artifacts.Paths.from_settings(cfg).out / "report.html"
+    page = locations.Paths.from_settings(cfg).out / "report.html"
     browser = chromium_driver()
     try:
         browser.get(page.resolve().as_uri())
@@ -71,7 +71,7 @@ def test_every_section_and_figure_renders(opened_report):
     assert browser.save_screenshot(str(tmp / "report_top.png"))
     headings = browser.execute_script("return [...document.querySelectorAll('h2')].map(h => h.textContent)")
     expected = (["Settings", "Data overview", "Model summary", "Training curves", "Test metrics"]
-                + [f"Stage: {name}" for name, _ in run_all.STAGES if name != "report"]
+                + [s.title for s in registry.STAGES if s.run_all and s.when_set is None and s.name != "report"]
                 + ["Stage timings", "Provenance"])
     assert [h for h in headings if h in expected] == expected
     figures = browser.execute_script("return [...document.querySelectorAll('figure img')]"

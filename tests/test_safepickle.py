@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from pandas.core.internals.blocks import Block
 
-import safepickle
-from safepickle import UnsafePickle
+from plankton import safepickle
+from plankton.safepickle import UnsafePickle
 
 
 @pytest.fixture(autouse=True)

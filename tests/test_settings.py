@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-import common
-import settings
+from plankton import settings
+from plankton.errors import PipelineError
 
-CONFIGFILE = Path(settings.__file__).resolve().parent / "configfile.py"
+CONFIGFILE = settings.DEFAULTS_FILE
 
 
 def configfile_lines() -> list[tuple[str, str]]:
@@ -58,25 +58,25 @@ HOSTILE = [
 
 @pytest.mark.parametrize("key, text", HOSTILE)
 def test_a_hostile_value_is_one_line_naming_the_setting(key, text):
-    with pytest.raises(common.PipelineError) as caught:
+    with pytest.raises(PipelineError) as caught:
         settings.load_settings([f"--{key}={text}"])
     message = str(caught.value)
     assert key in message and "\n" not in message
 
 
 def test_the_message_names_the_value_and_what_is_accepted():
-    with pytest.raises(common.PipelineError, match=r"^BATCH_SIZE=0: must be an integer >= 1$"):
+    with pytest.raises(PipelineError, match=r"^BATCH_SIZE=0: must be an integer >= 1$"):
         settings.load_settings(["--BATCH_SIZE=0"])
-    with pytest.raises(common.PipelineError, match=r"^CACHE_DTYPE='int8': must be 'float16' or 'float32'$"):
+    with pytest.raises(PipelineError, match=r"^CACHE_DTYPE='int8': must be 'float16' or 'float32'$"):
         settings.load_settings(["--CACHE_DTYPE=int8"])
-    with pytest.raises(common.PipelineError, match=r"'6' also in SEEN_CLASSES"):
+    with pytest.raises(PipelineError, match=r"'6' also in SEEN_CLASSES"):
         settings.load_settings(['--SEEN_CLASSES=["0", "6"]'])
 
 
 @pytest.mark.parametrize("key", [name for name, rule in settings.SCHEMA.items() if rule.kind == "bool"])
 def test_booleans_accept_only_true_and_false(key):
     for text in ("false", "FALSE", "0", "None", "'True'"):
-        with pytest.raises(common.PipelineError, match=f"^{key}=.*: use True or False$"):
+        with pytest.raises(PipelineError, match=f"^{key}=.*: use True or False$"):
             settings.load_settings([f"--{key}={text}"])
     assert getattr(settings.load_settings([f"--{key}=False"]), key) is False
     assert getattr(settings.load_settings([f"--{key}=True"]), key) is True
@@ -108,11 +108,11 @@ def test_seed_none_draws_a_seed_once_and_says_so(capsys):
 # ---- arguments and settings files -----------------------------------------------------------------
 
 def test_unknown_key_suggests_the_close_setting():
-    with pytest.raises(common.PipelineError, match=r"BATCHSIZE is not a setting; did you mean BATCH_SIZE\?"):
+    with pytest.raises(PipelineError, match=r"BATCHSIZE is not a setting; did you mean BATCH_SIZE\?"):
         settings.load_settings(["--BATCHSIZE=3"])
-    with pytest.raises(common.PipelineError, match="did you mean BATCH_SIZE"):
+    with pytest.raises(PipelineError, match="did you mean BATCH_SIZE"):
         settings.load_settings(["--batch_size=3"])
-    with pytest.raises(common.PipelineError, match="unknown argument"):
+    with pytest.raises(PipelineError, match="unknown argument"):
         settings.load_settings(["BATCH_SIZE=3"])
 
 
@@ -127,7 +127,7 @@ def test_partial_config_file_takes_the_rest_from_configfile(tmp_path):
 def test_config_file_values_are_checked_too(tmp_path):
     mine = tmp_path / "mine.py"
     mine.write_text("BATCH_SIZE = 0\n")
-    with pytest.raises(common.PipelineError, match="^BATCH_SIZE=0"):
+    with pytest.raises(PipelineError, match="^BATCH_SIZE=0"):
         settings.load_settings([f"--config={mine}"])
     assert settings.load_settings([f"--config={mine}", "--BATCH_SIZE=4"]).BATCH_SIZE == 4  # the command line wins
 
@@ -135,7 +135,7 @@ def test_config_file_values_are_checked_too(tmp_path):
 def test_misspelt_name_in_config_file_names_file_and_suggestion(tmp_path):
     mine = tmp_path / "mine.py"
     mine.write_text("MAX_EPOCH = 2\n")
-    with pytest.raises(common.PipelineError) as caught:
+    with pytest.raises(PipelineError) as caught:
         settings.load_settings([f"--config={mine}"])
     message = str(caught.value)
     assert str(mine) in message and "MAX_EPOCH is not a setting; did you mean MAX_EPOCHS?" in message
@@ -144,9 +144,9 @@ def test_misspelt_name_in_config_file_names_file_and_suggestion(tmp_path):
 def test_broken_or_missing_config_file_is_one_clear_error(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("SEED = 0\nLR = 0.001 +\n")
-    with pytest.raises(common.PipelineError, match="cannot read settings file"):
+    with pytest.raises(PipelineError, match="cannot read settings file"):
         settings.load_settings([f"--config={broken}"])
-    with pytest.raises(common.PipelineError, match="no settings file at"):
+    with pytest.raises(PipelineError, match="no settings file at"):
         settings.load_settings([f"--config={tmp_path / 'absent.py'}"])
 
 

@@ -9,21 +9,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import (
+    PYTHON,
+    REPO,
+    assert_same_tensors,
+    dir_args,
+    env,
+    make_image_folder,
+    model_tensors,
+    script,
+    settings_file,
+    tiny_config,
+)
 from PIL import Image
 
-import artifacts
-import common
 import run_all
-from conftest import PYTHON, REPO, assert_same_tensors, dir_args, env, make_image_folder, model_tensors, script, \
-    settings_file, tiny_config
+from plankton import checkpoints, embedding_files, fileio, hashing, locations, registry
 
 pytestmark = pytest.mark.slow
 
 
 def test_all_six_stages_end_to_end(tiny_cfg):
     times = run_all.run(tiny_cfg)
-    assert set(times) == {name for name, _ in run_all.STAGES} | {"total"}
-    out = artifacts.Paths.from_settings(tiny_cfg).out
+    assert set(times) == {s.name for s in registry.run_all_stages(tiny_cfg)} | {"total"}
+    out = locations.Paths.from_settings(tiny_cfg).out
     expected = ["split.csv", "training_history.csv", "training_plot.png", "test_metrics.csv", "confusion_matrix.png",
                 "umap_embeddings.png", "umap_coordinates.csv", "transfer_learning.csv", "accuracy_all.png"]
     expected += [f"embeddings_{s}.pkl" for s in ("train", "test", "unseen")]
@@ -41,14 +50,14 @@ def test_all_six_stages_end_to_end(tiny_cfg):
     metrics = pd.read_csv(out / "test_metrics.csv")
     assert metrics.class_name.tolist() == ["a", "b", "c", "overall"]
     assert metrics.accuracy.iloc[-1] > 0.6  # three easy synthetic classes; chance is 1/3
-    best_sha = common.sha256_file(artifacts.Paths.from_settings(tiny_cfg).best)
-    unseen = artifacts.open_embeddings(artifacts.Paths.from_settings(tiny_cfg), "unseen")
+    best_sha = hashing.sha256_file(locations.Paths.from_settings(tiny_cfg).best)
+    unseen = embedding_files.open_embeddings(locations.Paths.from_settings(tiny_cfg), "unseen")
     assert list(unseen.columns[:3]) == ["label", "class_name", "path"] and len(unseen.columns) == 3 + 128
     assert set(unseen.class_name) == {"u", "v"} and len(unseen) == 24
     assert unseen.attrs["subset"] == "unseen" and unseen.attrs["checkpoint_sha256"] == best_sha
     distances = pd.read_csv(out / "average_euclidean_distances_test.csv", index_col=0)
     assert list(distances.columns) == ["a", "b", "c"] and np.allclose(distances.values, distances.values.T)
-    assert not list(out.glob(f"*{common.TMP_MARK}*"))
+    assert not list(out.glob(f"*{fileio.TMP_MARK}*"))
 
 
 def test_small_data_runs_to_the_end(tmp_path):
@@ -58,9 +67,9 @@ def test_small_data_runs_to_the_end(tmp_path):
     cfg = tiny_config(tmp_path, folder, BATCH_SIZE=64, VAL_PER_EPOCH=10, TRANSFER_REPEATS=1, CLOSE_FAR_COUNT=5)
     times = run_all.run(cfg)
     assert times["total"] >= sum(seconds for stage, seconds in times.items() if stage != "total")
-    history = pd.read_csv(artifacts.Paths.from_settings(cfg).history)
+    history = pd.read_csv(locations.Paths.from_settings(cfg).history)
     assert len(history) == cfg.MAX_EPOCHS  # one batch per epoch: one validation pass each
-    results = pd.read_csv(artifacts.Paths.from_settings(cfg).out / "transfer_learning.csv")
+    results = pd.read_csv(locations.Paths.from_settings(cfg).out / "transfer_learning.csv")
     assert results.n_test.iloc[0] == 3 and results.balanced_accuracy.notna().all()
 
 
@@ -76,23 +85,23 @@ def save_then_die(obj, f, *args, **kwargs):
     Path(f).write_bytes(data[: len(data) // 3])
     os.kill(os.getpid(), signal.SIGKILL)  # no finally, no atexit: a real kill mid-write
 torch.save = save_then_die
-common.save_torch({{"value": torch.zeros(1000)}}, Path({target!r}))
+fileio.save_torch({{"value": torch.zeros(1000)}}, Path({target!r}))
 """
 
 
 def test_save_killed_mid_write_leaves_the_old_file_and_a_cleaned_up_temporary(tmp_path):
     cfg = tiny_config(tmp_path)
-    paths = artifacts.prepare_output_dirs(cfg)
+    paths = locations.prepare_output_dirs(cfg)
     old = {"value": torch.arange(1000)}
-    common.save_torch(old, paths.best)
+    fileio.save_torch(old, paths.best)
     done = subprocess.run([PYTHON, "-c", _KILLED_WRITER.format(repo=str(REPO), target=str(paths.best))],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    leftovers = [p for p in paths.checkpoints.iterdir() if common.TMP_MARK in p.name]
+    leftovers = [p for p in paths.checkpoints.iterdir() if fileio.TMP_MARK in p.name]
     assert leftovers, "the simulated kill should have left a temporary file"
-    assert torch.equal(artifacts.open_checkpoint(paths.best)["value"], old["value"])
-    artifacts.prepare_output_dirs(cfg)
-    assert not [p for p in tmp_path.rglob("*") if common.TMP_MARK in p.name]
+    assert torch.equal(checkpoints.open_checkpoint(paths.best)["value"], old["value"])
+    locations.prepare_output_dirs(cfg)
+    assert not [p for p in tmp_path.rglob("*") if fileio.TMP_MARK in p.name]
     assert paths.best.is_file()
 
 
@@ -132,7 +141,7 @@ def test_killed_training_resumes_to_the_same_model(tmp_path):
             victim.wait()
     if victim.returncode != -signal.SIGKILL:
         pytest.fail(f"train.py finished (status {victim.returncode}) before it could be killed; make it slower")
-    killed_state = artifacts.open_checkpoint(last)
+    killed_state = checkpoints.open_checkpoint(last)
     if killed_state["finished"]:
         pytest.fail("training had already finished when it was killed; make the run slower")
     assert killed_state["epoch"] < 7
@@ -147,7 +156,7 @@ def test_killed_training_resumes_to_the_same_model(tmp_path):
                          model_tensors(ref_dir / "checkpoints" / "best.pth"))
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "outputs" / "training_history.csv"),
                                   pd.read_csv(ref_dir / "outputs" / "training_history.csv"))
-    assert not [p for p in run_dir.rglob("*") if common.TMP_MARK in p.name]
+    assert not [p for p in run_dir.rglob("*") if fileio.TMP_MARK in p.name]
 
     # a finished run is not trained again
     best_bytes = (run_dir / "checkpoints" / "best.pth").read_bytes()
@@ -164,9 +173,9 @@ def test_killed_training_resumes_to_the_same_model(tmp_path):
     assert "epoch 1:" in over.stdout
     history = pd.read_csv(run_dir / "outputs" / "training_history.csv")
     assert len(history) == 4 and history.epoch.iloc[0] < 1.0 and history.epoch.iloc[-1] == 2.0
-    best = artifacts.open_checkpoint(run_dir / "checkpoints" / "best.pth")
+    best = checkpoints.open_checkpoint(run_dir / "checkpoints" / "best.pth")
     assert best["config"]["MAX_EPOCHS"] == 2 and best["epoch"] <= 2.0
-    last_state = artifacts.open_checkpoint(last)
+    last_state = checkpoints.open_checkpoint(last)
     assert last_state["finished"] and last_state["epoch"] == 1
 
 

@@ -5,23 +5,22 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_tensors, make_image_folder, model_tensors, tiny_config, train_killed_after_first
 from PIL import Image
 
-import artifacts
 import backbone
-import common
 import dataloader
 import evaluate
 import train
-import trunk_cache
-from conftest import assert_same_tensors, make_image_folder, model_tensors, tiny_config, train_killed_after_first
+from plankton import checkpoints, locations, splits, trunk_cache
+from plankton.errors import PipelineError
 
 PREPROCESS = dataloader.Preprocess(32, "stretch", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RUNTIME = dataloader.Runtime(torch.device("cpu"), batch_size=8, workers=0, channels_last=True, mixed_precision=False)
 
 
 def _test_logits(cfg, images):
-    checkpoint = artifacts.open_checkpoint(artifacts.Paths.from_settings(cfg).best)
+    checkpoint = checkpoints.open_checkpoint(locations.Paths.from_settings(cfg).best)
     model = backbone.model_from_checkpoint(checkpoint, torch.device("cpu"))
     with torch.no_grad():
         return model(images)[0]
@@ -36,7 +35,7 @@ def test_cached_training_is_the_same_function_as_uncached(tmp_path, tiny_folder)
         ("half", dict(CACHE_TRUNK=True, CACHE_DTYPE="float16")))}
     for cfg in runs.values():
         train.run(cfg)
-    split = artifacts.split_from_settings(runs["cached"], artifacts.Paths.from_settings(runs["cached"]), create=False)
+    split = splits.split_from_settings(runs["cached"], locations.Paths.from_settings(runs["cached"]), create=False)
     relpaths, labels = split.subset("test")
     dataset = dataloader.ImageDataset(tiny_folder, relpaths, labels, PREPROCESS)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
@@ -74,7 +73,7 @@ def test_a_start_over_run_killed_early_is_not_mistaken_for_the_old_finished_run(
     run must not take the OLD run's finished last.pth for its own and stop ('training already
     finished') while best.pth holds the new run's model after one validation pass."""
     cfg = tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=3)
-    paths = artifacts.Paths.from_settings(cfg)
+    paths = locations.Paths.from_settings(cfg)
     train.run(cfg)
     fully_trained = model_tensors(paths.best)
 
@@ -87,7 +86,7 @@ def test_a_start_over_run_killed_early_is_not_mistaken_for_the_old_finished_run(
     assert "training already finished" not in out, ("the old run's finished last.pth was taken for the killed "
                                                    "--RESUME=False run: best.pth is left after one validation pass")
     assert_same_tensors(model_tensors(paths.best), fully_trained)
-    assert artifacts.open_checkpoint(paths.last)["finished"]
+    assert checkpoints.open_checkpoint(paths.last)["finished"]
 
 
 def test_one_seed_gives_the_same_split_and_metrics_in_two_folders(tmp_path):
@@ -97,7 +96,7 @@ def test_one_seed_gives_the_same_split_and_metrics_in_two_folders(tmp_path):
         cfg = tiny_config(tmp_path / name, data, SEED=7)
         train.run(cfg)
         evaluate.run(cfg)
-        outputs.append(artifacts.Paths.from_settings(cfg).out)
+        outputs.append(locations.Paths.from_settings(cfg).out)
     for file in ("split.csv", "test_metrics.csv", "training_history.csv"):
         assert (outputs[0] / file).read_bytes() == (outputs[1] / file).read_bytes(), file
     assert_same_tensors(model_tensors(tmp_path / "first" / "checkpoints" / "best.pth"),
@@ -108,18 +107,18 @@ def test_one_seed_gives_the_same_split_and_metrics_in_two_folders(tmp_path):
 def test_a_finished_run_with_other_settings_says_what_differs(tmp_path, tiny_folder):
     cfg = tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=2)
     train.run(cfg)
-    best = artifacts.Paths.from_settings(cfg).best.read_bytes()
-    summary = artifacts.Paths.from_settings(cfg).model_summary.read_text()
+    best = locations.Paths.from_settings(cfg).best.read_bytes()
+    summary = locations.Paths.from_settings(cfg).model_summary.read_text()
     assert "Trainable params: " in summary and "trunk weights: random initialisation" in summary
-    with pytest.raises(common.PipelineError, match=r"finished training run with other settings \(MAX_EPOCHS: 2 -> 3\)"
+    with pytest.raises(PipelineError, match=r"finished training run with other settings \(MAX_EPOCHS: 2 -> 3\)"
                                                    r".*--RESUME=False"):
         train.run(tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=3))
-    assert artifacts.Paths.from_settings(cfg).best.read_bytes() == best
+    assert locations.Paths.from_settings(cfg).best.read_bytes() == best
 
 
 def test_a_diverging_run_stops_with_one_line_and_no_finished_last_checkpoint(tmp_path, tiny_folder):
     cfg = tiny_config(tmp_path, tiny_folder, LR=1e30)  # Adam with this step size overflows at once
-    with pytest.raises(common.PipelineError, match="training diverged .* lower LR"):
+    with pytest.raises(PipelineError, match="training diverged .* lower LR"):
         train.run(cfg)
-    paths = artifacts.Paths.from_settings(cfg)
+    paths = locations.Paths.from_settings(cfg)
     assert not paths.best.exists() and not paths.last.exists()

@@ -6,24 +6,21 @@ import pandas as pd
 import pytest
 import scipy.special
 import torch
+from conftest import assert_same_tensors, model_tensors, tiny_config, train_killed_after_first
 from sklearn.metrics import average_precision_score
 
-import artifacts
 import backbone
-import common
 import dataloader
 import seeds
-import settings
 import train
-import training
-import trunk_cache
-from conftest import assert_same_tensors, model_tensors, tiny_config, train_killed_after_first
+from plankton import checkpoints, hashing, locations, provenance, settings, splits, training, trunk_cache
+from plankton.errors import PipelineError
 
-# common.tensors_sha256 of best.pth's model from tiny_config(MAX_EPOCHS=3) on the tiny_folder fixture,
-# computed at commit 80b26e2, before these options existed (CPU, torch 2.x). A change of the model,
+# hashing.tensors_sha256 of best.pth's model from tiny_config(MAX_EPOCHS=3) on the tiny_folder fixture,
+# computed at commit 80b26e2, before these options existed (re-derived there on this CPU, torch 2.14.1). A change of the model,
 # the tiny data or torch's CPU kernels changes it too: re-derive it at the base commit in that case.
-BEFORE_OPTIONS_SHA256 = "ef26f451258beaa182d0a9805d1e1c356a9fb34edca875eb9dd1e9b06efe04df"
-BEFORE_OPTIONS_VAL_LOSS = 0.07057289779186249
+BEFORE_OPTIONS_SHA256 = "a38a59c2a767783464673da6bd801c9b4637fae63e7379dccf267ee29b1dc77a"
+BEFORE_OPTIONS_VAL_LOSS = 0.07060961922009786
 
 
 def test_adam_with_default_options_trains_the_same_best_model_as_before_them(tmp_path, tiny_folder):
@@ -31,8 +28,8 @@ def test_adam_with_default_options_trains_the_same_best_model_as_before_them(tmp
     assert (cfg.OPTIMIZER, cfg.WEIGHT_DECAY, cfg.LR_SCHEDULE, cfg.COLOR_JITTER, cfg.LABEL_SMOOTHING,
             cfg.SPLIT_SEED) == ("adam", 0.0, "none", 0.0, 0.0, None)
     train.run(cfg)
-    best = artifacts.open_checkpoint(artifacts.Paths.from_settings(cfg).best)
-    assert common.tensors_sha256(best["model"]) == BEFORE_OPTIONS_SHA256
+    best = checkpoints.open_checkpoint(locations.Paths.from_settings(cfg).best)
+    assert hashing.tensors_sha256(best["model"]) == BEFORE_OPTIONS_SHA256
     assert best["val_loss"] == BEFORE_OPTIONS_VAL_LOSS
 
 
@@ -58,12 +55,12 @@ def test_history_holds_sklearn_average_precision_of_the_model_at_that_pass(tmp_p
     """One epoch, one validation pass at its end: the model of that pass is last.pth's."""
     cfg = tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=1, VAL_PER_EPOCH=1, CACHE_DTYPE="float32")
     train.run(cfg)
-    paths = artifacts.Paths.from_settings(cfg)
+    paths = locations.Paths.from_settings(cfg)
     history = pd.read_csv(paths.history)
     assert len(history) == 1
-    last = artifacts.open_checkpoint(paths.last)
+    last = checkpoints.open_checkpoint(paths.last)
     model = backbone.model_from_checkpoint(last, torch.device("cpu"))
-    split = artifacts.split_from_settings(cfg, paths, create=False)
+    split = splits.split_from_settings(cfg, paths, create=False)
     preprocess = dataloader.Preprocess.from_checkpoint(last)
     runtime = dataloader.runtime_from_settings(cfg)
     cache = trunk_cache.from_settings(cfg, paths.cache, model.trunk, last["trunk_sha256"], preprocess, runtime)
@@ -113,18 +110,18 @@ def test_a_run_killed_after_its_first_epoch_resumes_the_lr_schedule(tmp_path, ti
     train.run(through)
     killed = tiny_config(tmp_path / "killed", tiny_folder, **options)
     train_killed_after_first(killed, monkeypatch)
-    assert artifacts.open_checkpoint(artifacts.Paths.from_settings(killed).last)["scheduler"]["last_epoch"] == 1
+    assert checkpoints.open_checkpoint(locations.Paths.from_settings(killed).last)["scheduler"]["last_epoch"] == 1
     train.run(killed)
-    a, b = artifacts.Paths.from_settings(through), artifacts.Paths.from_settings(killed)
+    a, b = locations.Paths.from_settings(through), locations.Paths.from_settings(killed)
     assert_same_tensors(model_tensors(a.best), model_tensors(b.best))
     pd.testing.assert_frame_equal(pd.read_csv(a.history), pd.read_csv(b.history))
     assert list(pd.read_csv(b.history).lr.round(6).unique()) == [0.05, 0.025, 0.0125]
-    assert artifacts.open_checkpoint(b.last)["scheduler"] == artifacts.open_checkpoint(a.last)["scheduler"]
+    assert checkpoints.open_checkpoint(b.last)["scheduler"] == checkpoints.open_checkpoint(a.last)["scheduler"]
 
 
 def test_a_changed_option_refuses_to_resume_with_one_line(tmp_path, tiny_folder):
     train.run(tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=1))
-    with pytest.raises(common.PipelineError, match=r"OPTIMIZER: 'adam' -> 'sgd'.*--RESUME=False"):
+    with pytest.raises(PipelineError, match=r"OPTIMIZER: 'adam' -> 'sgd'.*--RESUME=False"):
         train.run(tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=1, OPTIMIZER="sgd"))
 
 
@@ -137,13 +134,13 @@ def test_a_changed_option_refuses_to_resume_with_one_line(tmp_path, tiny_folder)
     ("SPLIT_SEED", "-1"), ("SPLIT_SEED", "x"), ("SEEDS", "[1]"), ("SEEDS", "[1, 1]"), ("SEEDS", "3"),
     ("SEEDS", "[0, -1]"), ("SEEDS", "[0, 1.5]"), ("SEEDS", "[0, True]")])
 def test_a_bad_training_option_is_one_line_naming_it(key, text):
-    with pytest.raises(common.PipelineError) as caught:
+    with pytest.raises(PipelineError) as caught:
         settings.load_settings([f"--{key}={text}"])
     assert str(caught.value).startswith(f"{key}=") and "\n" not in str(caught.value)
 
 
 def test_color_jitter_needs_augment_and_then_changes_the_images(tiny_folder):
-    with pytest.raises(common.PipelineError, match="COLOR_JITTER=0.4: needs AUGMENT=True"):
+    with pytest.raises(PipelineError, match="COLOR_JITTER=0.4: needs AUGMENT=True"):
         settings.load_settings(["--COLOR_JITTER=0.4"])
     assert settings.load_settings(["--COLOR_JITTER=0.4", "--AUGMENT=True"]).COLOR_JITTER == 0.4
     preprocess = dataloader.Preprocess(32, "stretch", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -159,7 +156,7 @@ def test_color_jitter_needs_augment_and_then_changes_the_images(tiny_folder):
 def test_split_seed_draws_the_split_and_defaults_to_seed(tmp_path, tiny_folder):
     def split_table(name, **options):
         cfg = tiny_config(tmp_path / name, tiny_folder, **options)
-        return artifacts.split_from_settings(cfg, artifacts.prepare_output_dirs(cfg), create=True).table
+        return splits.split_from_settings(cfg, locations.prepare_output_dirs(cfg), create=True).table
 
     default = split_table("default", SEED=3)
     pd.testing.assert_frame_equal(default, split_table("same", SEED=3, SPLIT_SEED=3))
@@ -172,7 +169,7 @@ def test_split_seed_draws_the_split_and_defaults_to_seed(tmp_path, tiny_folder):
 def test_seeds_writes_per_seed_results_and_their_mean_and_sd(tmp_path, tiny_folder):
     cfg = tiny_config(tmp_path, tiny_folder, SEEDS=[0, 5], MAX_EPOCHS=2)
     train.run(cfg)
-    paths = artifacts.Paths.from_settings(cfg)
+    paths = locations.Paths.from_settings(cfg)
     main_best = paths.best.read_bytes()
     seeds.run(cfg)
     per_seed = pd.read_csv(paths.out / "seed_robustness.csv")
@@ -187,7 +184,7 @@ def test_seeds_writes_per_seed_results_and_their_mean_and_sd(tmp_path, tiny_fold
     assert_same_tensors(model_tensors(seed_0 / "best.pth"), model_tensors(paths.best))
     assert (seed_0 / "split.csv").read_bytes() == paths.split.read_bytes()
     assert (paths.out / "seed_training_curves.png").stat().st_size > 10_000
-    assert artifacts.stale_outputs(paths, "seeds") == []
+    assert provenance.stale_outputs(paths, "seeds") == []
 
 
 def test_class_wise_curves_use_a_fixed_sample_of_a_large_training_set(tmp_path, tiny_folder, capsys):
@@ -203,5 +200,5 @@ def test_class_wise_curves_use_a_fixed_sample_of_a_large_training_set(tmp_path, 
     cfg = tiny_config(tmp_path, tiny_folder, CLASSWISE_SAMPLES=5, MAX_EPOCHS=1)
     train.run(cfg)
     assert "class-wise training curves use a fixed random sample of 5 of the" in capsys.readouterr().out
-    history = pd.read_csv(artifacts.Paths.from_settings(cfg).history)
+    history = pd.read_csv(locations.Paths.from_settings(cfg).history)
     assert "train_map" in history and history.train_map.notna().all()

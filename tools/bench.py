@@ -1,9 +1,9 @@
 """Speed and memory benchmark of the pipeline: one table of figures, ratios and targets.
 
-    .venv/bin/python bench.py                 # everything, at 5,000 and 50,000 images too (long on a CPU)
-    .venv/bin/python bench.py --sizes=5000    # the generated folders to measure at (comma-separated)
-    .venv/bin/python bench.py --quick         # about a minute: no memory run, no run_all, no generated folders
-    .venv/bin/python bench.py --DEVICE=cpu    # any --KEY=VALUE setting override, as for the other scripts
+    .venv/bin/python tools/bench.py                 # everything, at 5,000 and 50,000 images too (long on a CPU)
+    .venv/bin/python tools/bench.py --sizes=5000    # the generated folders to measure at (comma-separated)
+    .venv/bin/python tools/bench.py --quick         # about a minute: no memory run, no run_all, no generated folders
+    .venv/bin/python tools/bench.py --DEVICE=cpu    # any --KEY=VALUE setting override, as for the other scripts
 
 Reads:  the image folder (DATA_DIR, or the built-in digits) and the settings (configfile.py or --config=FILE).
 Writes: only under bench_outputs/: micro/ and e2e/ (its own split, checkpoints, trunk cache and
@@ -41,17 +41,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import artifacts
-import backbone
-import common
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts and the plankton package
+import backbone  # noqa: E402
 import compute_average_distances as cad
 import dataloader
-import settings
-import training
 from dataloader import Runtime
-from trunk_cache import TrunkCache
+from plankton import embedding_files, fileio, locations, provenance, runner, settings, splits, system, training
+from plankton.errors import PipelineError
+from plankton.trunk_cache import TrunkCache
 
-BENCH_DIR = common.REPO_DIR / "bench_outputs"
+BENCH_DIR = system.REPO_DIR / "bench_outputs"
 CHILD_FLAG = "--_peak-memory-child"  # hidden: the process whose peak memory is measured
 RUN_CHILD_FLAG = "--_run-all-child"  # hidden: a run_all.py run whose stage times and peak memory are measured
 SIZES_FLAG = "--sizes="
@@ -75,9 +74,9 @@ def sizes_asked(flags: set[str], quick: bool) -> list[int]:
     try:
         sizes = [int(n) for n in given[0].split(",") if n]
     except ValueError:
-        raise common.PipelineError(f"{given[0]!r}: --sizes takes image counts separated by commas, e.g. --sizes=5000")
+        raise PipelineError(f"{given[0]!r}: --sizes takes image counts separated by commas, e.g. --sizes=5000")
     if any(n < 100 for n in sizes):
-        raise common.PipelineError("--sizes: each folder needs at least 100 images")
+        raise PipelineError("--sizes: each folder needs at least 100 images")
     return sizes
 
 
@@ -208,6 +207,7 @@ def tensor_item(path: Path, preprocess: dataloader.Preprocess, mean: torch.Tenso
         image = decode_image(path, mode="RGB")
     else:
         import warnings
+
         from torchvision.io import ImageReadMode, decode_image
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -307,7 +307,7 @@ def rss_mib(field: str) -> float:
 def peak_memory_child(cfg) -> None:
     """Runs in the child: build the data, note the RSS, run both fast metrics, print the peak as JSON.
     The peak (VmHWM) covers the whole process: torch, the data and the computation."""
-    device = common.pick_device(cfg.DEVICE)
+    device = system.pick_device(cfg.DEVICE)
     x, labels = synthetic_embeddings(MEMORY_POINTS)
     baseline = rss_mib("VmRSS")
     times = {m: seconds for m, (_, seconds) in fast_distances(x, labels, device).items()}
@@ -318,7 +318,7 @@ def peak_memory_child(cfg) -> None:
 def measure_peak_memory(cfg_args: list[str]) -> dict:
     """Peak RSS of a fresh process doing only the fast distances on MEMORY_POINTS points."""
     child = subprocess.run([sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, *cfg_args],
-                           capture_output=True, text=True, cwd=common.REPO_DIR)
+                           capture_output=True, text=True, cwd=system.REPO_DIR)
     if child.returncode != 0:
         raise RuntimeError(f"peak-memory child failed:\n{child.stderr[-2000:]}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
@@ -331,8 +331,8 @@ def measure_umap(cfg) -> dict:
     """fit_umap on the points dimensionality_reduction.py fits (the run's embeddings, sampled the
     same way), after a small warm-up fit so numba's compilation is not counted."""
     import dimensionality_reduction as dr
-    paths = artifacts.Paths.from_settings(cfg)
-    frames = {s: artifacts.open_embeddings(paths, s) for s in dr.SUBSETS}
+    paths = locations.Paths.from_settings(cfg)
+    frames = {s: embedding_files.open_embeddings(paths, s) for s in dr.SUBSETS}
     points, _ = dr.plotted_points(frames, cfg.UMAP_SAMPLES, cfg.SEED)
     dr.fit_umap(points[:300], cfg.UMAP_NEIGHBORS, cfg.SEED)
     _, seconds = timed(lambda: dr.fit_umap(points, cfg.UMAP_NEIGHBORS, cfg.SEED), torch.device("cpu"))
@@ -429,7 +429,7 @@ def timed_run_all(data: Path, work: Path, numba_dir: Path, cfg_args: list[str]) 
     env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_dir)}
     started = time.perf_counter()
     child = subprocess.run([sys.executable, str(Path(__file__).resolve()), RUN_CHILD_FLAG, *cfg_args, *folders],
-                           capture_output=True, text=True, cwd=common.REPO_DIR, env=env)
+                           capture_output=True, text=True, cwd=system.REPO_DIR, env=env)
     if child.returncode != 0:
         raise RuntimeError(f"run_all child on {data} failed:\n{child.stderr[-3000:]}")
     return dict(json.loads(child.stdout.strip().splitlines()[-1]), wall_s=time.perf_counter() - started)
@@ -512,7 +512,7 @@ def environment(device: torch.device, cfg, quick: bool, other_cores: float) -> d
         name = model_lines[0].split(":", 1)[1].strip() if model_lines else platform.processor() or "cpu"
     return dict(device=str(device), device_name=name, torch=torch.__version__, cpu_cores=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                python=platform.python_version(), code_version=common.code_version(), quick=quick,
+                python=platform.python_version(), code_version=provenance.code_version(), quick=quick,
                 other_processes_busy_cores=other_cores, settings=settings.settings_dict(cfg))
 
 
@@ -589,13 +589,12 @@ def print_table(rows: list[tuple], env: dict) -> None:
 
 def run(cfg, quick: bool, cfg_args: list[str], sizes: list[int]) -> dict:
     """Measure everything; the figures as one dict."""
-    import train
     micro = bench_config(cfg, "micro")
     runtime = dataloader.runtime_from_settings(micro)
-    paths = artifacts.prepare_output_dirs(micro)
-    split = artifacts.split_from_settings(micro, paths, create=True)
-    common.set_seed(micro.SEED)
-    model, arch, _ = train.new_model(micro, len(split.seen_classes))
+    paths = locations.prepare_output_dirs(micro)
+    split = splits.split_from_settings(micro, paths, create=True)
+    system.set_seed(micro.SEED)
+    model, arch, _ = training.new_model(micro, len(split.seen_classes))
     training.place_model(model, runtime)
     preprocess = dataloader.Preprocess.for_trunk(arch["trunk"], micro.IMAGE_SIZE, micro.RESIZE_MODE)
     cache = TrunkCache(paths.cache, model.trunk, backbone.frozen_trunk_sha256(model), preprocess, runtime,
@@ -617,11 +616,11 @@ def run(cfg, quick: bool, cfg_args: list[str], sizes: list[int]) -> dict:
 
 
 def report(cfg, figures: dict, quick: bool, clock_start) -> None:
-    env = environment(common.pick_device(cfg.DEVICE), cfg, quick, other_load(clock_start))
+    env = environment(system.pick_device(cfg.DEVICE), cfg, quick, other_load(clock_start))
     rows = table_rows(figures)
     print_table(rows, env)
     BENCH_DIR.mkdir(exist_ok=True)
-    common.save_json(dict(environment=env, figures=figures,
+    fileio.save_json(dict(environment=env, figures=figures,
                           table=[dict(zip(("figure", "measured", "target", "result"), r)) for r in rows]),
                      BENCH_DIR / "bench.json")
     print(f"-> {BENCH_DIR / 'bench.json'}  (benchmark wall time {figures['bench_wall_s']:.0f} s)")
@@ -641,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         figures["bench_wall_s"] = time.perf_counter() - started
         report(cfg, figures, quick, clock_start)
     # numba's compiled code is kept between benchmark runs, apart from the user's
-    common.run_script(bench, cfg_args, numba_cache=BENCH_DIR / "numba", lock_folders=False)  # writes only its own
+    runner.run_script(bench, cfg_args, numba_cache=BENCH_DIR / "numba", lock_folders=False)  # writes only its own
 
 
 if __name__ == "__main__":

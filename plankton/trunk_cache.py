@@ -11,7 +11,7 @@ size, resize mode, normalisation, dtype, data folder); an image's key covers the
 content's SHA-256 when the caller gives one, else its relative path, size and modification time.
 
 Append-only: a trunk pass writes a chunk every CHUNK_ROWS images and never rewrites one, each file
-moved into place whole (common.atomic_path), the array first and its keys file last. So a chunk
+moved into place whole (fileio.atomic_path), the array first and its keys file last. So a chunk
 without its keys file is a write still under way (or killed) and is not read; a kill loses at most
 the chunk in progress; and runs that write at the same time only add chunks, never mix one run's
 rows with another's keys. Two chunks may hold the same image (two runs computed it at once): either
@@ -42,9 +42,10 @@ import numpy as np
 import torch
 
 import dataloader
-import distributed
-from common import PipelineError, atomic_path
 from dataloader import Preprocess, Runtime
+from plankton import distributed
+from plankton.errors import PipelineError
+from plankton.fileio import atomic_path
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 CHUNK_ROWS = 2048  # images per chunk file: a kill loses at most this many (64 MB at 128 px, float16)

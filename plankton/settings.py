@@ -1,7 +1,7 @@
 """One owner for the pipeline's settings: what each accepts (SCHEMA), reading them, checking them,
 listing them and comparing them.
 
-    cfg = settings.load_settings()      # reads sys.argv[1:]; common.run_script does this for a script
+    cfg = settings.load_settings()      # reads sys.argv[1:]; runner.run_script does this for a script
     python train.py --help              # every setting with its value, its comment and what it accepts
 
 Where the values come from, a later source winning:
@@ -16,7 +16,7 @@ Where the values come from, a later source winning:
 Then every value is checked against SCHEMA, and the settings against each other (the three split
 fractions sum to 1, seen and unseen classes are disjoint, OUTPUT_DIR, CHECKPOINT_DIR and CACHE_DIR
 are neither the repository's folder nor a filesystem root). The first failure raises
-common.PipelineError with one line naming the setting, the value and what it accepts:
+PipelineError with one line naming the setting, the value and what it accepts:
 `BATCH_SIZE=0: must be an integer >= 1`. Checked values come back normalised: a float setting given
 as an int is a float, a class list is a list, `~` in a path is expanded.
 
@@ -25,7 +25,7 @@ SEED=None means "a fresh seed for this run": load_settings draws one from os.ura
 record the seed actually used (pass --SEED=N to repeat the run).
 
 --help (or -h) prints help_text(cfg) with the values as given so far and raises SystemExit(0):
-common.run_script lets SystemExit through, so the script exits 0 without running.
+runner.run_script lets SystemExit through, so the script exits 0 without running.
 """
 import ast
 import dataclasses
@@ -37,11 +37,14 @@ import re
 import sys
 import tokenize
 import types
+from collections.abc import Collection
 from pathlib import Path
 
-from common import PipelineError
+import backbone
+from plankton import openset, tasks, training
+from plankton.errors import PipelineError
+from plankton.system import REPO_DIR
 
-REPO_DIR = Path(__file__).resolve().parent
 DEFAULTS_FILE = REPO_DIR / "configfile.py"
 HELP_FLAGS = ("--help", "-h")
 
@@ -52,7 +55,8 @@ HELP_FLAGS = ("--help", "-h")
 class Rule:
     kind: str  # "int", "float", "bool", "str", "path", "classes", "names", "modules", "device" or "seeds"
     bounds: str = ""  # numbers only, an interval: "[1, inf)" is >= 1, "(0, 1)" is strictly between 0 and 1
-    choices: tuple[str, ...] = ()  # words accepted as they are (the only values of a "str" setting)
+    choices: Collection[str] = ()  # words accepted as they are (the only values of a "str" setting);
+    # a table (dict) itself where the choices are its keys, so that a new entry is accepted at once
     none_ok: bool = False  # None is accepted too
 
 
@@ -72,7 +76,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "VAL_FRACTION": Rule("float", "(0, 1)"),
     "TEST_FRACTION": Rule("float", "(0, 1)"),
     # model
-    "TRUNK": Rule("str", choices=("efficientnet_v2_s", "resnet18", "resnet50", "convnext_tiny")),
+    "TRUNK": Rule("str", choices=backbone.TRUNKS),
     "WEIGHTS": Rule("path", choices=("auto", "imagenet"), none_ok=True),
     "EMBEDDING_DIM": Rule("int", "[1, inf)"),
     "DROPOUT": Rule("float", "[0, 1)"),
@@ -117,10 +121,10 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "RANKED_CLASSES": Rule("names"),
     "RANKED_AMONG": Rule("str", choices=("class", "all")),
     # training options and seed robustness
-    "OPTIMIZER": Rule("str", choices=("adam", "adamw", "sgd")),
+    "OPTIMIZER": Rule("str", choices=training.OPTIMIZERS),
     "MOMENTUM": Rule("float", "[0, 1)"),
     "WEIGHT_DECAY": Rule("float", "[0, inf)"),
-    "LR_SCHEDULE": Rule("str", choices=("none", "step", "cosine")),
+    "LR_SCHEDULE": Rule("str", choices=training.SCHEDULES),
     "LR_STEP_EPOCHS": Rule("int", "[1, inf)"),
     "LR_GAMMA": Rule("float", "(0, 1]"),
     "COLOR_JITTER": Rule("float", "[0, 1]"),
@@ -137,7 +141,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "OPEN_SET_TRAIN_SAMPLES": Rule("int", "[1, inf)"),
     "OPEN_SET_KNN_METRIC": Rule("str", choices=("cosine", "euclidean")),
     "PREDICT_DIR": Rule("path", none_ok=True),
-    "PREDICT_SCORE": Rule("str", choices=("max_softmax", "energy", "knn", "mahalanobis")),
+    "PREDICT_SCORE": Rule("str", choices=openset.SCORES),
     "PREDICT_KEEP": Rule("float", "(0, 1]"),
     "PREDICT_EMBEDDINGS": Rule("bool"),
     "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
@@ -150,7 +154,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "FEWSHOT_DRAWS": Rule("int", "[2, inf)"),
     "FEWSHOT_TEMPERATURE": Rule("float", "(0, inf)"),
     # multi-label task
-    "TASK": Rule("str", choices=("multiclass", "multilabel")),
+    "TASK": Rule("str", choices=tasks.TASK_OBJECTS),
     "LABELS_CSV": Rule("path", none_ok=True),
     "BUILTIN_MULTILABEL_DIR": Rule("path"),
     "TAIL_THRESHOLDS": Rule("int", "[2, 1000]"),
@@ -304,7 +308,6 @@ def check_together(values: dict) -> None:
             raise PipelineError(f"{name}={values[name]!r}: must be a folder the pipeline can own, "
                                 f"not {what} ({folder})")
     if values["FINETUNE_BLOCKS"]:  # backbone.py counts the trunk's blocks; torchvision is imported only then
-        import backbone
         backbone.check_finetune_blocks(values["TRUNK"], values["FINETUNE_BLOCKS"])
     if values["LABELS_CSV"] is not None and values["TASK"] != "multilabel":  # it would silently do nothing
         raise PipelineError(f"LABELS_CSV={values['LABELS_CSV']!r}: read only with TASK='multilabel' (TASK is "

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 
-from common import PipelineError
+from plankton.errors import PipelineError
 
 ALL_TASKS = ("multiclass", "multilabel")
 

@@ -1,8 +1,8 @@
 """How much the interactive UMAP adds to report.html for a given number of points with thumbnails
 (a measurement, not a test: it prints figures).
 
-    python tests/report_size.py                      # 6,000 points on 128-px photo patches
-    python tests/report_size.py --points=2000 --size=256
+    python tools/report_size.py                      # 6,000 points on 128-px photo patches
+    python tools/report_size.py --points=2000 --size=256
 
 Makes `points` images, each a random square patch of scikit-learn's two sample photographs (china.jpg,
 flower.jpg; photo-like content, where thumbnails are larger than on the built-in digits), in ten class

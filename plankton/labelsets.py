@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common import PipelineError, atomic_path, save_csv
-from images import IMAGE_EXTENSIONS, printable, scan_and_report
+from plankton.errors import PipelineError
+from plankton.fileio import atomic_path, save_csv
+from plankton.images import IMAGE_EXTENSIONS, printable, scan_and_report
 
 LABEL_SEPARATOR = ";"  # between the labels of one image in the labels CSV and in split.csv
 LABELS_COLUMNS = ["path", "labels"]

@@ -12,8 +12,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-import distributed
-from common import PipelineError, Progress, atomic_path, save_csv, sha256_file
+from plankton import distributed
+from plankton.errors import PipelineError
+from plankton.fileio import atomic_path, save_csv
+from plankton.hashing import sha256_file
+from plankton.progress import Progress
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}  # GIF, WebP: first frame
 
@@ -324,3 +327,12 @@ def draw_split(seen: dict[str, list[str]], unseen: dict[str, list[str]], hashes:
     for class_name, files in unseen.items():
         rows += [(f, class_name, "unseen", hashes[f]) for f in files]
     return pd.DataFrame(rows, columns=SPLIT_COLUMNS)
+
+
+THUMBNAIL = 160  # pixels: longest side of an image in the sample grid
+
+
+def thumbnail(path) -> np.ndarray:
+    image = load_rgb(path)
+    image.thumbnail((THUMBNAIL, THUMBNAIL), Image.BILINEAR)
+    return np.asarray(image)

@@ -8,10 +8,9 @@ import numpy as np
 import torch
 
 import backbone
-import distributed
-import tasks
-from common import Progress
 from dataloader import FeatureSource, Rows, Runtime, feature_batches, in_order
+from plankton import distributed, tasks
+from plankton.progress import Progress
 
 
 def place_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
@@ -36,29 +35,32 @@ def parameter_groups(model: torch.nn.Module, lr: float, finetune_lr: float) -> l
     return groups
 
 
+# OPTIMIZER's choices: name -> builder(param_groups, lr, weight_decay, momentum). A new optimizer is one entry.
+OPTIMIZERS = {
+    "adam": lambda groups, lr, decay, momentum: torch.optim.Adam(groups, lr=lr, weight_decay=decay),
+    "adamw": lambda groups, lr, decay, momentum: torch.optim.AdamW(groups, lr=lr, weight_decay=decay),
+    "sgd": lambda groups, lr, decay, momentum: torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=decay),
+}
+# LR_SCHEDULE's choices: name -> builder(optimizer, max_epochs, step_epochs, gamma), stepped at each epoch end
+SCHEDULES = {
+    "none": lambda optimizer, max_epochs, step_epochs, gamma: None,  # the LR stays
+    "step": lambda optimizer, max_epochs, step_epochs, gamma: torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=step_epochs, gamma=gamma),
+    "cosine": lambda optimizer, max_epochs, step_epochs, gamma: torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max_epochs),  # from the LR down to 0 over max_epochs
+}
+
+
 def make_optimizer(name: str, param_groups, lr: float, weight_decay: float = 0.0,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """"adam", "adamw" or "sgd" over `param_groups`: a list of parameters, or of dicts
-    {"params": [...], "lr": ...} where a group's own lr replaces `lr` (e.g. trunk and head)."""
-    if name == "adam":
-        return torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")  # settings.SCHEMA lets only the three through
+    """OPTIMIZERS[name] over `param_groups`: a list of parameters, or of dicts {"params": [...],
+    "lr": ...} where a group's own lr replaces `lr` (e.g. trunk and head)."""
+    return OPTIMIZERS[name](param_groups, lr, weight_decay, momentum)
 
 
 def make_scheduler(name: str, optimizer, max_epochs: int, step_epochs: int = 5, gamma: float = 0.3):
-    """The LR schedule, stepped once at each epoch end: None for "none" (the LR stays), StepLR for
-    "step", CosineAnnealingLR from the LR down to 0 over max_epochs for "cosine"."""
-    if name == "none":
-        return None
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=gamma)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
-    raise ValueError(f"unknown LR schedule {name!r}")
+    """SCHEDULES[name] for `optimizer`, or None for "none"."""
+    return SCHEDULES[name](optimizer, max_epochs, step_epochs, gamma)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -232,3 +234,11 @@ def classwise_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, c
         row.update({f"{name}_{key}": value for key, value in
                     task.classwise_metrics(logits, source.labels.numpy(), class_names).items()})
     return row
+
+
+def new_model(cfg, num_classes: int) -> tuple[torch.nn.Module, dict, str]:
+    """(model, arch, weights source): a fresh model with the trunk's weights as WEIGHTS says."""
+    arch = backbone.architecture_args(num_classes, cfg.IMAGE_SIZE, cfg.EMBEDDING_DIM, cfg.DROPOUT, cfg.TRUNK,
+                                      cfg.FINETUNE_BLOCKS)
+    model = backbone.build_model(arch)
+    return model, arch, backbone.load_trunk_weights(model, cfg.WEIGHTS)

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=4 train.py      # one node, four GPUs
     torchrun --standalone --nproc_per_node=2 embed.py      # two CPU processes (gloo): a correctness check
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process; with WORLD_SIZE > 1 common.run_script
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process; with WORLD_SIZE > 1 runner.run_script
 starts the process group (NCCL when the device is CUDA, each process on cuda:LOCAL_RANK; gloo on the
 CPU), and plain `python train.py` (no such variables) runs as one process, as before. Rank 0 is the
 main process: it alone holds the folder locks, keeps the log and writes files; the others' console

@@ -1,0 +1,70 @@
+"""Calibration: reliability bins, expected calibration error, Brier score, and temperature scaling
+fitted on the validation images (calibration.py reports them, predict.py applies the temperature)."""
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+BINS = 15  # equal-width confidence bins of the ECE and the reliability diagram
+
+
+LOG_T_BOUNDS = (-5.0, 5.0)  # the fitted temperature lies in [e^-5, e^5] = [0.0067, 148]
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean -log p(true class) of softmax(logits / temperature), in nats."""
+    log_p = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score: mean over images of the squared distance to the one-hot label."""
+    one_hot = np.eye(probs.shape[1])[labels]
+    return float(((probs - one_hot) ** 2).sum(1).mean())
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> pd.DataFrame:
+    """Per equal-width bin (lo, hi] of the top score: images, accuracy, mean confidence (NaN if empty)."""
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        inside = which == b
+        rows.append(dict(bin_low=b / bins, bin_high=(b + 1) / bins, images=int(inside.sum()),
+                         accuracy=float((predicted[inside] == labels[inside]).mean()) if inside.any() else np.nan,
+                         confidence=float(confidence[inside].mean()) if inside.any() else np.nan))
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
+    table = reliability_bins(probs, labels, bins)
+    used = table[table.images > 0]
+    return float((used.images / len(labels) * (used.accuracy - used.confidence).abs()).sum())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T > 0 minimising the NLL of softmax(logits / T): a bounded scalar search over log T."""
+    found = minimize_scalar(lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+                            bounds=LOG_T_BOUNDS, method="bounded", options=dict(xatol=1e-6))
+    return float(np.exp(found.x))
+
+
+def validation_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
+    """(T, "" when fitted, or why T stays 1). When every validation image is predicted right, the NLL
+    falls without end as T -> 0 (each true class is already the top one): no finite T minimises it,
+    and the search would return its lower bound, a model that claims certainty on every image."""
+    if (np.asarray(logits).argmax(1) == labels).all():
+        return 1.0, (f"not fitted: all {len(labels)} validation images are predicted correctly, so the NLL has no "
+                     f"minimum (it falls as T -> 0); T = 1 kept")
+    return fit_temperature(logits, labels), ""
+
+
+def calibration_row(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
+    probs = probabilities(logits, temperature)
+    return dict(temperature=temperature, images=len(labels), accuracy=float((probs.argmax(1) == labels).mean()),
+                ece=expected_calibration_error(probs, labels), nll=negative_log_likelihood(logits, labels, temperature),
+                brier=brier_score(probs, labels))

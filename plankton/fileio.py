@@ -1,0 +1,84 @@
+"""Writing files so that a kill at any moment leaves the old file or the new one, never half of one:
+atomic_path and the savers built on it, and the sweep of temporaries that killed runs left behind."""
+import contextlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+
+import torch
+
+from plankton.errors import PipelineError
+
+# temporary files are named "<name>.tmp-plankton-<pid>-<8 hex digits>" beside their target; only
+# names of exactly this form, of processes no longer alive, are ever cleaned up
+TMP_MARK = ".tmp-plankton-"
+
+
+TMP_NAME = re.compile(r".+\.tmp-plankton-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; on success move it into place with os.replace.
+
+    A kill at any moment leaves either the old file or the new one, never half of one. A full,
+    read-only or foreign folder ends in a PipelineError naming `path` (the temporary is removed)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        raise PipelineError(f"cannot write {path}: {err.strerror or err}") from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def remove_abandoned_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries under `folder` that atomic_path made in processes no longer alive
+    (a killed run's). A live process's temporary, and every other file, is left alone: a pid
+    reused since only keeps a leftover for one more run."""
+    removed = []
+    for leftover in Path(folder).rglob(f"*{TMP_MARK}*"):
+        match = TMP_NAME.fullmatch(leftover.name)
+        if match and leftover.is_file() and not _process_alive(int(match["pid"])):
+            with contextlib.suppress(OSError):  # a read-only folder: the write that follows says so
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # never one of ours: os.kill(0, ...) would mean the process group
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or no pid at all: leave it
+        return True
+    return True
+
+
+def save_torch(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk as "enforce fail ..."
+            if "enforce fail" not in str(err) and "PytorchStreamWriter" not in str(err):
+                raise
+            reason = str(err).strip().splitlines()[0][:200]
+            raise PipelineError(f"cannot write {path}: the write failed, is the disk full? ({reason})") from err
+
+
+def save_csv(frame, path: Path, **kwargs) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, **kwargs)
+
+
+def save_json(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

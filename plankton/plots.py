@@ -1,0 +1,53 @@
+"""Figures: matplotlib on the file-only backend, class-name ticks that never overlap, class colours,
+and saving a PNG that says which trunk weights made it when they are not ImageNet's."""
+from pathlib import Path
+
+from plankton import fileio
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def class_ticks(ax, class_names: list[str]) -> None:
+    """Class names on both axes of a class x class matrix; long names slanted so they never overlap."""
+    slant = max(map(len, class_names)) > 3
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45 if slant else 0, ha="right" if slant else "center")
+    ax.set_yticks(range(len(class_names)), class_names)
+
+
+FIGURE_NOTE = {"text": ""}  # set by note_trunk_weights once a stage knows which weights made its numbers
+
+
+def note_trunk_weights(weights_source: str) -> None:
+    """Every figure saved from now on says which trunk weights made it, unless they are ImageNet's:
+    a random trunk's figures look like results, and a reader of a report must not take them for any."""
+    pretrained = weights_source.startswith("ImageNet")
+    FIGURE_NOTE["text"] = "" if pretrained else f"Trunk weights: {weights_source}, not ImageNet-pretrained"
+
+
+def save_figure(fig, path: Path) -> None:
+    if FIGURE_NOTE["text"]:  # below everything else; bbox_inches="tight" grows the canvas to hold it
+        fig.text(0.5, -0.02, FIGURE_NOTE["text"], ha="center", va="top", fontsize=8, color="darkred")
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def class_colours(seen: list[str], unseen: list[str]) -> dict[str, tuple]:
+    """One hue per class, seen classes first, from one qualitative palette: an unseen class never
+    takes a seen class's hue (tab10 up to 10 classes in all, tab20 up to 20, then evenly spaced hues)."""
+    import matplotlib.pyplot as plt
+    names = list(seen) + list(unseen)
+    if len(names) <= 10:
+        return {c: plt.get_cmap("tab10")(i) for i, c in enumerate(names)}
+    if len(names) <= 20:
+        return {c: plt.get_cmap("tab20")(i) for i, c in enumerate(names)}
+    return {c: plt.get_cmap("hsv")(i / len(names)) for i, c in enumerate(names)}
+
+
+UNSEEN_MARKER = "^"  # unseen classes are triangles, seen classes dots

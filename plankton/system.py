@@ -1,0 +1,49 @@
+"""The machine: seeds, the device, DataLoader workers, and handing freed memory back between stages."""
+import ctypes
+import gc
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plankton.errors import PipelineError
+
+REPO_DIR = Path(__file__).resolve().parents[1]  # the scripts' folder, above this package
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free blocks back to the system (glibc's malloc_trim; nothing elsewhere).
+    run_all.py calls it between stages: glibc keeps what a stage freed, so without it one process
+    running every stage holds the sum of their leftovers, not just the largest stage's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass  # not glibc (macOS, musl): its allocator returns memory its own way
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(setting: str) -> torch.device:
+    """"auto" means CUDA when present, else CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(setting).startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"DEVICE={setting!r} but no CUDA device is visible; use DEVICE='auto' or 'cpu'")
+    return torch.device(setting)
+
+
+def num_workers(setting) -> int:
+    """DataLoader workers. "auto": none on 2 cores or fewer, where the trunk's threads already keep
+    every core busy and a worker process only competes with them (bench.py on the built-in data:
+    embed at 0.95x the trunk limit with 0 workers, 0.82x with 1); else one per core but one, up to 8."""
+    if setting == "auto":
+        cores = os.cpu_count() or 1
+        return 0 if cores <= 2 else min(8, cores - 1)
+    return int(setting)
