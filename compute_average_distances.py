@@ -5,7 +5,7 @@ set (seen classes) and for the unseen classes.
 
 Reads:  outputs/embeddings_test.pkl, outputs/embeddings_unseen.pkl (checked against checkpoints/best.pth).
 Writes: outputs/average_{euclidean,angular}_distances_{test,unseen}.csv and .png, and last
-        outputs/provenance_compute_average_distances.json (see artifacts.py).
+        outputs/provenance_compute_average_distances.json (see plankton/provenance.py).
 
 Entry (a, b) is the mean distance over all pairs of one sample of class a and one of class b; the
 diagonal is the mean over pairs of *distinct* samples of a class. Angular distance is 1 - cos.

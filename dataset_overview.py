@@ -2,14 +2,14 @@
 
     python dataset_overview.py
 
-Runs first in run_all.py. The split is artifacts.py's: if train.py has not drawn it yet, it is drawn
+Runs first in run_all.py. The split is plankton/splits.py's: if train.py has not drawn it yet, it is drawn
 here, from the same settings and in the same way (then train.py reads it instead of drawing it).
 
 Reads:  the image folder (DATA_DIR, or the built-in digits), outputs/split.csv.
 Writes: outputs/class_counts.csv (one row per class: kind, train, val, test, unseen, total; a last
         row "(all classes)"), outputs/class_counts.png (stacked bars, seen and unseen apart),
         outputs/sample_images.png (OVERVIEW_SAMPLES random images of each class, one row per class),
-        and last outputs/provenance_dataset_overview.json (see artifacts.py).
+        and last outputs/provenance_dataset_overview.json (see plankton/provenance.py).
 """
 import numpy as np
 import pandas as pd

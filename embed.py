@@ -11,7 +11,7 @@ Writes: outputs/embeddings_train.pkl, outputs/embeddings_test.pkl, outputs/embed
         records the checkpoint's SHA-256, the split's SHA-256, the subset, the class list and the task.
         TASK="multilabel": a `labels` column after path holds each image's label set ("1;3;5"), and
         label/class_name are its rarest label among the subset's labels (seen, or unseen for "unseen").
-        Last, outputs/provenance_embed.json (see artifacts.py).
+        Last, outputs/provenance_embed.json (see plankton/provenance.py).
 Under torchrun the processes share out the images (and the missing trunk features) in contiguous
 blocks; rank 0 gathers the embeddings in the split's order and alone writes the same files.
 """

@@ -8,12 +8,12 @@ Reads:  checkpoints/best.pth, outputs/split.csv, the test images (through the tr
 Writes: outputs/test_metrics.csv (per class and overall: accuracy, precision, recall, F1, average
         precision, balanced accuracy), outputs/test_metrics.json,
         outputs/test_predictions.csv (path, true_class, predicted_class, score_<class> per class; and .parquet),
-        outputs/test_scores.npz (logits and softmax scores, float32, for exact reuse; artifacts.py),
+        outputs/test_scores.npz (logits and softmax scores, float32, for exact reuse; plankton/saved_predictions.py),
         outputs/confusion_matrix.png, outputs/misclassified_test_images.png,
         outputs/tail_accuracy.csv / .png (per class and threshold t from 0.5 to the highest score, in
         TAIL_THRESHOLDS steps: images whose score for the class is >= t, their share, and the share
         of them truly of the class; NaN where none is left),
-        and last outputs/provenance_evaluate.json (see artifacts.py).
+        and last outputs/provenance_evaluate.json (see plankton/provenance.py).
 TASK="multilabel": test_metrics per label (images carrying it, AP of its sigmoid score, precision,
 recall and F1 at 0.5; overall: mAP, macro and micro precision/recall, exact-match accuracy),
 test_predictions.csv with true_labels/predicted_labels, outputs/test_label_metrics.png (per-label

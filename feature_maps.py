@@ -21,7 +21,7 @@ Reads:  checkpoints/best.pth, outputs/split.csv, the seen test and unseen images
 Writes: outputs/feature_map_stats.csv (module, condition, n_images, n_channels, nonpositive_share,
         effective_rank, eig_1..eig_5), outputs/feature_map_spectra.csv (every eigenvalue),
         outputs/feature_map_spectra.png, outputs/feature_map_nonpositive.png, and last
-        outputs/provenance_feature_maps.json (see artifacts.py).
+        outputs/provenance_feature_maps.json (see plankton/provenance.py).
 """
 import contextlib
 import difflib

@@ -8,7 +8,7 @@ Reads:  outputs/test_scores.npz (checked against checkpoints/best.pth), the test
 Writes: outputs/ranked_<class index>_<class name>.png for each class of RANKED_CLASSES ([] = every
         seen class): 2 rows x 10, the highest scores (top row, highest first) and the lowest (bottom
         row, lowest first), each captioned with its true class and score; last
-        outputs/provenance_ranked_images.json (see artifacts.py).
+        outputs/provenance_ranked_images.json (see plankton/provenance.py).
 
 RANKED_AMONG = "class" ranks a class's score among its own test images (its surest and its least
 sure members); "all" among every test image (which images the model scores highest for the class,

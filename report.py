@@ -179,7 +179,7 @@ def front_sections(out: Path, read: list[Path], skipped: list[str]) -> list[str]
         body = render_files(present, read, keep_order=True)
         if not present:
             owners = sorted({registry.stage_of(n) for n in names} & set(skipped))
-            why = (f"{', '.join(o + '.py' for o in owners)} did not run: not for this task (see its TASKS)" if owners
+            why = (f"{', '.join(o + '.py' for o in owners)} did not run: not for this task (see plankton/registry.py)" if owners
                    else "run run_all.py, or the stage that writes them")
             body += note(f"Not in {out}: {', '.join(names)} ({why}).")
         sections.append(section(title, body))

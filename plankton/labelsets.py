@@ -1,6 +1,6 @@
 """Multi-label data (TASK = "multilabel"): the built-in demo of digit mosaics, reading and checking a
 labels CSV, drawing and checking the multi-label split, and label sets as multi-hot matrices.
-Nothing here knows about models; artifacts.py owns the split file and calls these.
+Nothing here knows about models; plankton/splits.py owns the split file and calls these.
 
 The labels CSV has a header and two columns:
 

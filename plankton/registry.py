@@ -13,8 +13,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from plankton.errors import PipelineError
-
-ALL_TASKS = ("multiclass", "multilabel")
+from plankton.tasks import ALL_TASKS
 
 
 @dataclass(frozen=True)

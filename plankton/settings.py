@@ -484,3 +484,23 @@ def differences(old: dict, new: dict, keys) -> list[str]:
         if before != after:
             lines.append(f"{key}: {show(before)} -> {show(after)}")
     return lines
+
+
+def reference_markdown() -> str:
+    """docs/settings.md: every setting, grouped as in configfile.py, with its default, what it accepts
+    and its comment there. tools/settings_reference.py writes it; a test checks that it is current."""
+    defaults, docs = read_defaults(), setting_docs()
+    lines = ["# Settings", "",
+             "Generated from `plankton/settings.py`'s SCHEMA and `configfile.py` by "
+             "`python tools/settings_reference.py`; do not edit by hand.", "",
+             "Set them in `configfile.py`, in a file given with `--config=FILE` (only the names it changes), "
+             "or for one run with `--KEY=VALUE`. `python <script>.py --help` lists them with their current values."]
+    section = None
+    for name, rule in SCHEMA.items():
+        here, comment = docs.get(name, ("other", ""))
+        if here != section:
+            lines += ["", f"## {here}", "", "| setting | default | accepts | meaning |", "|---|---|---|---|"]
+            section = here
+        cells = [f"`{name}`", f"`{defaults[name]!r}`", accepts(rule), comment]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"

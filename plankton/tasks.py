@@ -5,8 +5,8 @@ figures of a validation pass, which figure picks the best model, and tail accura
     task = tasks.for_name(cfg.TASK)     # tasks.MULTICLASS or tasks.MULTILABEL
 
 Targets are int64 tensors/arrays: class indices (images,) for "multiclass", a multi-hot matrix
-(images x labels) for "multilabel". Stages that work on one task only say so in a module-level
-`TASKS` tuple; `require` stops them with one line, run_all skips them with one line.
+(images x labels) for "multilabel". Which stages handle which task is plankton/registry.py's
+table (a Stage's `tasks`); registry.require_task stops a stage run by hand for another task.
 """
 import warnings
 from dataclasses import dataclass
@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 
-from plankton.errors import PipelineError
-
-ALL_TASKS = ("multiclass", "multilabel")
+ALL_TASKS = ("multiclass", "multilabel")  # TASK's values; TASK_OBJECTS below maps each to its object
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -181,10 +179,3 @@ TASK_OBJECTS = {"multiclass": MULTICLASS, "multilabel": MULTILABEL}
 
 def for_name(name: str):
     return TASK_OBJECTS[name]
-
-
-def require(task_name: str, supported: tuple[str, ...], script: str) -> None:
-    """Stop a stage that does not handle this task with one line."""
-    if task_name not in supported:
-        raise PipelineError(f"{script} is {' and '.join(supported)} only; TASK={task_name!r} has no such analysis "
-                            f"here (run_all.py skips it)")

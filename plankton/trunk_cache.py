@@ -16,7 +16,7 @@ without its keys file is a write still under way (or killed) and is not read; a 
 the chunk in progress; and runs that write at the same time only add chunks, never mix one run's
 rows with another's keys. Two chunks may hold the same image (two runs computed it at once): either
 one is right. A chunk whose keys do not match its array (torn by a faulty disk or copy) is named in
-one warning, never served, and its images are computed again; deleting dead files is common.py's
+one warning, never served, and its images are computed again; deleting dead files is fileio.py's
 cleanup. The lock only saves a second run from computing what the first is computing: nothing
 relies on it, and where the file system has no locks (some NFS mounts) runs simply go without.
 
