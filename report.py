@@ -25,7 +25,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from plankton import checkpoints, fileio, images, locations, plots, provenance, registry, runner, settings
+from plankton import (
+    checkpoints,
+    embedding_files,
+    fileio,
+    images,
+    locations,
+    plots,
+    provenance,
+    registry,
+    runner,
+    settings,
+)
+from plankton.errors import PipelineError
 
 TABLE_ROWS = 30  # rows of a CSV table shown in the report (the file itself has them all)
 TABLE_COLUMNS = 20  # columns shown at most (an embeddings table has 131)
@@ -340,10 +352,12 @@ def umap_plot(coords: pd.DataFrame, colours: dict[str, str]):
 
 def interactive_umap(paths: locations.Paths) -> str:
     """The interactive UMAP of umap_coordinates.csv with the thumbnails of its images, or a line saying why not."""
-    coords_path = paths.out / "umap_coordinates.csv"
-    if not coords_path.is_file() or not paths.best.is_file():
-        return note(f"No interactive UMAP: {coords_path.name} or best.pth is missing.")
-    coords = pd.read_csv(coords_path, dtype={"class_name": str, "path": str})
+    if not paths.umap_coordinates.is_file() or not paths.best.is_file():
+        return note(f"No interactive UMAP: {paths.umap_coordinates.name} or best.pth is missing.")
+    try:  # its owner reads it: refused unless dimensionality_reduction's provenance vouches for it
+        coords = embedding_files.open_umap_coordinates(paths)
+    except PipelineError as err:
+        return f'<p class="warn">No interactive UMAP: {esc(err)}</p>'
     checkpoint = checkpoints.open_checkpoint(paths.best)
     return umap_html(coords, Path(checkpoint["data_dir"]), checkpoint["class_names"], checkpoint["unseen_classes"])
 

@@ -47,8 +47,20 @@ def made_up_run(tmp_path):
     inputs = provenance.start_stage(paths, "evaluate", [paths.best])
     provenance.save_provenance(paths, "evaluate", inputs, [paths.out / "test_metrics.csv",
                                                           paths.out / "confusion_matrix.png"])
+    inputs = provenance.start_stage(paths, "dimensionality_reduction", [paths.best])
+    provenance.save_provenance(paths, "dimensionality_reduction", inputs, [paths.out / "umap_coordinates.csv",
+                                                                          paths.out / "umap_embeddings.png"])
     fileio.save_json(dict(dataset_overview=1.5, train=10.0), paths.out / "stage_times.json")
     return cfg, paths, coords, folder
+
+
+def test_umap_coordinates_that_provenance_does_not_vouch_for_are_not_drawn(made_up_run):
+    cfg, paths, coords, folder = made_up_run
+    coords.assign(x=coords.x + 1).to_csv(paths.umap_coordinates, index=False)  # changed after the stage ran
+    report.run(cfg)
+    page = (paths.out / "report.html").read_text(encoding="utf-8")
+    assert "No interactive UMAP:" in page and "re-run dimensionality_reduction.py" in page
+    assert 'id="umap-tapped"' not in page
 
 
 def test_the_page_is_self_contained_with_every_section(made_up_run):
