@@ -77,7 +77,8 @@ _KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-import torch, common
+import torch
+from plankton import fileio
 real_save = torch.save
 def save_then_die(obj, f, *args, **kwargs):
     real_save(obj, f, *args, **kwargs)
