@@ -39,3 +39,11 @@ def test_every_docs_page_is_linked_from_the_readme():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     pages = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))
     assert pages and [p for p in pages if p not in readme] == []
+
+
+def test_the_readme_settings_file_is_accepted_as_written(tmp_path):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    example = next(block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "DATA_DIR" in block)
+    (tmp_path / "my_settings.py").write_text(example)
+    cfg = settings.load_settings([f"--config={tmp_path / 'my_settings.py'}"])
+    assert cfg.DATA_DIR and len(cfg.SEEN_CLASSES) >= 2
