@@ -420,7 +420,7 @@ def build_report(cfg, paths: locations.Paths, read: list[Path]) -> str:
     if skipped:
         sections.append(section("Stages not run for this task", note(
             f"TASK={cfg.TASK!r}: {', '.join(n + '.py' for n in skipped)} analyse single-label runs only; "
-            f"run_all.py skips them (see the README's multi-label section).")))
+            f"run_all.py skips them (see docs/multilabel.md).")))
     sections += [timings_section(paths.out), provenance_section(paths, [s.name for s in stages], read)]
     return page(header(paths), sections)
 
