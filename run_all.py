@@ -35,8 +35,7 @@ def run(cfg, after_stage=None, force: bool = False) -> dict:
             if not stage.handles(cfg.TASK):
                 print(f"skipped: {stage.script} is {' and '.join(stage.tasks)} only (TASK={cfg.TASK!r}): {stage.not_for}")
                 continue
-            why_not = None if force else provenance.why_rerun(paths, stage.name, cfg)
-            if why_not is None and stage.recorded and not force:
+            if not force and provenance.why_rerun(paths, stage.name, cfg) is None:
                 print(f"up to date: {stage.script}'s outputs match its recorded inputs, settings and code "
                       f"(--force runs it again)")
                 continue

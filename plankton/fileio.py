@@ -82,3 +82,8 @@ def save_csv(frame, path: Path, **kwargs) -> None:
 def save_json(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def plain_json(obj):
+    """obj as plain JSON values (tuples become lists, anything else its str): what records keep."""
+    return json.loads(json.dumps(obj, default=str))

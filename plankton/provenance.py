@@ -8,7 +8,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from plankton import registry
+from plankton import fileio, registry
 from plankton.errors import PipelineError
 from plankton.fileio import save_json
 from plankton.hashing import file_sha256
@@ -37,8 +37,6 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-
-
 def provenance_path(paths: Paths, stage: str) -> Path:
     return paths.out / f"provenance_{stage}.json"
 
@@ -53,16 +51,14 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def settings_record(cfg) -> dict:
-    """The settings as plain JSON values, as a record keeps them."""
-    return json.loads(json.dumps(vars(cfg), default=str))
-
-
 def why_rerun(paths: Paths, stage: str, cfg) -> str | None:
     """None when a stage need not run again: its record is there and readable, was made by this code
     with these settings, every input it read is unchanged, and every output it wrote is there and
     unchanged (none stale). Otherwise, in a few words, why it must run."""
-    if not registry.stage(stage).resumable:
+    entry = registry.stage(stage)
+    if not entry.recorded:
+        return "it keeps no provenance record (it checks its own state)"
+    if not entry.resumable:
         return "it reads files that its record does not fingerprint"
     try:
         record = json.loads(provenance_path(paths, stage).read_text())
@@ -71,7 +67,7 @@ def why_rerun(paths: Paths, stage: str, cfg) -> str | None:
         return "no complete record of an earlier run"
     if code != code_fingerprint():
         return "the code changed"
-    if recorded_settings != settings_record(cfg):
+    if recorded_settings != fileio.plain_json(vars(cfg)):
         return "the settings changed"
     if stale_outputs(paths, stage):
         return "its inputs or outputs changed"
@@ -105,7 +101,7 @@ def save_provenance(paths: Paths, stage: str, inputs: dict[str, str], outputs: l
                   packages=package_versions(), inputs=inputs,
                   outputs={output_name(paths, p): file_sha256(p) for p in outputs})
     if cfg is not None:
-        record["settings"] = settings_record(cfg)
+        record["settings"] = fileio.plain_json(vars(cfg))
     save_json(record, provenance_path(paths, stage))
     left_over = stale_outputs(paths, stage)
     if left_over:

@@ -31,7 +31,6 @@ import ast
 import dataclasses
 import difflib
 import io
-import json
 import os
 import re
 import sys
@@ -41,7 +40,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import backbone
-from plankton import openset, tasks, training
+from plankton import fileio, openset, tasks, training
 from plankton.errors import PipelineError
 from plankton.system import REPO_DIR
 
@@ -467,7 +466,7 @@ def help_text(cfg: types.SimpleNamespace) -> str:
 
 def settings_dict(cfg: types.SimpleNamespace) -> dict:
     """The settings as plain JSON values (tuples become lists), fit for a weights_only checkpoint."""
-    return json.loads(json.dumps(vars(cfg), default=str))
+    return fileio.plain_json(vars(cfg))
 
 
 def differences(old: dict, new: dict, keys) -> list[str]:
