@@ -262,16 +262,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def model_from_checkpoint(checkpoint: dict, device: torch.device, channels_last: bool = True) -> PlanktonNet:
-    """Rebuild the trained model from what the checkpoint says, in eval mode on `device`."""
-    model = build_model(checkpoint["arch"])
-    model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
-    if channels_last:
-        model.trunk.to(memory_format=torch.channels_last)
-    return model
-
-
 # ---- trunk weights -------------------------------------------------------------------------------
 
 def imagenet_weights_path(trunk_name: str = DEFAULT_TRUNK) -> Path:

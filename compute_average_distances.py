@@ -184,7 +184,7 @@ def rows_per_label(frame: pd.DataFrame) -> pd.DataFrame:
     Single-label tables come back as they are."""
     if "labels" not in frame.columns:
         return frame
-    names = list(frame.attrs["class_names"])
+    names = list(embedding_files.info(frame).class_names)
     index = {name: i for i, name in enumerate(names)}
     pairs = [(row, index[label]) for row, text in enumerate(frame["labels"])
              for label in text.split(labelsets.LABEL_SEPARATOR) if label in index]
@@ -201,11 +201,12 @@ KINDS = {"euclidean": "Average Euclidean distance", "angular": "Average angular 
 
 def class_distances(frame: pd.DataFrame, limit: int, seed: int, device) -> dict:
     """Both class x class matrices of one embeddings table; Euclidean on at most `limit` samples per class."""
-    names = list(frame.attrs["class_names"])
+    source = embedding_files.info(frame)
+    names = list(source.class_names)
     x, labels = embedding_files.embedding_matrix(frame), frame.label.to_numpy()
     kept = at_most_per_class(labels, limit, seed)
     sampled = "" if len(kept) == len(labels) else f" (Euclidean: at most {limit} random samples per class)"
-    subset = frame.attrs.get("subset", "")
+    subset = source.subset
     if sampled:
         print(f"note: {subset}: Euclidean distances from {len(kept)} of {len(labels)} samples, at most "
               f"DISTANCE_SAMPLES={limit} per class (all pairs of every class would grow with the square)")
@@ -234,7 +235,7 @@ def run(cfg) -> None:
     for kind, label in KINDS.items():
         value_range = shared_range([matrices[s][kind] for s in frames])  # one colour scale for test and unseen
         for subset, frame in frames.items():
-            names, matrix = list(frame.attrs["class_names"]), matrices[subset][kind]
+            names, matrix = list(embedding_files.info(frame).class_names), matrices[subset][kind]
             table = pd.DataFrame(matrix, index=names, columns=names)
             print(f"\nAverage {kind} distances, {subset} ({len(frame)} samples):\n{table.round(4).to_string()}")
             stem = paths.out / f"average_{kind}_distances_{subset}"
@@ -242,7 +243,7 @@ def run(cfg) -> None:
             fileio.save_csv(table, stem.with_suffix(".csv"))
             what, samples, unit = ("test data (seen classes)" if subset == "test" else "unseen classes",
                                    f"{len(frame)} samples", "class")
-            if frame.attrs.get("task") == "multilabel":  # an image counts once for each label it carries
+            if embedding_files.info(frame).task == "multilabel":  # an image counts once for each label it carries
                 what = ("test images carrying each seen label" if subset == "test"
                         else "held-out images carrying each unseen label")
                 samples, unit = f"{len(frame)} image-label pairs", "label"

@@ -29,11 +29,6 @@ class Preprocess:
         mean, std = backbone.normalization(trunk)
         return cls(int(image_size), resize_mode, tuple(mean), tuple(std))
 
-    @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> "Preprocess":
-        norm = checkpoint["normalization"]
-        return cls(int(checkpoint["image_size"]), checkpoint["resize_mode"], tuple(norm["mean"]), tuple(norm["std"]))
-
 
 @dataclass(frozen=True)
 class Runtime:

@@ -197,8 +197,9 @@ def run(cfg) -> None:
     xy = projection.fit_umap(points, cfg.UMAP_NEIGHBORS, cfg.SEED)
     print(f"UMAP fit on {len(points)} points in {time.time() - started:.1f}s")
     coords["x"], coords["y"] = xy[:, 0], xy[:, 1]
-    seen, unseen = frames["train"].attrs["class_names"], frames["unseen"].attrs["class_names"]
-    root = Path(frames["train"].attrs["data_dir"])
+    train_info = embedding_files.info(frames["train"])
+    seen, unseen = list(train_info.class_names), list(embedding_files.info(frames["unseen"]).class_names)
+    root = Path(train_info.data_dir)
     train, selections = close_far_selections(coords, frames["train"], seen, cfg.CLOSE_FAR_SPACE, cfg.CLOSE_FAR_COUNT)
     pictures = load_shown_images(train, selections, root)
     inputs = provenance.start_stage(paths, "dimensionality_reduction",
@@ -207,7 +208,7 @@ def run(cfg) -> None:
     outputs = [paths.out / "umap_coordinates.csv", paths.out / "umap_embeddings.png"]
     fileio.save_csv(coords, outputs[0], index=False)
     outputs += embedding_files.export_table(coords, outputs[0])  # the .parquet copy (the CSV is always written)
-    plot_umap(coords, plots.class_colours(seen, unseen), unseen, outputs[1], frames["train"].attrs.get("task") == "multilabel")
+    plot_umap(coords, plots.class_colours(seen, unseen), unseen, outputs[1], train_info.task == "multilabel")
     outputs.append(paths.out / "close_far_images.csv")
     fileio.save_csv(shown_images_table(train, selections, root), outputs[-1], index=False)
     for i, name, rows in selections:

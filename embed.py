@@ -50,9 +50,9 @@ def run(cfg) -> None:
             continue
         relpaths, labels = split.subset(subset)
         names = split.classes(subset)
-        frame = embedding_files.embeddings_frame(embeddings, labels, names, relpaths, dict(
-            checkpoint_sha256=trained.sha256, split_sha256=split.sha256, subset=subset, class_names=names,
-            data_dir=str(split.root), weights_source=checkpoint["weights_source"], task=split.task),
+        frame = embedding_files.embeddings_frame(embeddings, labels, names, relpaths, embedding_files.EmbeddingsInfo(
+            checkpoint_sha256=trained.sha256, split_sha256=split.sha256, subset=subset, class_names=tuple(names),
+            data_dir=str(split.root), weights_source=checkpoint.weights_source, task=split.task),
             label_texts=split.label_texts(subset),
             label_counts=split.label_counts(names) if split.task == "multilabel" else None)
         embedding_files.save_embeddings(frame, paths.embeddings(subset))

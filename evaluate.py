@@ -181,7 +181,7 @@ def evaluate_multiclass(trained: checkpoints.TrainedModel, predictions: saved_pr
                                        "misclassified_test_images.png")]
     fileio.save_csv(table, outputs[0], index=False)
     fileio.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
-                          weights_source=trained.checkpoint["weights_source"], overall=table.iloc[-1].to_dict(),
+                          weights_source=trained.checkpoint.weights_source, overall=table.iloc[-1].to_dict(),
                           per_class=table.to_dict("records")), outputs[1])
     plot_confusion(confusion_matrix(labels, predicted, labels=range(len(names))), names,
                    float(table.accuracy.iloc[-1]), outputs[2])
@@ -249,7 +249,7 @@ def evaluate_multilabel(trained: checkpoints.TrainedModel, predictions: saved_pr
     outputs = [out / "test_metrics.csv", out / "test_metrics.json", out / "test_label_metrics.png"]
     fileio.save_csv(table, outputs[0], index=False)
     fileio.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, task="multilabel",
-                          weights_source=trained.checkpoint["weights_source"], overall=overall.to_dict(),
+                          weights_source=trained.checkpoint.weights_source, overall=overall.to_dict(),
                           per_label=table.to_dict("records")), outputs[1])
     plot_label_metrics(table, outputs[2])
     return outputs
@@ -264,7 +264,7 @@ def run(cfg) -> None:
     trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     inputs = provenance.start_stage(paths, "evaluate", [paths.best, paths.split])
     checkpoint = trained.checkpoint
-    print(f"evaluate.py  {paths.best} (epoch {checkpoint['epoch']:.2f}, trunk: {checkpoint['weights_source']})")
+    print(f"evaluate.py  {paths.best} (epoch {checkpoint.epoch:.2f}, trunk: {checkpoint.weights_source})")
     cache = trained.trunk_cache(cfg, paths, runtime)
     predictions = saved_predictions.predict_test_set(trained, cache, runtime)
     outputs = EVALUATIONS[predictions.task](trained, predictions, paths.out)

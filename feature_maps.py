@@ -155,14 +155,14 @@ def collect(model: torch.nn.Module, names: list[str], root, relpaths: list[str],
     return stats
 
 
-def variant_model(checkpoint: dict, trained: torch.nn.Module, seed: int, keep: str,
+def variant_model(arch: dict, trained: torch.nn.Module, seed: int, keep: str,
                   runtime: dataloader.Runtime) -> torch.nn.Module:
     """A fresh build_model(arch) drawn with `seed` (the global random state is left as it was),
     keeping the trained model's trunk (keep="trunk": the head as initialised) or its head
     (keep="head": a random trunk)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = backbone.build_model(checkpoint["arch"])
+        model = backbone.build_model(arch)
     trained_state = {k: v.cpu() for k, v in trained.state_dict().items()}
     model.load_state_dict({k: (trained_state[k] if k.startswith("trunk.") == (keep == "trunk") else v)
                            for k, v in model.state_dict().items()})
@@ -184,10 +184,10 @@ def measure(trained: checkpoints.TrainedModel, names: list[str], limit: int, see
             runtime: dataloader.Runtime) -> dict[str, tuple[int, dict[str, ModuleStats]]]:
     """{condition: (images used, {module: stats})} for every condition that has modules to measure."""
     images = {subset: sample(trained.split.subset(subset)[0], limit, seed) for subset in ("test", "unseen")}
-    run_seed = int(trained.checkpoint["config"].get("SEED") or 0)
+    run_seed = trained.checkpoint.seed
     models = {"seen_test": lambda: trained.model, "unseen": lambda: trained.model,
-              "head_init": lambda: variant_model(trained.checkpoint, trained.model, run_seed, "trunk", runtime),
-              "random_trunk": lambda: variant_model(trained.checkpoint, trained.model, run_seed + 1, "head", runtime)}
+              "head_init": lambda: variant_model(trained.checkpoint.arch, trained.model, run_seed, "trunk", runtime),
+              "random_trunk": lambda: variant_model(trained.checkpoint.arch, trained.model, run_seed + 1, "head", runtime)}
     results = {}
     for condition, (_, subset, scope) in CONDITIONS.items():
         wanted = [n for n in names if scope == "all" or is_trunk_module(n) == (scope == "trunk")]
@@ -292,15 +292,15 @@ def run(cfg) -> None:
     names = resolve_modules(trained.model, cfg.FEATURE_MODULES)
     inputs = provenance.start_stage(paths, "feature_maps", [paths.best, paths.split])
     checkpoint = trained.checkpoint
-    print(f"feature_maps.py  {paths.best} (trunk: {checkpoint['weights_source']}), modules: {', '.join(names)}")
+    print(f"feature_maps.py  {paths.best} (trunk: {checkpoint.weights_source}), modules: {', '.join(names)}")
     results = measure(trained, names, cfg.FEATURE_IMAGES, cfg.SEED, runtime)
     stats, spectra = tables(results, names)
     outputs = [paths.out / name for name in ("feature_map_stats.csv", "feature_map_spectra.csv",
                                              "feature_map_spectra.png", "feature_map_nonpositive.png")]
     fileio.save_csv(stats, outputs[0], index=False)
     fileio.save_csv(spectra, outputs[1], index=False)
-    fresh_seed = int(checkpoint["config"].get("SEED") or 0) + 1
-    title = trunk_words(checkpoint["weights_source"], fresh_seed)
+    fresh_seed = checkpoint.seed + 1
+    title = trunk_words(checkpoint.weights_source, fresh_seed)
     modules = dict(trained.model.named_modules())
     plot_spectra(spectra, stats, names, {n: type(modules[n]).__name__ for n in names}, title, outputs[2])
     plot_nonpositive(stats, names, title, outputs[3])

@@ -185,7 +185,7 @@ def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
                 scores="softmax(logits / temperature)",
                 predicted_per_class=table[~table.unknown].predicted_class.value_counts().to_dict(),
                 checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
-                weights_source=trained.checkpoint["weights_source"], embeddings_included=cfg.PREDICT_EMBEDDINGS)
+                weights_source=trained.checkpoint.weights_source, embeddings_included=cfg.PREDICT_EMBEDDINGS)
 
 
 def run(cfg) -> None:
@@ -195,7 +195,7 @@ def run(cfg) -> None:
     runtime = dataloader.runtime_from_settings(cfg)
     trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     inputs = provenance.start_stage(paths, "predict", [paths.best, paths.split])
-    names = list(trained.checkpoint["class_names"])
+    names = trained.class_names
     print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {paths.best}")
     cache = trained.trunk_cache(cfg, paths, runtime)
     fitted = reference_and_threshold(cfg, trained, cache, runtime)

@@ -21,6 +21,7 @@ import datetime
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -182,13 +183,15 @@ def settings_section(cfg) -> str:
                                f'<th>meaning</th></tr>{"".join(rows)}</table></div></details>')
 
 
-def front_sections(out: Path, read: list[Path], skipped: list[str]) -> list[str]:
+def front_sections(paths: locations.Paths, read: list[Path], skipped: list[str]) -> list[str]:
     """Data overview, model summary, training curves and test metrics, from their fixed files (those
     the run's task writes; a section with none of them says why)."""
-    sections = []
+    sections, out = [], paths.out
     for title, names in registry.front_sections():
-        present = [out / n for n in names if (out / n).is_file()]
-        body = render_files(present, read, keep_order=True)
+        present = inside_output_folder(paths, [out / n for n in names])
+        owners = dict.fromkeys(owner for p in present if (owner := registry.stage_of(p.name)))
+        body = "".join(unvouched_warning(paths, owner, present) for owner in owners)
+        body += render_files(present, read, keep_order=True)
         if not present:
             owners = sorted({registry.stage_of(n) for n in names} & set(skipped))
             why = (f"{', '.join(o + '.py' for o in owners)} did not run: not for this task (see plankton/registry.py)" if owners
@@ -198,25 +201,54 @@ def front_sections(out: Path, read: list[Path], skipped: list[str]) -> list[str]
     return sections
 
 
+def inside_output_folder(paths: locations.Paths, files: list[Path]) -> list[Path]:
+    """The files that are, after following links, inside the output folder: nothing from elsewhere
+    is ever read into the page, whatever a record or a link in the folder names."""
+    out = paths.out.resolve()
+    return [f for f in files if f.is_file() and f.resolve().is_relative_to(out)]
+
+
 def stage_files(paths: locations.Paths, stage: str) -> tuple[list[Path], str]:
     """A stage's output files, from its provenance record, else from its output patterns, and where
     the list came from."""
-    record = provenance.provenance_path(paths, stage)
-    if record.is_file():
-        try:
-            names = list(json.loads(record.read_text())["outputs"])
-            return [paths.out / n for n in names if (paths.out / n).is_file()], record.name
-        except (ValueError, KeyError, TypeError):
-            pass
-    found = sorted(paths.out / n for n in provenance.existing_outputs(paths, stage))
+    try:
+        record = provenance.read_record(paths, stage)
+    except PipelineError:
+        record = None  # stage_section says so: every output counts as unvouched
+    if record is not None:
+        return inside_output_folder(paths, [paths.out / n for n in record.outputs]), provenance.provenance_path(
+            paths, stage).name
+    found = inside_output_folder(paths, sorted(paths.out / n for n in provenance.existing_outputs(paths, stage)))
     return found, ("its output patterns (no record)" if registry.stage(stage).recorded
                    else f"{stage}.py's fixed file names (it keeps no record)")
+
+
+def unvouched_warning(paths: locations.Paths, stage: str, shown: list[Path]) -> str:
+    """A visible warning when files of a recorded stage are not vouched for by its provenance record
+    (the record is missing or unreadable, an input changed since, or a file was replaced): the
+    section may mix runs. "" when the record vouches for all of them."""
+    if not registry.stage(stage).recorded:
+        return ""
+    stale = provenance.stale_outputs(paths, stage)
+    if not stale:
+        return ""
+    try:
+        record = provenance.read_record(paths, stage)
+        why = "" if record is not None else f"there is no {provenance.provenance_path(paths, stage).name}"
+    except PipelineError as err:
+        why = str(err)
+    names = [Path(p).relative_to(paths.out).as_posix() if Path(p).is_relative_to(paths.out) else p for p in stale]
+    return (f'<p class="warn stale">Not vouched for: {len(stale)} of the files of {esc(stage)} were not made by its '
+            f"recorded run from the current inputs ({esc(why or 'an input or the file changed since')}), so this "
+            f"section may mix runs: {esc(', '.join(names[:6]))}{' …' if len(names) > 6 else ''}. "
+            f"Re-run {esc(stage)}.py (or run_all.py).</p>")
 
 
 def stage_section(paths: locations.Paths, entry: registry.Stage, front: dict, read: list[Path]) -> str:
     stage = entry.name
     files, source = stage_files(paths, stage)
     body = f'<p class="explain">{esc(entry.explanation())} <i>({esc(entry.script)})</i></p>'
+    body += unvouched_warning(paths, stage, files)
     if not files:
         return section(entry.title, body + f'<p class="warn">No outputs of {esc(stage)} in {esc(paths.out)}: '
                                                  f"the stage has not run (python {esc(stage)}.py).</p>")
@@ -244,7 +276,14 @@ def timings_section(out: Path) -> str:
     path = out / "stage_times.json"
     if not path.is_file():
         return section("Stage timings", note(f"No {path.name} in {out}: run_all.py writes it."))
-    times = json.loads(path.read_text())
+    try:
+        times = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(times, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) and v >= 0 for v in times.values()):
+            raise ValueError("not a map of stage to seconds")
+    except (OSError, ValueError) as err:
+        return section("Stage timings", f'<p class="warn">{esc(path.name)} cannot be read ({esc(err)}); run_all.py '
+                                        f"writes it again.</p>")
     total = times.get("total") or sum(v for k, v in times.items() if k != "total")
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f}</td><td>{100 * v / total:.0f}%</td></tr>"
                    for k, v in times.items() if k != "total" and total)
@@ -260,16 +299,20 @@ def provenance_section(paths: locations.Paths, stages: list[str], read: list[Pat
     rows, versions = [], {}
     for stage in stages:
         path = provenance.provenance_path(paths, stage)
-        if not path.is_file():
+        try:
+            record = provenance.read_record(paths, stage)
+        except PipelineError as err:
+            rows.append(f'<tr class="section"><td colspan="3" class="warn">{esc(err)}</td></tr>')
             continue
-        record = json.loads(path.read_text())
+        if record is None:
+            continue
         read.append(path)
-        rows.append(f'<tr class="section"><td colspan="3">{esc(stage)} (code {esc(record.get("code_version"))})</td></tr>')
-        named = [("input", p, s) for p, s in record["inputs"].items()]
-        named += [("output", n, s) for n, s in record["outputs"].items()]
+        rows.append(f'<tr class="section"><td colspan="3">{esc(stage)} (code {esc(record.code_version)})</td></tr>')
+        named = [("input", p, s) for p, s in record.inputs.items()]
+        named += [("output", n, s) for n, s in record.outputs.items()]
         rows += [f'<tr><td>{role}</td><td style="text-align:left">{esc(name)}</td><td><code>{s[:SHA_PREFIX]}</code></td></tr>'
                  for role, name, s in named]
-        for package, version in record.get("packages", {}).items():
+        for package, version in record.packages.items():
             versions.setdefault(package, set()).add(version)
     now = provenance.package_versions()
     package_rows = "".join(f"<tr><td>{esc(p)}</td><td>{esc(', '.join(sorted(versions.get(p, {'not recorded'}))))}</td>"
@@ -359,7 +402,7 @@ def interactive_umap(paths: locations.Paths) -> str:
     except PipelineError as err:
         return f'<p class="warn">No interactive UMAP: {esc(err)}</p>'
     checkpoint = checkpoints.open_checkpoint(paths.best)
-    return umap_html(coords, Path(checkpoint["data_dir"]), checkpoint["class_names"], checkpoint["unseen_classes"])
+    return umap_html(coords, Path(checkpoint.data_dir), list(checkpoint.class_names), list(checkpoint.unseen_classes))
 
 
 def umap_html(coords: pd.DataFrame, root: Path, seen: list[str], unseen: list[str]) -> str:
@@ -367,7 +410,9 @@ def umap_html(coords: pd.DataFrame, root: Path, seen: list[str], unseen: list[st
     point, coloured as umap_embeddings.png is (plots.class_colours)."""
     from bokeh.embed import components
     from matplotlib.colors import to_hex
-    coords = coords.assign(thumb=[thumbnail_uri(root / p) for p in coords.path])
+    inside = root.resolve()  # a path that leads out of the data folder (.., a link) gets no thumbnail
+    coords = coords.assign(thumb=[thumbnail_uri(root / p) if (root / p).resolve().is_relative_to(inside) else ""
+                                  for p in coords.path])
     colours = {c: to_hex(rgba) for c, rgba in plots.class_colours(seen, unseen).items()}
     script, div = components(umap_plot(coords, colours))
     missing = int((coords.thumb == "").sum())
@@ -387,13 +432,18 @@ INTERACTIVE = {"dimensionality_reduction": interactive_umap}  # extra content at
 
 # ---- the page ------------------------------------------------------------------------------------
 
-def header(paths: locations.Paths) -> str:
-    """Title, where the run lives, and a warning when the trunk was not ImageNet-pretrained."""
+def header(paths: locations.Paths, unvouched: list[str]) -> str:
+    """Title, where the run lives, a warning when the trunk was not ImageNet-pretrained, and one line
+    naming the stages whose sections show files their provenance does not vouch for."""
     weights = ""
+    if unvouched:
+        weights += (f'<p class="warn stale">{len(unvouched)} stage(s) show files that their provenance record does not '
+                    f"vouch for (made by another run, or from other inputs): {esc(', '.join(unvouched))}. Their "
+                    f"sections say which files; run_all.py brings them up to date.</p>")
     if paths.best.is_file():
-        source = checkpoints.open_checkpoint(paths.best).get("weights_source", "unknown (not recorded)")
+        source = checkpoints.open_checkpoint(paths.best).weights_source
         if not source.startswith("ImageNet"):
-            weights = (f'<p class="warn">Trunk weights: {esc(source)}, not ImageNet-pretrained. These figures show '
+            weights += (f'<p class="warn">Trunk weights: {esc(source)}, not ImageNet-pretrained. These figures show '
                        f"what the pipeline does, not what a pretrained trunk's embeddings say.</p>")
     made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"<h1>Plankton pipeline report</h1><p>Output folder <code>{esc(paths.out.resolve())}</code>, checkpoints "
@@ -415,14 +465,18 @@ def build_report(cfg, paths: locations.Paths, read: list[Path]) -> str:
     """The whole page; every file it shows is added to `read`."""
     stages, skipped = stages_in_order(paths, cfg)
     front = {n: title for title, names in registry.front_sections() for n in names}
-    sections = [settings_section(cfg)] + front_sections(paths.out, read, skipped)
+    sections = [settings_section(cfg)] + front_sections(paths, read, skipped)
     sections += [stage_section(paths, stage, front, read) for stage in stages]
     if skipped:
         sections.append(section("Stages not run for this task", note(
             f"TASK={cfg.TASK!r}: {', '.join(n + '.py' for n in skipped)} analyse single-label runs only; "
             f"run_all.py skips them (see docs/multilabel.md).")))
     sections += [timings_section(paths.out), provenance_section(paths, [s.name for s in stages], read)]
-    return page(header(paths), sections)
+    shown = {registry.stage_of(name) for _, names in registry.front_sections() for name in names} | {
+        s.name for s in stages}
+    unvouched = [s.name for s in registry.STAGES if s.name in shown and s.recorded
+                 and provenance.stale_outputs(paths, s.name)]
+    return page(header(paths, unvouched), sections)
 
 
 def run(cfg) -> None:

@@ -53,7 +53,10 @@ def compare_predictions(saved: saved_predictions.Predictions, now: saved_predict
     if (saved.relpaths != now.relpaths or saved.task != now.task
             or not np.array_equal(saved.labels, now.labels)):
         raise PipelineError("the saved test predictions list other images than the current split's "
-                                   "test set; re-run evaluate.py")
+                            "test set; re-run evaluate.py")
+    if list(saved.class_names) != list(now.class_names):
+        raise PipelineError(f"the saved test predictions score the classes {list(saved.class_names)}, the model "
+                            f"{list(now.class_names)}; re-run evaluate.py")
     ap_saved, ap_now = class_average_precisions(saved), class_average_precisions(now)
     rows = []
     for c, name in enumerate(saved.class_names):

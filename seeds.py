@@ -57,7 +57,7 @@ def initial_trunk(cfg, paths, split) -> tuple[str, str]:
     if not path.is_file() or hashing.tensors_sha256(torch.load(path, weights_only=True)) != hashing.tensors_sha256(trunk):
         fileio.save_torch(trunk, path)
     if paths.best.is_file():
-        shared = checkpoints.open_checkpoint(paths.best)["trunk_sha256"] == hashing.tensors_sha256(model.trunk.state_dict())
+        shared = checkpoints.open_checkpoint(paths.best).trunk_sha256 == hashing.tensors_sha256(model.trunk.state_dict())
         print(f"the seeds start from {'the same trunk as' if shared else 'ANOTHER trunk than'} {paths.best}")
     return str(path), weights_source
 
@@ -92,13 +92,13 @@ def evaluate_seed(seed_cfg, main_seed: int, runtime) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):  # the split's checks print what train.py printed
         trained = checkpoints.open_trained_model(seed_cfg, seed_paths, runtime.device, runtime.channels_last)
     checkpoint = trained.checkpoint
-    cache = trunk_cache.from_settings(seed_cfg, seed_paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
+    cache = trunk_cache.from_settings(seed_cfg, seed_paths.cache, trained.model.trunk, checkpoint.trunk_sha256,
                                       trained.preprocess, runtime)
     test = trained.source("test", cache)
     logits, _ = training.head_outputs(trained.model, test, runtime)
     scores = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-    table = metrics.metrics_table(test.labels.numpy(), logits.argmax(1), scores, list(checkpoint["class_names"]))
-    row = dict(seed=seed_cfg.SEED, best_epoch=checkpoint["epoch"], best_val_loss=checkpoint["val_loss"],
+    table = metrics.metrics_table(test.labels.numpy(), logits.argmax(1), scores, trained.class_names)
+    row = dict(seed=seed_cfg.SEED, best_epoch=checkpoint.epoch, best_val_loss=checkpoint.val_loss,
                test_accuracy=float(table.accuracy.iloc[-1]))
     row.update({f"test_acc_{r.class_name}": r.accuracy for r in table.iloc[:-1].itertuples()})
     unseen = trained.source("unseen", cache)

@@ -56,7 +56,7 @@ FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRAC
                                "LABELS_CSV")
 
 
-def resumable_checkpoint(cfg, paths, split) -> dict | None:
+def resumable_checkpoint(cfg, paths, split) -> "checkpoints.Checkpoint | None":
     """last.pth to resume from (or a finished run made with these settings), or None to start
     fresh. Starting over (RESUME=False) deletes an old last.pth first: a finished one must not
     vouch for the new best.pth."""
@@ -65,13 +65,13 @@ def resumable_checkpoint(cfg, paths, split) -> dict | None:
     if not paths.last.is_file():
         return None
     last = checkpoints.open_checkpoint(paths.last)
-    if last["split_sha256"] != split.sha256:
+    if last.split_sha256 != split.sha256:
         raise PipelineError(f"{paths.last} was trained on another split.csv; run with --RESUME=False to start over")
-    keys = FINISHED_KEYS if last.get("finished") else RESUME_KEYS
+    keys = FINISHED_KEYS if last.finished else RESUME_KEYS
     if cfg.LR_SCHEDULE == "cosine":  # the cosine runs over MAX_EPOCHS
         keys = tuple(dict.fromkeys(keys + ("MAX_EPOCHS",)))
-    changed = settings.differences({**BEFORE_TRAINING_OPTIONS, **last["config"]}, settings.settings_dict(cfg), keys)
-    if changed and last.get("finished"):
+    changed = settings.differences({**BEFORE_TRAINING_OPTIONS, **last.config}, settings.settings_dict(cfg), keys)
+    if changed and last.finished:
         raise PipelineError(f"{paths.last} is a finished training run with other settings ({'; '.join(changed)}); "
                             f"restore them, or run train.py --RESUME=False to train again with these")
     if changed:
@@ -80,13 +80,11 @@ def resumable_checkpoint(cfg, paths, split) -> dict | None:
     return last
 
 
-def build_model(cfg, split, last: dict | None, summary_path) -> tuple[torch.nn.Module, dict, str]:
+def build_model(cfg, split, last: "checkpoints.Checkpoint | None", summary_path) -> tuple[torch.nn.Module, dict, str]:
     """(model, arch, weights source), fresh or as the run being resumed left it; prints its summary
     and keeps it in summary_path (outputs/model_summary.txt)."""
     if last:
-        arch = last["arch"]
-        model, weights_source = backbone.build_model(arch), last["weights_source"]
-        model.load_state_dict(last["model"])
+        arch, model, weights_source = last.arch, last.build_model(), last.weights_source
     else:
         model, arch, weights_source = training.new_model(cfg, len(split.seen_classes))
     from torchinfo import summary
@@ -283,9 +281,10 @@ def run(cfg) -> None:
     with distributed.main_first():  # rank 0 draws and writes the split; the others then read it
         split = splits.split_from_settings(cfg, paths, create=True)
         last = resumable_checkpoint(cfg, paths, split)
-    if last and last.get("finished"):
-        print(f"training already finished ({last['stop_reason']}); {paths.best} holds epoch "
-              f"{last['best_epoch']:.2f}, {best_words(last['best_val_loss'], tasks.for_name(cfg.TASK))}.\n"
+    if last and last.finished:
+        done = training.TrainingState.restore(last)
+        print(f"training already finished ({done.stop_reason}); {paths.best} holds epoch "
+              f"{done.best_epoch:.2f}, {best_words(done.best_val_loss, tasks.for_name(cfg.TASK))}.\n"
               f"To train again from scratch: python train.py --RESUME=False")
         return
 

@@ -198,7 +198,7 @@ def run(cfg) -> None:
     registry.require_task("transfer_learning", cfg.TASK)
     paths = locations.prepare_output_dirs(cfg)
     frame = embedding_files.open_embeddings(paths, "unseen")
-    names = list(frame.attrs["class_names"])
+    names = list(embedding_files.info(frame).class_names)
     counts = frame.class_name.value_counts()
     too_few = [c for c in names if counts.get(c, 0) < 2]
     if too_few:

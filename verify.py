@@ -10,7 +10,6 @@ Reads:  outputs/provenance_<stage>.json and every file they name, checkpoints/be
 Writes: nothing. Prints the package versions each stage ran with beside those installed now, then
         one line per mismatch (`mismatch: ...`) and exits 1 if there is any.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -18,17 +17,17 @@ from plankton import checkpoints, embedding_files, hashing, locations, provenanc
 from plankton.errors import PipelineError
 
 
-def stage_mismatches(paths: locations.Paths, stage: str, record: dict) -> list[str]:
+def stage_mismatches(paths: locations.Paths, stage: str, record: provenance.Record) -> list[str]:
     """Each input and output of a stage's record whose file is gone or whose SHA-256 differs."""
     problems = []
-    named = [(p, sha, "input") for p, sha in record["inputs"].items()]
-    named += [(str(paths.out / name), sha, "output") for name, sha in record["outputs"].items()]
+    named = [(p, sha, "input") for p, sha in record.inputs.items()]
+    named += [(str(paths.out / name), sha, "output") for name, sha in record.outputs.items()]
     for path, sha256, role in named:
         if not Path(path).is_file():
             problems.append(f"{path}: missing ({role} of {stage})")
         elif hashing.file_sha256(path) != sha256:
             problems.append(f"{path}: changed since {stage} recorded it as its {role}")
-    unvouched = provenance.existing_outputs(paths, stage) - set(record["outputs"])
+    unvouched = provenance.existing_outputs(paths, stage) - set(record.outputs)
     problems += [f"{paths.out / name}: not written by the {stage} run that made the record" for name in sorted(unvouched)]
     return problems
 
@@ -40,20 +39,20 @@ def chain_mismatches(paths: locations.Paths) -> list[str]:
     problems = []
     best, best_sha = checkpoints.open_checkpoint(paths.best), hashing.file_sha256(paths.best)
     split_sha = hashing.file_sha256(paths.split) if paths.split.is_file() else None
-    if best["split_sha256"] != split_sha:
+    if best.split_sha256 != split_sha:
         problems.append(f"{paths.best}: trained on another split.csv than {paths.split}")
     for subset in embedding_files.EMBEDDED_SUBSETS:
         path = paths.embeddings(subset)
         if not path.is_file():
             continue
         try:
-            attrs = safepickle.load_dataframe(path).attrs
-        except (safepickle.UnsafePickle, OSError) as err:
+            source = embedding_files.EmbeddingsInfo.of(safepickle.load_dataframe(path), path)
+        except (safepickle.UnsafePickle, OSError, PipelineError) as err:
             problems.append(f"{path}: unreadable ({err})")
             continue
-        if attrs.get("checkpoint_sha256") != best_sha:
+        if source.checkpoint_sha256 != best_sha:
             problems.append(f"{path}: made from another checkpoint than {paths.best}")
-        if attrs.get("split_sha256") != split_sha:
+        if source.split_sha256 != split_sha:
             problems.append(f"{path}: made from another split.csv than {paths.split}")
     return problems
 
@@ -62,7 +61,7 @@ def print_versions(records: dict) -> None:
     now = provenance.package_versions()
     print(f"{'package':<14}{'now':<16}then")
     for name, version in now.items():
-        then = sorted({r.get("packages", {}).get(name, "not recorded") for r in records.values()})
+        then = sorted({r.packages.get(name, "not recorded") for r in records.values()})
         flag = "" if then == [version] else "   <- differs"
         print(f"{name:<14}{version:<16}{', '.join(then)}{flag}")
 
@@ -72,11 +71,13 @@ def run(cfg) -> None:
     records, problems = {}, []
     for stage in [entry.name for entry in registry.STAGES if entry.recorded]:
         path = provenance.provenance_path(paths, stage)
-        if path.is_file():
-            try:
-                records[stage] = json.loads(path.read_text())
-            except ValueError:
-                problems.append(f"{path}: not a provenance record")
+        try:
+            record = provenance.read_record(paths, stage)
+        except PipelineError as err:
+            problems.append(str(err))
+            continue
+        if record is not None:
+            records[stage] = record
         elif provenance.existing_outputs(paths, stage):
             problems.append(f"{paths.out}: {stage} outputs without {path.name} (the stage stopped part-way?)")
     if not records and not paths.best.is_file():
@@ -89,7 +90,7 @@ def run(cfg) -> None:
         print(f"mismatch: {problem}", file=sys.stderr)
     if problems:
         raise PipelineError(f"{len(problems)} mismatch(es) in the run in {paths.out}")
-    checked = sum(len(r["inputs"]) + len(r["outputs"]) for r in records.values())
+    checked = sum(len(r.inputs) + len(r.outputs) for r in records.values())
     print(f"verified: {len(records)} stages, {checked} recorded files, the chain split -> best.pth -> embeddings")
 
 

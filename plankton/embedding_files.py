@@ -1,5 +1,8 @@
 """The embeddings tables (outputs/embeddings_<subset>.pkl, with Parquet/CSV copies) and the UMAP
-coordinates: written and read here only, each refused unless made from the current checkpoint."""
+coordinates: written and read here only, each refused unless made from the current checkpoint. A
+table's attrs (where its numbers came from) are an EmbeddingsInfo: written and read through it."""
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +25,42 @@ META_COLUMNS = ["label", "class_name", "path"]
 EMBEDDING_PREFIX = "e"
 
 
+@dataclass(frozen=True)
+class EmbeddingsInfo:
+    """Where an embeddings table came from: kept in its attrs (and the Parquet copy's metadata)."""
+    checkpoint_sha256: str
+    split_sha256: str
+    subset: str
+    class_names: tuple[str, ...]  # label i of the table is class_names[i]
+    data_dir: str  # the images' folder; `path` is relative to it
+    weights_source: str
+    task: str
+
+    def attrs(self) -> dict:
+        return dict(dataclasses.asdict(self), class_names=list(self.class_names))
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, path: Path | str = "the embeddings table") -> "EmbeddingsInfo":
+        """The table's attrs, each checked; one error line naming the file otherwise."""
+        attrs, fields = frame.attrs, [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in fields if name not in attrs]
+        names = attrs.get("class_names")
+        if missing or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names) \
+                or not all(isinstance(attrs[name], str) for name in fields if name != "class_names"):
+            raise PipelineError(f"{path} does not record where it came from "
+                                f"({'no ' + ', '.join(missing) if missing else 'malformed attrs'}); re-run embed.py")
+        return cls(**{name: attrs[name] for name in fields if name != "class_names"}, class_names=tuple(names))
+
+
+def info(frame: pd.DataFrame) -> EmbeddingsInfo:
+    """The EmbeddingsInfo of a table open_embeddings returned (checked there)."""
+    return EmbeddingsInfo.of(frame)
+
+
 def embeddings_frame(embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     relpaths: list[str], attrs: dict, label_texts: list[str] | None = None,
+                     relpaths: list[str], source: EmbeddingsInfo, label_texts: list[str] | None = None,
                      label_counts: np.ndarray | None = None) -> pd.DataFrame:
-    """label, class_name, path, e0..e<d-1> (float32); attrs record where the numbers came from.
+    """label, class_name, path, e0..e<d-1> (float32); attrs: `source`, where the numbers came from.
     Multi-label (`labels` a multi-hot matrix, `label_texts` each image's whole label set): label and
     class_name are the image's rarest label among `class_names` (fewest images of the split carry it:
     `label_counts`), and a `labels` column after path
@@ -38,7 +73,7 @@ def embeddings_frame(embeddings: np.ndarray, labels: np.ndarray, class_names: li
     frame.insert(0, "path", relpaths)
     frame.insert(0, "class_name", [class_names[i] for i in labels])
     frame.insert(0, "label", labels.astype(np.int64))
-    frame.attrs.update(attrs)
+    frame.attrs.update(source.attrs())
     return frame
 
 
@@ -80,11 +115,29 @@ def open_embeddings(paths: Paths, subset: str) -> pd.DataFrame:
         raise PipelineError(f"refused to read {err}; re-run embed.py")
     if not isinstance(frame, pd.DataFrame) or list(frame.columns[:3]) != META_COLUMNS:
         raise PipelineError(f"{path} is not an embeddings table from embed.py; re-run embed.py")
-    if frame.attrs.get("checkpoint_sha256") != file_sha256(paths.best):
+    source = EmbeddingsInfo.of(frame, path)
+    if source.checkpoint_sha256 != file_sha256(paths.best):
         raise PipelineError(f"{path} was made from another checkpoint than the current {paths.best} — "
                             f"re-run embed.py")
-    note_trunk_weights(frame.attrs.get("weights_source", "unknown (not recorded)"))
+    check_table(frame, source, path)
+    note_trunk_weights(source.weights_source)
     return frame
+
+
+def check_table(frame: pd.DataFrame, source: EmbeddingsInfo, path: Path) -> None:
+    """Columns, types and values as embeddings_frame writes them: labels index class_names and agree
+    with class_name; the embedding columns are finite numbers."""
+    redo = "re-run embed.py"
+    columns = embedding_columns(frame)
+    if not columns or not all(pd.api.types.is_float_dtype(frame[c]) for c in columns):
+        raise PipelineError(f"{path}: its embedding columns are missing or not numbers; {redo}")
+    if not np.isfinite(frame[columns].to_numpy()).all():
+        raise PipelineError(f"{path}: its embeddings hold NaN or infinite values; {redo}")
+    labels = frame["label"]
+    if not pd.api.types.is_integer_dtype(labels) or (len(labels) and not labels.between(0, len(source.class_names) - 1).all()):
+        raise PipelineError(f"{path}: its labels are not indices into its {len(source.class_names)} class names; {redo}")
+    if [source.class_names[i] for i in labels] != list(frame["class_name"]):
+        raise PipelineError(f"{path}: its class_name column disagrees with its labels; {redo}")
 
 
 UMAP_COLUMNS = ["label", "class_name", "path", "subset", "x", "y"]

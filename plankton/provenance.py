@@ -5,8 +5,9 @@ import hashlib
 import json
 import platform
 import subprocess
+from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from plankton import fileio, registry
 from plankton.errors import PipelineError
@@ -41,6 +42,66 @@ def provenance_path(paths: Paths, stage: str) -> Path:
     return paths.out / f"provenance_{stage}.json"
 
 
+@dataclass(frozen=True)
+class Record:
+    """A stage's provenance record, each value checked when it was read (read_record)."""
+    stage: str
+    code_version: str
+    code_sha256: str
+    packages: dict  # name -> version
+    inputs: dict  # path as the stage was given it -> SHA-256
+    outputs: dict  # name relative to the output folder (never outside it) -> SHA-256
+    settings: dict | None  # None: a record from before settings were kept
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _inside_name(name) -> bool:
+    """An output name a record may hold: relative, within the output folder, no "." or ".." parts."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    parts = PurePosixPath(name).parts
+    return not PurePosixPath(name).is_absolute() and all(p not in (".", "..") for p in parts) and "/".join(parts) == name
+
+
+def read_record(paths: Paths, stage: str) -> Record | None:
+    """provenance_<stage>.json, checked: None when there is none; one error naming the file when it
+    is not a record this code writes (cut short, wrong types, an output named outside the folder)."""
+    path = provenance_path(paths, stage)
+    if not path.is_file():
+        return None
+
+    def bad(what: str):
+        raise PipelineError(f"{path} is not a provenance record ({what}); re-run {stage}.py")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        bad(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    if not isinstance(raw, dict):
+        bad(f"a JSON {type(raw).__name__}, not an object")
+    if raw.get("stage") != stage:
+        bad(f"it is the record of stage {raw.get('stage')!r}")
+    for key in ("inputs", "outputs"):
+        files = raw.get(key)
+        if not isinstance(files, dict) or not all(isinstance(k, str) and _is_sha256(v) for k, v in files.items()):
+            bad(f"{key!r} is not a map of file to SHA-256")
+    outside = [name for name in raw["outputs"] if not _inside_name(name)]
+    if outside:
+        bad(f"it names outputs outside the output folder: {outside[0]!r}")
+    packages, settings = raw.get("packages", {}), raw.get("settings")
+    if not isinstance(packages, dict) or not all(isinstance(v, str) for v in packages.values()):
+        bad("'packages' is not a map of package to version")
+    if settings is not None and not isinstance(settings, dict):
+        bad("'settings' is not an object")
+    for key in ("code_version", "code_sha256"):
+        if not isinstance(raw.get(key, ""), str):
+            bad(f"{key!r} is not text")
+    return Record(stage, raw.get("code_version", "unknown"), raw.get("code_sha256", ""), packages, raw["inputs"],
+                  raw["outputs"], settings)
+
+
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """SHA-256 of the pipeline's code as it is on disk (every .py file of the scripts, the library
@@ -61,13 +122,14 @@ def why_rerun(paths: Paths, stage: str, cfg) -> str | None:
     if not entry.resumable:
         return "it reads files that its record does not fingerprint"
     try:
-        record = json.loads(provenance_path(paths, stage).read_text())
-        recorded_settings, code = dict(record["settings"]), record["code_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        record = read_record(paths, stage)
+    except PipelineError:
+        record = None
+    if record is None or record.settings is None:
         return "no complete record of an earlier run"
-    if code != code_fingerprint():
+    if record.code_sha256 != code_fingerprint():
         return "the code changed"
-    if recorded_settings != fileio.plain_json(vars(cfg)):
+    if record.settings != fileio.plain_json(vars(cfg)):
         return "the settings changed"
     if stale_outputs(paths, stage):
         return "its inputs or outputs changed"
@@ -114,10 +176,12 @@ def stale_outputs(paths: Paths, stage: str) -> list[str]:
     not written by the run that made the record."""
     on_disk = existing_outputs(paths, stage)
     try:
-        record = json.loads(provenance_path(paths, stage).read_text())
-        inputs, outputs = dict(record["inputs"]), dict(record["outputs"])
-    except (OSError, ValueError, KeyError, TypeError):
+        record = read_record(paths, stage)
+    except PipelineError:
+        record = None
+    if record is None:
         return sorted(str(paths.out / name) for name in on_disk)
+    inputs, outputs = record.inputs, record.outputs
     if any(not Path(p).is_file() or file_sha256(p) != sha256 for p, sha256 in inputs.items()):
         return sorted(str(paths.out / name) for name in on_disk | set(outputs))
     return sorted(str(paths.out / name) for name in on_disk | set(outputs)

@@ -76,18 +76,39 @@ def open_predictions(paths: Paths) -> Predictions:
     except (OSError, ValueError, KeyError, EOFError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PipelineError(f"cannot read {paths.scores} ({first_line}); re-run evaluate.py")
-    predictions = Predictions(arrays["logits"], arrays["scores"], arrays["labels"], arrays["relpaths"].tolist(),
-                              arrays["class_names"].tolist(), str(arrays["data_dir"]),
-                              str(arrays["checkpoint_sha256"]), task)
-    n, k = len(predictions.relpaths), len(predictions.class_names)
-    label_shape = (n,) if task == "multiclass" else (n, k)
-    if predictions.logits.shape != (n, k) or predictions.scores.shape != (n, k) or predictions.labels.shape != label_shape:
-        raise PipelineError(f"{paths.scores} holds arrays of mismatched shapes; re-run evaluate.py")
+    predictions = checked_predictions(arrays, task, paths.scores)
     if predictions.checkpoint_sha256 != file_sha256(paths.best):
         raise PipelineError(f"{paths.scores} was made from another checkpoint than the current {paths.best} — "
                             f"re-run evaluate.py")
-    note_trunk_weights(open_checkpoint(paths.best).get("weights_source", "unknown (not recorded)"))
+    note_trunk_weights(open_checkpoint(paths.best).weights_source)
     return predictions
+
+
+def checked_predictions(arrays: dict, task: str, path: Path) -> Predictions:
+    """The arrays of a scores file as Predictions, after checking what np.load cannot: kinds, shapes,
+    finite values, labels that index the classes. One error line naming the file otherwise."""
+    def bad(what: str):
+        raise PipelineError(f"{path} is not a scores file from evaluate.py ({what}); re-run evaluate.py")
+    if task not in tasks.ALL_TASKS:
+        bad(f"task {task!r}")
+    for name in ("relpaths", "class_names", "data_dir", "checkpoint_sha256"):
+        if arrays[name].dtype.kind != "U":
+            bad(f"{name} is not text")
+    if arrays["relpaths"].ndim != 1 or arrays["class_names"].ndim != 1 or arrays["data_dir"].ndim != 0:
+        bad("its names have the wrong shape")
+    n, k = len(arrays["relpaths"]), len(arrays["class_names"])
+    for name in ("logits", "scores"):
+        if arrays[name].dtype.kind != "f" or arrays[name].shape != (n, k):
+            bad(f"{name} is not {n} x {k} real numbers")
+        if not np.isfinite(arrays[name]).all():
+            bad(f"{name} holds NaN or infinite values")
+    labels = arrays["labels"]
+    if labels.dtype.kind not in "iu" or labels.shape != ((n,) if task == "multiclass" else (n, k)):
+        bad(f"labels are not {n} whole numbers" if task == "multiclass" else f"labels are not an {n} x {k} 0/1 matrix")
+    if labels.size and (labels.min() < 0 or labels.max() >= (k if task == "multiclass" else 2)):
+        bad("labels out of range")
+    return Predictions(arrays["logits"], arrays["scores"], labels, arrays["relpaths"].tolist(),
+                       arrays["class_names"].tolist(), str(arrays["data_dir"]), str(arrays["checkpoint_sha256"]), task)
 
 
 def predict_test_set(trained: checkpoints.TrainedModel, cache, runtime) -> "Predictions":
@@ -98,5 +119,5 @@ def predict_test_set(trained: checkpoints.TrainedModel, cache, runtime) -> "Pred
     relpaths, _ = trained.split.subset("test")
     task = tasks.for_name(trained.split.task)
     return Predictions(logits.astype(np.float32), task.scores(logits), source.labels.numpy(), relpaths,
-                                 list(trained.checkpoint["class_names"]), str(trained.split.root), trained.sha256,
+                                 trained.class_names, str(trained.split.root), trained.sha256,
                                  task.name)

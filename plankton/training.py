@@ -94,15 +94,18 @@ class TrainingState:
                     scheduler=scheduler.state_dict() if scheduler is not None else None)
 
     @classmethod
-    def restore(cls, last: dict, model, optimizer, scheduler=None) -> "TrainingState":
-        """Load a last.pth's model, optimizer, LR schedule and RNG states; return its training state."""
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(last["scheduler"])
-        restore_rng(last["rng"])
+    def restore(cls, last, model=None, optimizer=None, scheduler=None) -> "TrainingState":
+        """A last.pth's (a checkpoints.Checkpoint) training state; with a model and optimizer, also load
+        its model, optimizer, LR schedule and RNG states into them."""
+        saved = dict(last.training, epoch=last.epoch)
+        if model is not None:
+            model.load_state_dict(last.model_state)
+            optimizer.load_state_dict(saved["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
+            restore_rng(saved["rng"])
         names = cls.__dataclass_fields__
-        return cls(**{k: (list(v) if k == "history" else v) for k, v in last.items() if k in names})
+        return cls(**{k: (list(v) if k == "history" else v) for k, v in saved.items() if k in names})
 
     def improved(self, val_loss: float, position: float) -> bool:
         """Count a validation pass; True when it is the best so far."""

@@ -97,8 +97,25 @@ def settings_file(path: Path, **settings) -> Path:
     return path
 
 
+def made_up_checkpoint(path: Path, data_dir: Path, seen: list[str], unseen: list[str], image_size: int = 32) -> Path:
+    """A well-formed best.pth (a small untrained resnet18-trunk model) for tests that need one to name
+    the classes and data folder, without training."""
+    import types
+
+    import backbone
+    import dataloader
+    arch = backbone.architecture_args(len(seen), image_size, 8, 0.1, "resnet18")
+    model = backbone.build_model(arch)
+    split = types.SimpleNamespace(seen_classes=seen, unseen_classes=unseen, sha256="0" * 64, root=Path(data_dir),
+                                  task="multiclass", labels_csv=None)
+    preprocess = dataloader.Preprocess.for_trunk("resnet18", image_size, "stretch")
+    fileio.save_torch(checkpoints.checkpoint_record(model, arch, preprocess, split, "random initialisation (WEIGHTS=None)",
+                                                    backbone.frozen_trunk_sha256(model), {}), path)
+    return path
+
+
 def model_tensors(path: Path) -> dict:
-    return checkpoints.open_checkpoint(path)["model"]
+    return checkpoints.open_checkpoint(path).model_state
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:

@@ -105,7 +105,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="cannot write .*last.pth.*simulated"):
         fileio.save_torch({"value": torch.zeros(1000)}, paths.last)
     monkeypatch.undo()
-    assert torch.equal(checkpoints.open_checkpoint(paths.last)["value"], old["value"])
+    assert torch.equal(checkpoints.load_checkpoint_file(paths.last)["value"], old["value"])
     locations.prepare_output_dirs(cfg)
     assert not [p for p in tmp_path.rglob("*") if fileio.TMP_MARK in p.name]
 
@@ -174,7 +174,8 @@ def test_an_image_that_became_unreadable_stops_the_stages(trained):
 def test_embeddings_export_to_parquet_and_csv_with_the_same_columns_and_attrs(tmp_path):
     rng = np.random.default_rng(0)
     frame = embedding_files.embeddings_frame(rng.normal(size=(5, 4)), np.array([0, 1, 0, 1, 1]), ["a", "b"],
-                                       [f"a/{i}.png" for i in range(5)], dict(subset="test", class_names=["a", "b"]))
+                                       [f"a/{i}.png" for i in range(5)], embedding_files.EmbeddingsInfo(
+                                       "0" * 64, "1" * 64, "test", ("a", "b"), "data", "random", "multiclass"))
     written = embedding_files.export_table(frame, tmp_path / "embeddings_test.pkl", csv=True)
     assert [p.name for p in written] == ["embeddings_test.parquet", "embeddings_test.csv"]
     back = pd.read_parquet(written[0])

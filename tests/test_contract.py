@@ -61,9 +61,9 @@ def fake_embeddings(cfg, root: Path, seed: int = 0) -> locations.Paths:
             labels += [i] * len(files)
         labels = np.array(labels)
         points = rng.normal(size=(len(labels), 8)) + 4.0 * np.eye(8)[labels]
-        frame = embedding_files.embeddings_frame(points, labels, classes, relpaths, dict(
+        frame = embedding_files.embeddings_frame(points, labels, classes, relpaths, embedding_files.EmbeddingsInfo(
             checkpoint_sha256=hashing.file_sha256(paths.best), split_sha256="stand-in", subset=subset,
-            class_names=classes, data_dir=str(root), weights_source="none"))
+            class_names=tuple(classes), data_dir=str(root), weights_source="none", task="multiclass"))
         embedding_files.save_embeddings(frame, paths.embeddings(subset))
     return paths
 

@@ -3,6 +3,7 @@ is short, its links resolve and its test command is the one CI runs."""
 import re
 
 from conftest import REPO
+
 from plankton import settings
 
 README_LIMIT = 15_000  # bytes: the README is for the first hour; the rest lives in docs/

@@ -148,7 +148,7 @@ def test_a_fine_tuned_checkpoint_gives_evaluate_and_embed_the_in_memory_models_o
     model = in_memory[0].eval()
     paths = locations.Paths.from_settings(cfg)
     checkpoint = checkpoints.open_checkpoint(paths.best)
-    assert checkpoint["arch"]["finetune_blocks"] == 1 and checkpoint["trunk_sha256"] == backbone.frozen_trunk_sha256(model)
+    assert checkpoint.arch["finetune_blocks"] == 1 and checkpoint.trunk_sha256 == backbone.frozen_trunk_sha256(model)
     evaluate.run(cfg)
     embed.run(cfg)
     split = splits.split_from_settings(cfg, paths, create=False)
@@ -159,15 +159,15 @@ def test_a_fine_tuned_checkpoint_gives_evaluate_and_embed_the_in_memory_models_o
     frame = safepickle.load_dataframe(paths.embeddings("test"))
     np.testing.assert_allclose(embedding_files.embedding_matrix(frame), embeddings.numpy(), rtol=1e-4, atol=1e-5)
     trained = checkpoints.open_trained_model(cfg, paths, torch.device("cpu"))
-    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint["trunk_sha256"],
+    cache = trunk_cache.from_settings(cfg, paths.cache, trained.model.trunk, checkpoint.trunk_sha256,
                                       trained.preprocess, RUNTIME)
     opened_logits, _ = training.head_outputs(trained.model, trained.source("test", cache), RUNTIME)
     np.testing.assert_allclose(opened_logits, logits.numpy(), rtol=1e-4, atol=1e-5)
     metrics = (paths.out / "test_metrics.csv").read_text().splitlines()[-1].split(",")
     assert float(metrics[-1]) == pytest.approx(float((logits.argmax(1).numpy() == labels).mean()))
     # the tuned block was trained: it is not the trunk's initialisation any more
-    fresh = backbone.build_model(checkpoint["arch"]).state_dict()
-    assert any(not torch.equal(fresh[k], v) for k, v in checkpoint["model"].items() if k.startswith("tuned_trunk."))
+    fresh = backbone.build_model(checkpoint.arch).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in checkpoint.model_state.items() if k.startswith("tuned_trunk."))
 
 
 def test_a_killed_fine_tuning_run_resumes_to_the_same_model(tmp_path, tiny_folder, monkeypatch):

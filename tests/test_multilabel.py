@@ -219,7 +219,7 @@ def test_multilabel_pipeline_end_to_end(tmp_path):
     history = pd.read_csv(out / "training_history.csv")
     assert {"val_map", "train_map", "val_ap_a", "train_ap_c"} <= set(history.columns)
     best = checkpoints.open_checkpoint(Path(cfg.CHECKPOINT_DIR) / "best.pth")
-    assert best["task"] == "multilabel" and best["val_map"] == pytest.approx(history.val_map.max())
+    assert best.task == "multilabel" and best.val_map == pytest.approx(history.val_map.max())
     metrics = pd.read_csv(out / "test_metrics.csv")
     predictions = saved_predictions.open_predictions(locations.Paths.from_settings(cfg))
     assert predictions.task == "multilabel" and predictions.labels.shape == (len(predictions.relpaths), 3)

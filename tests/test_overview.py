@@ -103,19 +103,19 @@ def test_an_unknown_module_name_is_one_line_listing_the_valid_names(tiny_model):
 
 
 def test_the_head_at_initialisation_is_what_train_py_built_before_its_first_step(tiny_model):
-    checkpoint = {"arch": backbone.architecture_args(3, 32, 8, trunk="resnet18")}
+    arch = backbone.architecture_args(3, 32, 8, trunk="resnet18")
     system.set_seed(7)
-    before_training = backbone.build_model(checkpoint["arch"])  # as train.py: seed, then build
-    trained = backbone.build_model(checkpoint["arch"])  # another draw stands for the trained weights
+    before_training = backbone.build_model(arch)  # as train.py: seed, then build
+    trained = backbone.build_model(arch)  # another draw stands for the trained weights
     runtime = dataloader_runtime()
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    init = feature_maps.variant_model(checkpoint, trained, 7, "trunk", runtime)
+    init = feature_maps.variant_model(arch, trained, 7, "trunk", runtime)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is left alone
     for key, value in init.state_dict().items():
         expected = trained.state_dict()[key] if key.startswith("trunk.") else before_training.state_dict()[key]
         assert torch.equal(value, expected), key
-    random_trunk = feature_maps.variant_model(checkpoint, trained, 8, "head", runtime)
+    random_trunk = feature_maps.variant_model(arch, trained, 8, "head", runtime)
     assert torch.equal(random_trunk.head[0].weight, trained.head[0].weight)
     assert not torch.equal(random_trunk.trunk.conv1.weight, trained.trunk.conv1.weight)
 

@@ -80,7 +80,9 @@ def test_trustworthiness_uses_the_subsets_plotted_points_and_equals_sklearns():
 
 def test_the_sample_cap_is_applied_and_said(capsys):
     x, labels = clustered(sizes=(30, 30))
-    frame = embedding_files.embeddings_frame(x, labels, ["p", "q"], [f"p/{i}.png" for i in range(60)], {})
+    frame = embedding_files.embeddings_frame(x, labels, ["p", "q"], [f"p/{i}.png" for i in range(60)],
+                                             embedding_files.EmbeddingsInfo("0" * 64, "1" * 64, "test", ("p", "q"),
+                                                                            "data", "random", "multiclass"))
     coords = pd.DataFrame(columns=embedding_files.UMAP_COLUMNS)
     row = embedding_quality.subset_quality(frame, coords, "test", limit=20, neighbours=5, seed=0)
     assert row["n_images"] == 60 and row["n_used"] == 20 and "QUALITY_SAMPLES=20" in capsys.readouterr().out

@@ -8,12 +8,12 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_image_folder, tiny_config
+from conftest import made_up_checkpoint, make_image_folder, tiny_config
 from PIL import Image
 
 import report
 import verify
-from plankton import fileio, locations, provenance, registry
+from plankton import fileio, hashing, locations, provenance, registry
 
 
 def _png(path, width=60, height=40, value=90):
@@ -27,8 +27,7 @@ def made_up_run(tmp_path):
     folder = make_image_folder(tmp_path / "images", {"a": 4, "b": 4, "c": 4, "u": 3, "v": 3})
     cfg = tiny_config(tmp_path, folder)
     paths = locations.prepare_output_dirs(cfg)
-    fileio.save_torch(dict(data_dir=str(folder), class_names=["a", "b", "c"], unseen_classes=["u", "v"],
-                           weights_source="random initialisation (WEIGHTS=None)"), paths.best)
+    made_up_checkpoint(paths.best, folder, ["a", "b", "c"], ["u", "v"])
     pd.DataFrame(dict(class_name=["a", "b"], train=[3, 3])).to_csv(paths.out / "class_counts.csv", index=False)
     _png(paths.out / "class_counts.png")
     (paths.out / "model_summary.txt").write_text("PlanktonNet <head>\nTotal params: 12")
@@ -97,9 +96,9 @@ def test_the_umap_data_carries_each_points_thumbnail_class_and_subset(made_up_ru
 def test_the_report_records_provenance_that_verifies(made_up_run):
     cfg, paths, _, _ = made_up_run
     report.run(cfg)
-    record = json.loads(provenance.provenance_path(paths, "report").read_text())
-    assert list(record["outputs"]) == ["report.html"]
-    assert str(paths.out / "provenance_evaluate.json") in record["inputs"]
+    record = provenance.read_record(paths, "report")
+    assert list(record.outputs) == ["report.html"]
+    assert str(paths.out / "provenance_evaluate.json") in record.inputs
     assert verify.stage_mismatches(paths, "report", record) == []
 
 
@@ -141,3 +140,56 @@ def test_a_multilabel_run_leaves_out_single_label_stages_and_says_why(made_up_ru
     assert "Stage: embed" in headings and "Stages not run for this task" in headings
     overview = page[page.index("<h2>Data overview</h2>"):page.index("<h2>Model summary</h2>")]
     assert "dataset_overview.py did not run: not for this task" in overview
+
+
+# ---- what the page may trust -----------------------------------------------------------------------
+
+def test_files_their_record_does_not_vouch_for_are_marked_in_their_section_and_at_the_top(made_up_run):
+    cfg, paths, coords, folder = made_up_run
+    _png(paths.out / "umap_embeddings.png", value=10)  # replaced after dimensionality_reduction recorded it
+    report.run(cfg)
+    page = (paths.out / "report.html").read_text(encoding="utf-8")
+    umap = page[page.index("<h2>Stage: dimensionality_reduction"):]
+    umap = umap[:umap.index("</section>")]
+    assert 'class="warn stale">Not vouched for' in umap and "umap_embeddings.png" in umap
+    metrics = page[page.index("<h2>Test metrics</h2>"):]
+    assert "Not vouched for" not in metrics[:metrics.index("</section>")]  # evaluate's record holds
+    top = page[:page.index("<nav>")]
+    assert "stage(s) show files that their provenance record does not vouch for" in top
+    assert "dimensionality_reduction" in top and "evaluate" not in top.split("vouch for")[1]
+
+
+def test_nothing_outside_the_output_folder_is_read_into_the_page(made_up_run, tmp_path):
+    """A link in the output folder, or a record naming a file outside it, shows nothing of that file."""
+    cfg, paths, coords, folder = made_up_run
+    secret = tmp_path / "private_notes.txt"
+    secret.write_text("MY-PRIVATE-TEXT")
+    (paths.out / "model_summary.txt").unlink()
+    (paths.out / "model_summary.txt").symlink_to(secret)
+    record = json.loads(provenance.provenance_path(paths, "evaluate").read_text())
+    record["outputs"]["../private_notes.txt"] = hashing.file_sha256(secret)
+    provenance.provenance_path(paths, "evaluate").write_text(json.dumps(record))
+    report.run(cfg)
+    page = (paths.out / "report.html").read_text(encoding="utf-8")
+    assert "MY-PRIVATE-TEXT" not in page
+    assert "names outputs outside the output folder" in page  # the record is refused, visibly
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a list", "hashes as numbers"])
+def test_a_damaged_record_or_timings_file_is_a_warning_on_the_page_and_a_mismatch_in_verify(made_up_run, capsys, damage):
+    cfg, paths, coords, folder = made_up_run
+    path = provenance.provenance_path(paths, "evaluate")
+    text = path.read_text()
+    damaged = {"cut short": text[: len(text) // 2], "a list": "[1, 2]",
+               "hashes as numbers": text.replace('"test_metrics.csv": "', '"test_metrics.csv": 1, "x": "')}[damage]
+    path.write_text(damaged)
+    (paths.out / "stage_times.json").write_text('{"train": "ten"}')
+    report.run(cfg)
+    page = (paths.out / "report.html").read_text(encoding="utf-8")
+    assert "provenance_evaluate.json is not a provenance record" in page
+    assert "stage_times.json cannot be read" in page
+    with pytest.raises(SystemExit) as stop:
+        verify.main([f"--OUTPUT_DIR={paths.out}", f"--CHECKPOINT_DIR={paths.checkpoints}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err
+    assert "provenance_evaluate.json is not a provenance record" in err and err.strip().splitlines()[-1].startswith("error:")

@@ -100,7 +100,7 @@ def test_save_killed_mid_write_leaves_the_old_file_and_a_cleaned_up_temporary(tm
     assert done.returncode == -signal.SIGKILL, done.stderr
     leftovers = [p for p in paths.checkpoints.iterdir() if fileio.TMP_MARK in p.name]
     assert leftovers, "the simulated kill should have left a temporary file"
-    assert torch.equal(checkpoints.open_checkpoint(paths.best)["value"], old["value"])
+    assert torch.equal(checkpoints.load_checkpoint_file(paths.best)["value"], old["value"])
     locations.prepare_output_dirs(cfg)
     assert not [p for p in tmp_path.rglob("*") if fileio.TMP_MARK in p.name]
     assert paths.best.is_file()
@@ -143,9 +143,9 @@ def test_killed_training_resumes_to_the_same_model(tmp_path):
     if victim.returncode != -signal.SIGKILL:
         pytest.fail(f"train.py finished (status {victim.returncode}) before it could be killed; make it slower")
     killed_state = checkpoints.open_checkpoint(last)
-    if killed_state["finished"]:
+    if killed_state.finished:
         pytest.fail("training had already finished when it was killed; make the run slower")
-    assert killed_state["epoch"] < 7
+    assert killed_state.epoch < 7
 
     resumed = script("train.py", f"--config={run_settings}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -175,9 +175,9 @@ def test_killed_training_resumes_to_the_same_model(tmp_path):
     history = pd.read_csv(run_dir / "outputs" / "training_history.csv")
     assert len(history) == 4 and history.epoch.iloc[0] < 1.0 and history.epoch.iloc[-1] == 2.0
     best = checkpoints.open_checkpoint(run_dir / "checkpoints" / "best.pth")
-    assert best["config"]["MAX_EPOCHS"] == 2 and best["epoch"] <= 2.0
+    assert best.config["MAX_EPOCHS"] == 2 and best.epoch <= 2.0
     last_state = checkpoints.open_checkpoint(last)
-    assert last_state["finished"] and last_state["epoch"] == 1
+    assert last_state.finished and last_state.epoch == 1
 
 
 def _assert_one_error_line(done: subprocess.CompletedProcess) -> str:

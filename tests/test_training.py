@@ -21,7 +21,7 @@ RUNTIME = dataloader.Runtime(torch.device("cpu"), batch_size=8, workers=0, chann
 
 def _test_logits(cfg, images):
     checkpoint = checkpoints.open_checkpoint(locations.Paths.from_settings(cfg).best)
-    model = backbone.model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model = checkpoint.build_model(torch.device("cpu"))
     with torch.no_grad():
         return model(images)[0]
 
@@ -86,7 +86,7 @@ def test_a_start_over_run_killed_early_is_not_mistaken_for_the_old_finished_run(
     assert "training already finished" not in out, ("the old run's finished last.pth was taken for the killed "
                                                    "--RESUME=False run: best.pth is left after one validation pass")
     assert_same_tensors(model_tensors(paths.best), fully_trained)
-    assert checkpoints.open_checkpoint(paths.last)["finished"]
+    assert checkpoints.open_checkpoint(paths.last).finished
 
 
 def test_one_seed_gives_the_same_split_and_metrics_in_two_folders(tmp_path):

@@ -9,7 +9,6 @@ import torch
 from conftest import assert_same_tensors, model_tensors, tiny_config, train_killed_after_first
 from sklearn.metrics import average_precision_score
 
-import backbone
 import dataloader
 import seeds
 import train
@@ -29,8 +28,8 @@ def test_adam_with_default_options_trains_the_same_best_model_as_before_them(tmp
             cfg.SPLIT_SEED) == ("adam", 0.0, "none", 0.0, 0.0, None)
     train.run(cfg)
     best = checkpoints.open_checkpoint(locations.Paths.from_settings(cfg).best)
-    assert hashing.tensors_sha256(best["model"]) == BEFORE_OPTIONS_SHA256
-    assert best["val_loss"] == BEFORE_OPTIONS_VAL_LOSS
+    assert hashing.tensors_sha256(best.model_state) == BEFORE_OPTIONS_SHA256
+    assert best.val_loss == BEFORE_OPTIONS_VAL_LOSS
 
 
 # ---- class-wise figures ---------------------------------------------------------------------------
@@ -59,11 +58,11 @@ def test_history_holds_sklearn_average_precision_of_the_model_at_that_pass(tmp_p
     history = pd.read_csv(paths.history)
     assert len(history) == 1
     last = checkpoints.open_checkpoint(paths.last)
-    model = backbone.model_from_checkpoint(last, torch.device("cpu"))
+    model = last.build_model(torch.device("cpu"))
     split = splits.split_from_settings(cfg, paths, create=False)
-    preprocess = dataloader.Preprocess.from_checkpoint(last)
+    preprocess = last.preprocess
     runtime = dataloader.runtime_from_settings(cfg)
-    cache = trunk_cache.from_settings(cfg, paths.cache, model.trunk, last["trunk_sha256"], preprocess, runtime)
+    cache = trunk_cache.from_settings(cfg, paths.cache, model.trunk, last.trunk_sha256, preprocess, runtime)
     for subset in ("train", "val"):
         source = split.source(subset, preprocess, cache)
         logits, _ = training.head_outputs(model, source, runtime)
@@ -110,13 +109,14 @@ def test_a_run_killed_after_its_first_epoch_resumes_the_lr_schedule(tmp_path, ti
     train.run(through)
     killed = tiny_config(tmp_path / "killed", tiny_folder, **options)
     train_killed_after_first(killed, monkeypatch)
-    assert checkpoints.open_checkpoint(locations.Paths.from_settings(killed).last)["scheduler"]["last_epoch"] == 1
+    assert checkpoints.open_checkpoint(locations.Paths.from_settings(killed).last).training["scheduler"]["last_epoch"] == 1
     train.run(killed)
     a, b = locations.Paths.from_settings(through), locations.Paths.from_settings(killed)
     assert_same_tensors(model_tensors(a.best), model_tensors(b.best))
     pd.testing.assert_frame_equal(pd.read_csv(a.history), pd.read_csv(b.history))
     assert list(pd.read_csv(b.history).lr.round(6).unique()) == [0.05, 0.025, 0.0125]
-    assert checkpoints.open_checkpoint(b.last)["scheduler"] == checkpoints.open_checkpoint(a.last)["scheduler"]
+    assert (checkpoints.open_checkpoint(b.last).training["scheduler"]
+            == checkpoints.open_checkpoint(a.last).training["scheduler"])
 
 
 def test_a_changed_option_refuses_to_resume_with_one_line(tmp_path, tiny_folder):
