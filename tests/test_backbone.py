@@ -19,6 +19,7 @@ EXPECTED = {
     "resnet18": ("", ("conv1.", "bn1.", "layer1.", "layer2."), 128),
     "resnet50": ("", ("conv1.", "bn1.", "layer1.", "layer2."), 512),
     "convnext_tiny": ("features.", ("features.0.", "features.1.", "features.2.", "features.3."), 192),
+    "efficientnet_lite0": ("", ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2."), 40),  # timm's
 }
 NAMES = list(backbone.TRUNKS)
 
@@ -244,7 +245,8 @@ def test_imagenet_files_are_each_trunks_own_and_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # restored afterwards
     names = {name: backbone.imagenet_weights_path(name).name for name in NAMES}
     assert names == {"efficientnet_v2_s": "efficientnet_v2_s-dd5fe13b.pth", "resnet18": "resnet18-f37072fd.pth",
-                     "resnet50": "resnet50-11ad3fa6.pth", "convnext_tiny": "convnext_tiny-983f1562.pth"}
+                     "resnet50": "resnet50-11ad3fa6.pth", "convnext_tiny": "convnext_tiny-983f1562.pth",
+                     "efficientnet_lite0": "efficientnet-lite0-57934424.pth"}  # in its pip package's folder
     model = backbone.PlanktonNet(3, 32, trunk="resnet18")
     path = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(PipelineError, match=re.escape(f"{path} does not exist; download "
@@ -259,6 +261,8 @@ def test_imagenet_files_are_each_trunks_own_and_checked(tmp_path, monkeypatch):
 
 def test_normalization_is_what_each_trunks_weights_expect():
     for name in NAMES:
+        if name == "efficientnet_lite0":  # TensorFlow's preprocessing: tests/test_pretrained_lite0.py
+            continue
         mean, std = backbone.normalization(name)
         assert mean == pytest.approx([0.485, 0.456, 0.406]) and std == pytest.approx([0.229, 0.224, 0.225])
         assert all(type(v) is float for v in mean + std)
