@@ -182,14 +182,13 @@ def test_a_short_training_on_the_built_in_digits_records_the_weights_and_their_n
                       UNSEEN_CLASSES=["7", "8"], MAX_EPOCHS=1, VAL_PER_EPOCH=1)
     train.run(cfg)
     checkpoint = checkpoints.open_checkpoint(locations.Paths.from_settings(cfg).best)
-    assert checkpoint["arch"]["trunk"] == NAME
-    assert checkpoint["weights_source"].startswith("ImageNet (efficientnet-lite0-57934424.pth")
+    assert checkpoint.trunk == NAME
+    assert checkpoint.weights_source.startswith("ImageNet (efficientnet-lite0-57934424.pth")
     mean, std = backbone.normalization(NAME)
-    assert checkpoint["normalization"] == dict(mean=mean, std=std)
-    assert dataloader.Preprocess.from_checkpoint(checkpoint).mean == tuple(mean)  # what later stages use
+    assert (checkpoint.preprocess.mean, checkpoint.preprocess.std) == (tuple(mean), tuple(std))  # what later stages use
     _, state = backbone.read_package_weights(NAME)
     assert all(torch.equal(tensor, state[key[len("trunk."):]])
-               for key, tensor in checkpoint["model"].items() if key.startswith("trunk."))
+               for key, tensor in checkpoint.model_state.items() if key.startswith("trunk."))
 
 
 def test_without_timm_the_trunk_asks_for_it(monkeypatch):
