@@ -67,6 +67,11 @@ def umap_code_cached() -> bool:
     return folder is None or any(Path(folder).rglob("layouts.*.nbi"))
 
 
+def _low_priority_child() -> None:
+    os.nice(10)
+    system.die_with_parent()
+
+
 def compile_ahead() -> None:
     """On a cold numba cache, fit a small UMAP in a background process at low priority, so that
     numba compiles umap-learn's code (about 18 s on one core) into the cache while the stages before
@@ -79,7 +84,7 @@ def compile_ahead() -> None:
                "d.fit_umap(np.random.default_rng(0).normal(size=(64, 8)), 15, 0)")
     _compiling = subprocess.Popen([sys.executable, "-c", warm_up], cwd=system.REPO_DIR, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=lambda: os.nice(10))
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_low_priority_child)
 
 
 def stop_compiling(wait: bool) -> None:

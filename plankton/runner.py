@@ -134,7 +134,8 @@ def run_stage_process(name: str, cfg, log_path: Path) -> None:
     args = [f"--{name_}={value!r}" for name_, value in vars(cfg).items()]
     with fileio.atomic_path(log_path) as tmp, open(tmp, "w", encoding="utf-8") as log:
         done = subprocess.run([sys.executable, str(system.REPO_DIR / f"{name}.py"), *args], stdout=log,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                              preexec_fn=system.die_with_parent)
     if done.returncode != 0:
         lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
         said = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")),

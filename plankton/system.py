@@ -3,6 +3,8 @@ import ctypes
 import gc
 import os
 import random
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,24 @@ import torch
 from plankton.errors import PipelineError
 
 REPO_DIR = Path(__file__).resolve().parents[1]  # the scripts' folder, above this package
+
+
+def _find_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _find_prctl()  # looked up here: between fork and exec a child must not load libraries
+
+
+def die_with_parent() -> None:
+    """For subprocess's preexec_fn: the child gets SIGTERM when the process that started it ends,
+    however it ends (a stopped pytest, a killed run_all.py), so no stage or compile process is left
+    running. Linux's PR_SET_PDEATHSIG; elsewhere nothing (the child then ends when its work does)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def release_free_memory() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from plankton import checkpoints, fileio
+from plankton import checkpoints, fileio, system
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -19,6 +19,18 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / "cache" / "numba"))
 
 from plankton import settings  # noqa: E402
+
+# Every process a test starts ends with the test session, however that ends (Ctrl-C, a killed
+# pytest): the child gets SIGTERM when pytest's process goes (plankton.system.die_with_parent).
+_popen_init = subprocess.Popen.__init__
+
+
+def _popen_dying_with_pytest(self, *args, **kwargs):
+    kwargs.setdefault("preexec_fn", system.die_with_parent)
+    _popen_init(self, *args, **kwargs)
+
+
+subprocess.Popen.__init__ = _popen_dying_with_pytest
 
 
 def make_image_folder(root: Path, classes: dict[str, int], size: int = 24, seed: int = 0) -> Path:
