@@ -2,10 +2,12 @@
 atomic_path and the savers built on it, and the sweep of temporaries that killed runs left behind."""
 import contextlib
 import csv
+import errno
 import json
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +39,41 @@ def atomic_path(path: Path):
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def open_no_follow(path: Path, flags: int) -> int:
+    """A descriptor of the regular file `path` in one of the pipeline's folders (a lock, a log),
+    created if missing, never reached through a symbolic link: a link, a hard-linked file, a device or
+    a FIFO left at that name would make the pipeline write into a file that is not its own, so each
+    is one PipelineError. (atomic_path needs no such care: os.replace replaces a link, not its target.)"""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PipelineError(f"{path} is a symbolic link; the pipeline keeps its own file there and never writes "
+                                f"through a link: remove the link") from None
+        raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        raise PipelineError(f"{path} is {what}; the pipeline keeps its own file there: remove it")
+    return fd
+
+
+def own_folder(folder: Path) -> Path:
+    """Create a sub-folder the pipeline keeps inside its own folders (logs/), refusing one that is a
+    symbolic link: the files written into it would land in the folder it points to."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise PipelineError(f"{folder} is a symbolic link; the pipeline keeps its own folder there and never writes "
+                            f"through a link: remove the link")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PipelineError(f"cannot write {folder}: {err.strerror or err}") from None
+    return folder
 
 
 def remove_abandoned_temporaries(folder: Path) -> list[Path]:
