@@ -27,6 +27,7 @@ def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = No
     from plankton import settings  # settings.py raises PipelineError: imported here, not at the top
     with contextlib.ExitStack() as held:
         try:
+            distributed.check_launch_variables()  # torchrun's variables: all or none, numbers in range
             cfg = settings.load_settings(argv)
             use_numba_cache(numba_cache or Path(cfg.CACHE_DIR) / "numba")
             script = Path(sys.argv[0]).stem if run.__module__ == "__main__" else run.__module__
