@@ -159,7 +159,7 @@ def run(cfg) -> None:
         seed_cfg = seed_settings(cfg, seed, paths.seeds / f"seed_{seed}", trunk_path)
         seconds = train_seed(seed_cfg, paths.split)
         rows.append(dict(evaluate_seed(seed_cfg, cfg.SEED, runtime), train_seconds=seconds))
-        histories[seed] = pd.read_csv(locations.Paths.from_settings(seed_cfg).history)
+        histories[seed] = fileio.read_csv(locations.Paths.from_settings(seed_cfg).history)
         print(f"seed {seed}: test accuracy {rows[-1]['test_accuracy']:.4f}, best validation loss "
               f"{rows[-1]['best_val_loss']:.4f} at epoch {rows[-1]['best_epoch']:.2f} ({seconds:.1f} s)")
     per_seed = pd.DataFrame(rows).assign(trunk_weights=weights_source)

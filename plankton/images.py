@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from plankton import distributed
 from plankton.errors import PipelineError
-from plankton.fileio import atomic_path, save_csv
+from plankton.fileio import atomic_path, read_csv, save_csv
 from plankton.hashing import sha256_file
 from plankton.progress import Progress
 
@@ -230,7 +230,7 @@ def _read_scan_cache(cache_file: Path) -> dict[tuple, tuple[str, str]]:
     """{(relpath, size, mtime_ns, ctime_ns, inode): (reason, sha256)}; empty if the file is missing,
     unreadable or from an older version (its verdicts are then simply computed again)."""
     try:
-        old = pd.read_csv(cache_file, dtype={"relpath": str, "reason": str, "sha256": str}, keep_default_na=False)
+        old = read_csv(cache_file, dtype={"relpath": str, "reason": str, "sha256": str}, keep_default_na=False)
         if list(old.columns) != SCAN_COLUMNS:
             return {}
         return {(r.relpath, int(r.size), int(r.mtime_ns), int(r.ctime_ns), int(r.inode)): (r.reason, r.sha256)

@@ -14,6 +14,7 @@ SEEN_CLASSES or UNSEEN_CLASSES. An image carrying ANY unseen label is held out (
 so the classifier never sees an unseen label; images whose labels are all seen are split into
 train/val/test (randomly, not stratified: label sets have no single class to stratify by).
 """
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +98,13 @@ def read_labels_csv(path: Path, root: Path, seen: list[str], unseen: list[str]) 
     if list(table.columns) != LABELS_COLUMNS:
         raise PipelineError(f"labels CSV {path} has columns {list(table.columns)}; it needs exactly {LABELS_COLUMNS}")
     order = {name: i for i, name in enumerate(list(seen) + list(unseen))}
-    label_sets, first_line = {}, {}
+    label_sets, first_line = {}, {}  # first_line is keyed by the image's real location (image_identity)
     for line, (relpath, text) in enumerate(zip(table.path, table.labels), start=2):
         where = f"labels CSV {path} line {line} ({relpath!r})"
         _check_image_path(relpath, root, where)
-        if relpath in first_line:
-            raise PipelineError(f"{where}: the image is listed a second time (first on line {first_line[relpath]}); "
+        identity = image_identity(relpath, root, where)
+        if identity in first_line:
+            raise PipelineError(f"{where}: the image is listed a second time (first on line {first_line[identity]}); "
                                 f"give each image one row with all its labels separated by '{LABEL_SEPARATOR}'")
         labels = {label.strip() for label in text.split(LABEL_SEPARATOR)} - {""}
         if not labels:
@@ -112,7 +114,7 @@ def read_labels_csv(path: Path, root: Path, seen: list[str], unseen: list[str]) 
         if unknown:
             raise PipelineError(f"{where}: label {unknown[0]!r} is in neither SEEN_CLASSES nor UNSEEN_CLASSES "
                                 f"({', '.join(order)}); add it to one of them, or fix the row")
-        label_sets[relpath], first_line[relpath] = tuple(sorted(labels, key=order.get)), line
+        label_sets[relpath], first_line[identity] = tuple(sorted(labels, key=order.get)), line
     carried = {label for labels in label_sets.values() for label in labels}
     for name in order:
         if name not in carried:
@@ -129,6 +131,19 @@ def _check_image_path(relpath: str, root: Path, where: str) -> None:
         raise PipelineError(f"{where}: not an image by its extension ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if not (root / relpath).is_file():
         raise PipelineError(f"{where}: no such image in {root}; fix the path (relative to DATA_DIR) or remove the row")
+
+
+def image_identity(relpath: str, root: Path, where: str) -> Path:
+    """Where an image really is: its folder as a real path (links and "." resolved) and its name. Two
+    spellings of one image (img/x.png, ./img/x.png, a linked alias of img/) are one image, and a
+    linked sub-folder that leads outside the data folder is refused. (A linked image file is an image,
+    as in class folders.)"""
+    relative = Path(relpath)
+    folder = Path(os.path.realpath(root / relative.parent))
+    if not folder.is_relative_to(os.path.realpath(root)):
+        raise PipelineError(f"{where}: its folder leads outside DATA_DIR ({root}) through a symbolic link, to "
+                            f"{folder}; put the image inside DATA_DIR or remove the row")
+    return folder / relative.name
 
 
 def usable_label_sets(root: Path, labels_csv: Path, seen: list[str], unseen: list[str], scan_cache: Path,

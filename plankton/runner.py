@@ -27,6 +27,7 @@ def run_script(run, argv: list[str] | None = None, numba_cache: Path | None = No
     from plankton import settings  # settings.py raises PipelineError: imported here, not at the top
     with contextlib.ExitStack() as held:
         try:
+            distributed.check_launch_variables()  # torchrun's variables: all or none, numbers in range
             cfg = settings.load_settings(argv)
             use_numba_cache(numba_cache or Path(cfg.CACHE_DIR) / "numba")
             script = Path(sys.argv[0]).stem if run.__module__ == "__main__" else run.__module__
@@ -72,9 +73,10 @@ def folder_lock(folder: Path):
     import fcntl
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / ".plankton.lock", "a+")
     except OSError as err:
         raise PipelineError(f"cannot write {folder}: {err.strerror or err}")
+    # never through a link or into a hard-linked file: the lock file is truncated below
+    handle = os.fdopen(fileio.open_no_follow(folder / ".plankton.lock", os.O_RDWR), "r+")
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,9 +111,12 @@ class _Tee:
 
 @contextlib.contextmanager
 def tee_output(log_path: Path):
-    """Copy everything printed (stdout and stderr) into log_path, started afresh, while the block runs."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8", errors="backslashreplace") as log:
+    """Copy everything printed (stdout and stderr) into log_path, started afresh, while the block runs.
+    The log and its folder are the pipeline's own: a link at either is refused, never written through."""
+    fileio.own_folder(log_path.parent)
+    fd = fileio.open_no_follow(log_path, os.O_WRONLY)
+    os.ftruncate(fd, 0)
+    with open(fd, "w", encoding="utf-8", errors="backslashreplace") as log:
         log.write(f"# {' '.join(sys.argv)}  ({time.strftime('%Y-%m-%d %H:%M:%S')}, code {code_version()})\n")
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)

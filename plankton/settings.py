@@ -14,8 +14,10 @@ Where the values come from, a later source winning:
    a Python literal is a string, so --DEVICE=cpu needs no quotes.
 
 Then every value is checked against SCHEMA, and the settings against each other (the three split
-fractions sum to 1, seen and unseen classes are disjoint, OUTPUT_DIR, CHECKPOINT_DIR and CACHE_DIR
-are neither the repository's folder nor a filesystem root). The first failure raises
+fractions sum to 1, seen and unseen classes are disjoint, folder settings name no file or device,
+OUTPUT_DIR, CHECKPOINT_DIR and CACHE_DIR are neither the repository's folder, a filesystem root nor
+inside the images). A settings file's values are read as plain built-in values (plain_value), and
+a settings file that raises anything, SystemExit included, is an error. The first failure raises
 PipelineError with one line naming the setting, the value and what it accepts:
 `BATCH_SIZE=0: must be an integer >= 1`. Checked values come back normalised: a float setting given
 as an int is a float, a class list is a list, `~` in a path is expanded.
@@ -28,6 +30,7 @@ record the seed actually used (pass --SEED=N to repeat the run).
 runner.run_script lets SystemExit through, so the script exits 0 without running.
 """
 import ast
+import collections
 import dataclasses
 import difflib
 import io
@@ -162,6 +165,7 @@ MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis 
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
 # folders that are created and swept of leftover temporary files: never the repository or a root
 OWN_FOLDERS = ("OUTPUT_DIR", "CHECKPOINT_DIR", "CACHE_DIR")
+FOLDERS = OWN_FOLDERS + ("DATA_DIR", "BUILTIN_DATA_DIR", "PREDICT_DIR", "BUILTIN_MULTILABEL_DIR")
 KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "path": "a non-empty path",
               "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
               "names": "a list of different, non-empty class names (may be empty)",
@@ -233,7 +237,7 @@ def check_path(value, rule: Rule) -> str:
 def check_names(value, rule: Rule) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) and name for name in value):
         raise ValueError()
-    repeated = sorted({name for name in value if value.count(name) > 1})
+    repeated = sorted(name for name, times in collections.Counter(value).items() if times > 1)  # linear
     if repeated:  # the model would get one output per entry, two of them for one class
         raise ValueError(f"{', '.join(map(repr, repeated))} listed more than once; name each class once")
     return list(value)
@@ -292,20 +296,16 @@ def check_together(values: dict) -> None:
     if abs(sum(fractions) - 1) > 1e-6:
         given = ", ".join(f"{name}={values[name]!r}" for name in SPLIT_FRACTIONS)
         raise PipelineError(f"{given}: must sum to 1 (they sum to {sum(fractions):.6g})")
-    shared = [name for name in values["UNSEEN_CLASSES"] if name in values["SEEN_CLASSES"]]
+    seen = set(values["SEEN_CLASSES"])  # a set: tens of thousands of names are checked in linear time
+    shared = [name for name in values["UNSEEN_CLASSES"] if name in seen]
     if shared:
         raise PipelineError(f"UNSEEN_CLASSES={values['UNSEEN_CLASSES']!r}: {', '.join(map(repr, shared))} "
                             f"also in SEEN_CLASSES; a class is either seen or unseen")
-    unknown = [name for name in values["RANKED_CLASSES"] if name not in values["SEEN_CLASSES"]]
+    unknown = [name for name in values["RANKED_CLASSES"] if name not in seen]
     if unknown:
         raise PipelineError(f"RANKED_CLASSES={values['RANKED_CLASSES']!r}: {', '.join(map(repr, unknown))} not among "
                             f"the seen classes ({', '.join(values['SEEN_CLASSES'])}); [] ranks every seen class")
-    for name in OWN_FOLDERS:
-        folder = Path(values[name]).resolve()
-        if folder == REPO_DIR or folder.parent == folder:
-            what = "the repository's own folder" if folder == REPO_DIR else "a filesystem root"
-            raise PipelineError(f"{name}={values[name]!r}: must be a folder the pipeline can own, "
-                                f"not {what} ({folder})")
+    check_folders(values)
     if values["FINETUNE_BLOCKS"]:  # backbone.py counts the trunk's blocks; torchvision is imported only then
         backbone.check_finetune_blocks(values["TRUNK"], values["FINETUNE_BLOCKS"])
     if values["LABELS_CSV"] is not None and values["TASK"] != "multilabel":  # it would silently do nothing
@@ -317,6 +317,48 @@ def check_together(values: dict) -> None:
     if values["COLOR_JITTER"] > 0 and not values["AUGMENT"]:  # it would silently do nothing
         raise PipelineError(f"COLOR_JITTER={values['COLOR_JITTER']!r}: needs AUGMENT=True (jitter changes the trunk's "
                             f"input, so training images then go through the trunk); set AUGMENT=True or COLOR_JITTER=0")
+
+
+def check_folders(values: dict) -> None:
+    """Folder settings name folders (or nothing yet), never a file or a device; OUTPUT_DIR,
+    CHECKPOINT_DIR and CACHE_DIR are neither the repository, a root, nor inside the images (DATA_DIR,
+    or the built-in data it stands for, or PREDICT_DIR): figures would land among the user's images.
+    Paths are compared as real paths, so a link into the data is inside it too."""
+    for name in FOLDERS:
+        if values[name] is not None:
+            blocker = _existing_non_folder(Path(values[name]))
+            if blocker is not None:
+                where = "" if blocker == Path(values[name]).expanduser() else f" ({blocker} is not a folder)"
+                raise PipelineError(f"{name}={values[name]!r}: not a folder{where}; give a folder (it is created "
+                                    f"if missing)")
+    images = {name: Path(values[name]).resolve() for name in _image_folders(values)}
+    for name in OWN_FOLDERS:
+        folder = Path(values[name]).resolve()
+        if folder == REPO_DIR or folder.parent == folder:
+            what = "the repository's own folder" if folder == REPO_DIR else "a filesystem root"
+            raise PipelineError(f"{name}={values[name]!r}: must be a folder the pipeline can own, "
+                                f"not {what} ({folder})")
+        for image_setting, image_folder in images.items():
+            if folder.is_relative_to(image_folder):
+                raise PipelineError(f"{name}={values[name]!r}: inside {image_setting} ({image_folder}), so the "
+                                    f"pipeline's files would land among the images; choose a folder outside it")
+
+
+def _image_folders(values: dict) -> list[str]:
+    """The settings that name the folders of images this run reads."""
+    if values["DATA_DIR"] is not None:
+        data = ["DATA_DIR"]
+    else:
+        data = ["BUILTIN_MULTILABEL_DIR" if values["TASK"] == "multilabel" else "BUILTIN_DATA_DIR"]
+    return data + (["PREDICT_DIR"] if values["PREDICT_DIR"] is not None else [])
+
+
+def _existing_non_folder(path: Path) -> Path | None:
+    """The path itself or its nearest existing parent, if that is not a folder (a file, a device)."""
+    for candidate in (path.expanduser(), *path.expanduser().parents):
+        if os.path.lexists(candidate):
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def draw_seed() -> int:
@@ -350,15 +392,64 @@ def unknown_name(name: str, where: str) -> PipelineError:
 
 
 def read_settings_file(path: Path) -> dict:
-    """The upper-case names a settings file sets. The file runs as Python code."""
+    """The upper-case names a settings file sets, as plain values (plain_value). The file runs as
+    Python code; whatever it raises, SystemExit included (it must not end the script, silently or
+    not), is one PipelineError naming the file."""
     if not path.is_file():
         raise PipelineError(f"no settings file at {path}")
     namespace: dict = {"__file__": str(path)}
     try:
         exec(compile(path.read_text(), str(path), "exec"), namespace)
-    except Exception as err:  # a typo in the settings file
-        raise PipelineError(f"cannot read settings file {path}: {type(err).__name__}: {err}")
-    return {name: value for name, value in namespace.items() if name.isupper() and not name.startswith("_")}
+    except (Exception, SystemExit) as err:  # a typo in the settings file, or an exit()
+        raise PipelineError(f"cannot read settings file {path}: {_said(err)}") from None
+    values = {}
+    for name, value in namespace.items():
+        if isinstance(name, str) and name.isupper() and not name.startswith("_"):
+            try:
+                values[str.__str__(name)] = plain_value(value)
+            except Exception as err:  # noqa: BLE001 - an object of the file's own whose methods raise
+                raise PipelineError(f"{name} in settings file {path}: {_said(err)}; give a plain value "
+                                    f"(a number, a string, True/False, None or a list of them)") from None
+    return values
+
+
+PLAIN_DEPTH = 4  # lists inside lists: no setting nests deeper
+
+
+def plain_value(value, depth: int = 0):
+    """value as built-in types only, so that no method of a settings file's own classes runs later
+    (a str or float subclass becomes a str or float, a path its text, a list or tuple a list or tuple
+    of plain values); TypeError for anything else. Built-in methods are called on the base type
+    directly, so an override that raises is never reached."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(int.__int__(value))
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, (list, tuple)) and depth < PLAIN_DEPTH:
+        items = list.copy(value) if isinstance(value, list) else tuple.__getitem__(value, slice(None))
+        plain = [plain_value(item, depth + 1) for item in items]
+        return plain if isinstance(value, list) else tuple(plain)
+    if isinstance(value, os.PathLike):
+        return plain_value(os.fspath(value), depth + 1)
+    raise TypeError(f"a {type(value).__name__} object")
+
+
+def _said(err: BaseException) -> str:
+    """"Type: message" of an exception, even one whose message itself raises."""
+    kind = type(err).__name__
+    try:
+        text = str(err)
+    except Exception:  # noqa: BLE001 - a hostile __str__
+        text = ""
+    if isinstance(err, SystemExit):
+        return f"it raised SystemExit({text}); a settings file only sets values, it cannot end the script"
+    return f"{kind}: {text}" if text else kind
 
 
 def read_defaults() -> dict:

@@ -11,7 +11,7 @@ import pandas as pd
 from dataloader import FeatureSource, Preprocess, feature_source
 from plankton import images, labelsets
 from plankton.errors import PipelineError
-from plankton.fileio import save_csv
+from plankton.fileio import read_csv, save_csv
 from plankton.hashing import sha256_file
 from plankton.locations import Paths
 
@@ -92,7 +92,7 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
                                          hashes, val_fraction, test_fraction, seed)
     if paths.split.is_file():
         try:
-            table = pd.read_csv(paths.split, dtype=str, keep_default_na=False).fillna("")
+            table = read_csv(paths.split, dtype=str, keep_default_na=False).fillna("")
         except ValueError as err:  # not CSV, not UTF-8, empty, ragged rows
             raise PipelineError(f"cannot read {paths.split} ({str(err).strip().splitlines()[0]}); restore it, "
                                 f"or delete it and the checkpoints to re-split and retrain")

@@ -45,7 +45,7 @@ import dataloader
 from dataloader import Preprocess, Runtime
 from plankton import distributed
 from plankton.errors import PipelineError
-from plankton.fileio import atomic_path
+from plankton.fileio import atomic_path, open_no_follow
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 CHUNK_ROWS = 2048  # images per chunk file: a kill loses at most this many (64 MB at 128 px, float16)
@@ -247,7 +247,7 @@ def _filling(folder: Path, lock: bool):
     if not lock:
         yield
         return
-    with open(folder / "lock", "a") as f:
+    with os.fdopen(open_no_follow(folder / "lock", os.O_RDONLY), "rb") as f:  # never through a link
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
