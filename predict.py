@@ -113,14 +113,15 @@ def sample_rows(table: pd.DataFrame, class_names: list[str], per_row: int, seed:
     """{row title: up to per_row random rows}: each predicted class among the images kept as known,
     then the images flagged unknown (most unknown first)."""
     rng = np.random.default_rng(seed)
-    groups = {name: table[(table.predicted_class == name) & ~table.unknown] for name in class_names}
-    groups["unknown"] = table[table.unknown]
+    # (flagged?, class) keys: a seen class may itself be called "unknown" and keeps its own row
+    groups = {(False, name): table[(table.predicted_class == name) & ~table.unknown] for name in class_names}
+    groups[(True, None)] = table[table.unknown]
     picked = {}
-    for name, rows in groups.items():
+    for (flagged, name), rows in groups.items():
         chosen = rows.iloc[np.sort(rng.choice(len(rows), size=min(per_row, len(rows)), replace=False))]
-        if name == "unknown":
+        if flagged:
             chosen = chosen.sort_values("open_set_score", ascending=False)
-        title = "flagged\nunknown" if name == "unknown" else f"predicted\n{name}"
+        title = "flagged\nunknown" if flagged else f"predicted\n{name}"
         picked[f"{title}\n({len(rows)} images)"] = chosen
     return picked
 

@@ -103,7 +103,7 @@ def png_figure(path: Path) -> str:
 def csv_table(path: Path, rows: int = TABLE_ROWS, columns: int = TABLE_COLUMNS) -> str:
     """The first `rows` rows and `columns` columns of a CSV as an HTML table, saying what was left out."""
     try:
-        frame = pd.read_csv(path, nrows=rows)
+        frame = fileio.read_csv(path, nrows=rows)
     except (ValueError, OSError) as err:  # empty, ragged, not text
         return note(f"{path.name}: cannot be read as a table ({str(err).strip().splitlines()[0]})")
     with open(path, "rb") as handle:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from plankton import labelsets, safepickle
 from plankton.errors import PipelineError
-from plankton.fileio import atomic_path, save_csv
+from plankton.fileio import atomic_path, read_csv, save_csv
 from plankton.hashing import file_sha256
 from plankton.locations import Paths
 from plankton.plots import note_trunk_weights
@@ -153,7 +153,7 @@ def open_umap_coordinates(paths: Paths) -> pd.DataFrame:
         raise PipelineError(f"{path} was not made from the current checkpoint and embeddings (or its provenance "
                             f"record is missing) — re-run dimensionality_reduction.py")
     try:
-        coords = pd.read_csv(path, dtype={"path": str, "class_name": str, "subset": str}, keep_default_na=False)
+        coords = read_csv(path, dtype={"path": str, "class_name": str, "subset": str}, keep_default_na=False)
     except ValueError as err:
         raise PipelineError(f"cannot read {path} ({str(err).strip().splitlines()[0]}); re-run dimensionality_reduction.py")
     if list(coords.columns) != UMAP_COLUMNS:

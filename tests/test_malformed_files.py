@@ -209,3 +209,15 @@ def test_the_reproduction_check_compares_the_class_names_stored_with_the_scores(
         assert stop.value.code == 1 and "score the classes" in err
     finally:
         paths.scores.write_bytes(original)
+
+
+def test_a_seen_class_named_unknown_keeps_its_row_in_the_prediction_figure():
+    import pandas as pd
+
+    import predict
+    table = pd.DataFrame(dict(path=[f"x{i}.png" for i in range(6)], predicted_class=["unknown", "a"] * 3,
+                              top1_score=0.9, open_set_score=[0.1, 0.2, 0.9, 0.1, 0.2, 0.95],
+                              unknown=[False, False, True, False, False, True]))
+    picked = predict.sample_rows(table, ["unknown", "a"], per_row=4, seed=0)
+    assert list(picked) == ["predicted\nunknown\n(2 images)", "predicted\na\n(2 images)", "flagged\nunknown\n(2 images)"]
+    assert list(picked["flagged\nunknown\n(2 images)"].open_set_score) == [0.95, 0.9]
