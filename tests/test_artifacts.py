@@ -14,7 +14,6 @@ import compute_average_distances
 import dimensionality_reduction
 import embed
 import evaluate
-import run_all
 import train
 import transfer_learning
 from plankton import checkpoints, embedding_files, fileio, locations
@@ -47,7 +46,9 @@ def test_a_stage_run_before_its_input_exists_says_what_to_run(tiny_cfg, stage):
 
 def test_a_damaged_embeddings_file_or_settings_file_is_one_clear_error(tmp_path, tiny_cfg):
     import transfer_learning
-    run_all.run(tiny_cfg)
+    tiny_cfg.MAX_EPOCHS = 1
+    train.run(tiny_cfg)
+    embed.run(tiny_cfg)
     unseen = locations.Paths.from_settings(tiny_cfg).embeddings("unseen")
     unseen.write_bytes(unseen.read_bytes()[:100])
     with pytest.raises(PipelineError, match="re-run embed.py"):
@@ -121,6 +122,7 @@ def test_a_truncated_or_foreign_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_embeddings_of_an_older_checkpoint_are_refused(tmp_path, tiny_cfg):
+    tiny_cfg.MAX_EPOCHS = 1
     train.run(tiny_cfg)
     embed.run(tiny_cfg)
     compute_average_distances.run(tiny_cfg)  # fine while the embeddings belong to best.pth

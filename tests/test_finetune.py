@@ -171,7 +171,7 @@ def test_a_fine_tuned_checkpoint_gives_evaluate_and_embed_the_in_memory_models_o
 
 
 def test_a_killed_fine_tuning_run_resumes_to_the_same_model(tmp_path, tiny_folder, monkeypatch):
-    settings_ = dict(FINETUNE_BLOCKS=1, MAX_EPOCHS=2, VAL_PER_EPOCH=1)
+    settings_ = dict(FINETUNE_BLOCKS=1, MAX_EPOCHS=2, VAL_PER_EPOCH=1, TRUNK="resnet18")  # resnet18: cheaper per batch
     reference = tiny_config(tmp_path / "reference", tiny_folder, **settings_)
     train.run(reference)
     cfg = tiny_config(tmp_path / "killed", tiny_folder, **settings_)

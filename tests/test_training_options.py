@@ -167,7 +167,7 @@ def test_split_seed_draws_the_split_and_defaults_to_seed(tmp_path, tiny_folder):
 # ---- seeds.py -------------------------------------------------------------------------------------
 
 def test_seeds_writes_per_seed_results_and_their_mean_and_sd(tmp_path, tiny_folder):
-    cfg = tiny_config(tmp_path, tiny_folder, SEEDS=[0, 5], MAX_EPOCHS=2)
+    cfg = tiny_config(tmp_path, tiny_folder, SEEDS=[0, 5], MAX_EPOCHS=1)
     train.run(cfg)
     paths = locations.Paths.from_settings(cfg)
     main_best = paths.best.read_bytes()
