@@ -333,6 +333,73 @@ def format_value(value) -> str:
     return str(value)
 
 
+# ---- predictions EcoTaxa can import ----------------------------------------------------------------
+
+IMPORT_TYPES = {"object_id": "[t]", "img_file_name": "[t]", "object_annotation_category": "[t]",
+                "object_annotation_status": "[t]", "sample_id": "[t]", "object_score": "[f]",
+                "object_open_set_score": "[f]", "object_unknown": "[f]"}
+
+
+def fits(value) -> bool:
+    """A value EcoTaxa imports as it is: at most MAX_VALUE characters, no tab or line break."""
+    text = format_value(value)
+    return len(text) <= MAX_VALUE and not any(c in text for c in "\t\r\n")
+
+
+def source_objects(root: Path) -> dict[str, tuple[str, str]]:
+    """{image path: (object_id, sample_id)} from the EcoTaxa TSVs in a folder of new images (the
+    objects of an export to be classified); a .tsv that is not EcoTaxa's is named in a note and ignored."""
+    found = {}
+    for tsv in sorted(p for p in Path(root).rglob("*.tsv") if p.is_file()
+                      and not any(is_hidden(part) for part in p.relative_to(root).parts)):
+        try:
+            objects, _ = read_objects(Export(str(tsv), Path(root), (tsv,)))
+        except PipelineError as err:
+            print(f"note: {err}; its object_ids are not used", file=sys.stderr)
+            continue
+        found.update({r: (o, sample) for r, o, sample in zip(objects.relpath, objects.object_id, objects.sample_id)})
+    return found
+
+
+def derived_object_id(relpath: str, sha256: str, taken: set[str]) -> str:
+    """An object_id from the file's path without its extension ("a/b.png" -> "a_b"), made unique
+    (and short enough) with the start of the image's SHA-256."""
+    stem = PurePosixPath(relpath).with_suffix("").as_posix().replace("/", "_")
+    object_id = stem if len(stem) <= MAX_VALUE else f"{stem[:MAX_VALUE - 17]}_{sha256[:16]}"
+    if object_id in taken or not fits(object_id):
+        object_id = f"{stem[:MAX_VALUE - 17]}_{sha256[:16]}"
+    return object_id
+
+
+def import_table(predictions: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, int]:
+    """(predict.py's table as EcoTaxa import rows, how many rows were left out because a value would
+    not fit: over MAX_VALUE characters, or a tab or line break). object_id and sample_id come from the
+    EcoTaxa TSVs among the new images when they list the image, else from its path and folder."""
+    known, taken, rows = source_objects(root), set(), []
+    for row in predictions.itertuples(index=False):
+        object_id, sample = known.get(row.path, (None, None))
+        if object_id is None:
+            object_id = derived_object_id(row.path, row.sha256, taken)
+            sample = PurePosixPath(row.path).parent.as_posix().replace("/", "_")
+            sample = Path(root).name if sample == "." else sample
+        taken.add(object_id)
+        rows.append(dict(object_id=object_id, img_file_name=row.path, object_annotation_category=row.predicted_class,
+                         object_annotation_status="predicted", sample_id=sample, object_score=row.top1_score,
+                         object_open_set_score=row.open_set_score, object_unknown=int(row.unknown)))
+    table = pd.DataFrame(rows, columns=list(IMPORT_TYPES))
+    keep = table.map(fits).all(axis=1) if len(table) else pd.Series([], dtype=bool)
+    return table[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def write_import_zip(tsv: Path, root: Path, relpaths: list[str], path: Path) -> None:
+    """The TSV at the top of a zip with each image at its img_file_name, as EcoTaxa's import takes it."""
+    with atomic_path(Path(path)) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zipped:  # images are compressed already
+            zipped.write(tsv, tsv.name)
+            for relpath in relpaths:
+                zipped.write(Path(root) / relpath, relpath)
+
+
 # ---- the offline demo: the built-in digits as an EcoTaxa export ----------------------------------
 
 DEMO_TSV = "ecotaxa_export.tsv"

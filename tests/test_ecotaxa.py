@@ -176,21 +176,67 @@ def test_the_demo_export_has_its_four_bad_rows_and_the_default_classes(tmp_path)
 
 # ---- through the scripts -------------------------------------------------------------------------
 
-def test_train_and_evaluate_on_an_export_use_the_validated_objects_only(tmp_path):
-    import evaluate
+@pytest.fixture(scope="module")
+def trained_on_export(tmp_path_factory):
+    """A tiny model trained on a tiny export (two of every three objects validated): (cfg, folder)."""
     import train
+    tmp_path = tmp_path_factory.mktemp("trained")
     tsv = tiny_export(tmp_path / "export", {"a": 15, "b": 15, "c": 15, "u": 6, "v": 6})
     cfg = tiny_config(tmp_path, None, ECOTAXA_EXPORT=str(tsv), ECOTAXA_MIN_COUNT=3, MAX_EPOCHS=2)
     train.run(cfg)
+    return cfg, tmp_path
+
+
+def test_train_and_evaluate_on_an_export_use_the_validated_objects_only(trained_on_export):
+    import evaluate
+    cfg, _ = trained_on_export
     evaluate.run(cfg)
     out = Path(cfg.OUTPUT_DIR)
     split = pd.read_csv(out / "split.csv", dtype=str)
     objects = pd.read_csv(out / "ecotaxa_objects.csv", dtype=str).set_index("relpath")
     assert (objects.loc[split.relpath, "status"] == "validated").all()
     assert (objects.loc[split.relpath, "category"].to_numpy() == split.class_name.to_numpy()).all()
-    assert len(split) == len(objects[objects.status == "validated"])
+    assert len(split) == len(objects[objects.status == "validated"]) and len(objects) > len(split)
     predictions = pd.read_csv(out / "test_predictions.csv", dtype=str)
     assert set(predictions.path) == set(split.relpath[split.subset == "test"])
+
+
+def test_predict_writes_an_ecotaxa_import_that_the_reader_reads_back(trained_on_export):
+    import predict
+    cfg, tmp_path = trained_on_export
+    new = tmp_path / "new"
+    for j in range(6):
+        tiny_image(new / "station_1" / f"n{j}.png", j % 3, seed=1000 + j)
+    tiny_image(new / "loose.png", 1, seed=2000)
+    # two of the new images come with an EcoTaxa TSV: their object_id and sample_id are kept
+    write_tsv(new / "station_1" / "objects.tsv", [["ext_0", "n0.png", "a", "predicted", "cruise_7", 1],
+                                                  ["ext_1", "n1.png", "b", "predicted", "cruise_7", 1]])
+    predict.run(tiny_config(tmp_path, None, **{k: getattr(cfg, k) for k in ("ECOTAXA_EXPORT", "ECOTAXA_MIN_COUNT",
+                                                                          "MAX_EPOCHS")},
+                            PREDICT_DIR=str(new), ECOTAXA_IMPORT_ZIP=True))
+    folder = Path(cfg.OUTPUT_DIR) / "predictions"
+    predictions = pd.read_csv(folder / "predictions.csv", dtype=str).set_index("path")
+    raw = (folder / "ecotaxa_import.tsv").read_text(encoding="utf-8").splitlines()
+    header, types = raw[0].split("\t"), raw[1].split("\t")
+    assert all(n == n.lower() and n.startswith(ecotaxa.PREFIXES) for n in header)
+    assert dict(zip(header, types))["object_score"] == "[f]" and dict(zip(header, types))["object_id"] == "[t]"
+    assert all(len(cell) <= ecotaxa.MAX_VALUE for line in raw for cell in line.split("\t"))
+    export = ecotaxa.locate(str(folder / "ecotaxa_import.zip"), tmp_path / "readback")
+    objects, bad = ecotaxa.read_objects(export)  # every image found beside the TSV in the zip
+    assert bad.empty and len(objects) == len(predictions) == 7
+    table, read_types = ecotaxa.read_tsv(export.tsvs[0])
+    assert read_types == ecotaxa.IMPORT_TYPES and (table.object_annotation_status == "predicted").all()
+    table = table.set_index("img_file_name")
+    assert (table.object_annotation_category == predictions.loc[table.index, "predicted_class"]).all()
+    assert (table.object_unknown.astype(int) == (predictions.loc[table.index, "unknown"] == "True")).all()
+    assert np.allclose(table.object_score.astype(float), predictions.loc[table.index, "top1_score"].astype(float),
+                       atol=1e-5)
+    assert table.loc["station_1/n0.png", "object_id"] == "ext_0"
+    assert table.loc["station_1/n1.png", "sample_id"] == "cruise_7"
+    assert table.loc["station_1/n2.png", "object_id"] == "station_1_n2" and table.loc["loose.png", "sample_id"] == "new"
+    assert table.object_id.is_unique
+    record = (Path(cfg.OUTPUT_DIR) / "provenance_predict.json").read_text()
+    assert "predictions/ecotaxa_import.tsv" in record and "predictions/ecotaxa_import.zip" in record
 
 
 @pytest.mark.parametrize("argument, words", [
