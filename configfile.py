@@ -120,3 +120,9 @@ TASK = "multiclass"  # "multiclass" (one class per image: class sub-folders, sof
 LABELS_CSV = None  # multilabel: CSV with columns path (relative to DATA_DIR) and labels (separated by ";"); None = <DATA_DIR>/labels.csv
 BUILTIN_MULTILABEL_DIR = "data/digit_mosaics"  # multilabel with DATA_DIR = None: 2x2 mosaics of the built-in digits and their labels.csv (git-ignored)
 TAIL_THRESHOLDS = 10  # evaluate.py: thresholds of the tail-accuracy curves, evenly from 0.5 to the highest test score
+
+# ---- EcoTaxa --------------------------------------------------------------------------------
+ECOTAXA_EXPORT = None  # an EcoTaxa export to train on instead of class folders: its .tsv file, a folder of .tsv files with their images, or EcoTaxa's .zip (unpacked into CACHE_DIR); None = DATA_DIR. See docs/ecotaxa.md
+ECOTAXA_STATUSES = ["validated"]  # object_annotation_status values trained on, from "predicted", "validated", "dubious", "discarded"
+ECOTAXA_MIN_COUNT = 10  # a class (an EcoTaxa category named in SEEN_CLASSES or UNSEEN_CLASSES) needs at least this many readable objects of ECOTAXA_STATUSES
+ECOTAXA_IMPORT_ZIP = False  # predict.py: also write predictions/ecotaxa_import.zip (ecotaxa_import.tsv with the images), ready for EcoTaxa's import

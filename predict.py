@@ -13,7 +13,10 @@ Writes: outputs/predictions/predictions.csv (one row per readable image: path re
         e0 … e127 with PREDICT_EMBEDDINGS=True), outputs/predictions/bad_files.csv (unreadable files
         and why; empty when none), outputs/predictions/predictions.json (the threshold, the score, the
         temperature, counts, what made them), outputs/predictions/predictions.png (a sample of each
-        predicted class and of the images flagged unknown), and last outputs/provenance_predict.json.
+        predicted class and of the images flagged unknown), outputs/predictions/ecotaxa_import.tsv
+        (the predictions as an EcoTaxa import: object_id, img_file_name relative to PREDICT_DIR,
+        category, status "predicted", score, open-set score, unknown flag; with ECOTAXA_IMPORT_ZIP=True
+        also ecotaxa_import.zip, the TSV with the images), and last outputs/provenance_predict.json.
         A later run replaces them. The split, the checkpoints and every other output stay as they are.
 
 Scores are softmax(logits / T), T fitted on the validation set (calibrate.fit_temperature); the
@@ -31,6 +34,7 @@ import dataloader
 from plankton import (
     calibrate,
     checkpoints,
+    ecotaxa,
     embedding_files,
     fileio,
     images,
@@ -206,18 +210,29 @@ def run(cfg) -> None:
                              open_scores, fitted["threshold"], embeddings if cfg.PREDICT_EMBEDDINGS else None)
     paths.predictions_dir.mkdir(exist_ok=True)
     outputs = [paths.out / name for name in registry.stage("predict").outputs]
+    for_ecotaxa, left_out = ecotaxa.import_table(table, root)
     fileio.save_csv(table, outputs[0], index=False)
     fileio.save_json(summary(cfg, trained, root, table, bad, fitted, len(relpaths) + len(bad)), outputs[1])
     fileio.save_csv(bad_files_table(bad), outputs[2], index=False)
     plot_predictions(root, sample_rows(table, names, cfg.PREDICT_SAMPLES, cfg.SEED), cfg.PREDICT_SAMPLES, fitted,
                      cfg.PREDICT_SCORE, outputs[3])
-    provenance.save_provenance(paths, "predict", inputs, outputs, cfg)
+    ecotaxa.write_tsv(for_ecotaxa, ecotaxa.IMPORT_TYPES, outputs[4])
+    if cfg.ECOTAXA_IMPORT_ZIP:
+        ecotaxa.write_import_zip(outputs[4], root, list(for_ecotaxa.img_file_name), outputs[5])
+    else:
+        outputs[5].unlink(missing_ok=True)  # an earlier run's zip would no longer match the TSV
+    provenance.save_provenance(paths, "predict", inputs, [p for p in outputs if p.is_file()], cfg)
+    if left_out:
+        print(f"warning: {left_out} image(s) left out of {outputs[4].name}: a value over {ecotaxa.MAX_VALUE} "
+              f"characters or with a tab or line break (a long path or class name); they are in {outputs[0].name}",
+              file=sys.stderr)
     if bad:
         print(f"warning: {len(bad)} unreadable file(s) left out; see {outputs[2]}", file=sys.stderr)
     print(f"{int(table.unknown.sum())} of {len(table)} images flagged unknown ({cfg.PREDICT_SCORE} score > "
           f"{fitted['threshold']:.4g}, the threshold keeping {fitted['val_kept']:.1%} of {fitted['val_images']} "
           f"validation images); scores at temperature {fitted['temperature']:.3g} ({fitted['temperature_note']})")
-    print(f"-> {outputs[0]}, {outputs[1]}, {outputs[3]}")
+    written = outputs[:2] + outputs[3:5] + (outputs[5:] if cfg.ECOTAXA_IMPORT_ZIP else [])
+    print("-> " + ", ".join(map(str, written)))
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ from plankton.hashing import file_sha256
 from plankton.locations import Paths
 from plankton.plots import note_trunk_weights
 from plankton.provenance import code_version
-from plankton.splits import Split, data_root, prepare_split
+from plankton.splits import Split, data_root, ecotaxa_selection, prepare_split
 
 RESIZE_MODES = ("stretch", "pad")
 # what best.pth adds about the validation pass it was saved at
@@ -268,6 +268,10 @@ def check_checkpoint(checkpoint: Checkpoint, cfg) -> None:
     if checkpoint.trunk != getattr(cfg, "TRUNK", backbone.DEFAULT_TRUNK):
         raise PipelineError(f"{path} was trained with TRUNK={checkpoint.trunk!r}, but the settings say "
                             f"{cfg.TRUNK!r}; {redo}")
+    trained_on, now = checkpoint.config.get("ECOTAXA_EXPORT"), getattr(cfg, "ECOTAXA_EXPORT", None)
+    if (trained_on is None) != (now is None):  # the same folder read as class folders or as an export's objects
+        raise PipelineError(f"{path} was trained with ECOTAXA_EXPORT={trained_on!r}, but the settings say "
+                            f"ECOTAXA_EXPORT={now!r}; {redo}")
     root, labels_csv = data_root(cfg)
     if str(root) != checkpoint.data_dir:
         raise PipelineError(f"{path} was trained on images in {checkpoint.data_dir}, but DATA_DIR is now "
@@ -309,7 +313,8 @@ def open_trained_model(cfg, paths: Paths, device: torch.device, channels_last: b
     checkpoint = open_checkpoint(paths.best)
     check_checkpoint(checkpoint, cfg)
     split = prepare_split(paths, Path(checkpoint.data_dir), list(checkpoint.class_names),
-                          list(checkpoint.unseen_classes), create=False, labels_csv=checkpoint.labels_csv)
+                          list(checkpoint.unseen_classes), create=False, labels_csv=checkpoint.labels_csv,
+                          export=ecotaxa_selection(cfg))
     if checkpoint.split_sha256 != split.sha256:
         raise PipelineError(f"{paths.best} was trained on another split.csv than the one in {paths.out}; "
                             f"re-run train.py --RESUME=False")

@@ -43,7 +43,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import backbone
-from plankton import fileio, openset, tasks, training
+from plankton import ecotaxa, fileio, openset, tasks, training
 from plankton.errors import PipelineError
 from plankton.system import REPO_DIR
 
@@ -55,7 +55,7 @@ HELP_FLAGS = ("--help", "-h")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    kind: str  # "int", "float", "bool", "str", "path", "classes", "names", "modules", "device" or "seeds"
+    kind: str  # "int", "float", "bool", "str", "path", "classes", "names", "modules", "device", "seeds" or "words"
     bounds: str = ""  # numbers only, an interval: "[1, inf)" is >= 1, "(0, 1)" is strictly between 0 and 1
     choices: Collection[str] = ()  # words accepted as they are (the only values of a "str" setting);
     # a table (dict) itself where the choices are its keys, so that a new entry is accepted at once
@@ -160,6 +160,11 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "LABELS_CSV": Rule("path", none_ok=True),
     "BUILTIN_MULTILABEL_DIR": Rule("path"),
     "TAIL_THRESHOLDS": Rule("int", "[2, 1000]"),
+    # EcoTaxa
+    "ECOTAXA_EXPORT": Rule("path", none_ok=True),
+    "ECOTAXA_STATUSES": Rule("words", choices=ecotaxa.STATUSES),
+    "ECOTAXA_MIN_COUNT": Rule("int", "[3, inf)"),
+    "ECOTAXA_IMPORT_ZIP": Rule("bool"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
@@ -170,7 +175,8 @@ KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False",
               "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
               "names": "a list of different, non-empty class names (may be empty)",
               "device": "'cuda:N' (N a GPU number)", "seeds": "a list of at least 2 different integers",
-              "modules": "a non-empty list of different module names"}
+              "modules": "a non-empty list of different module names",
+              "words": "a non-empty list of different names from"}
 
 
 def bounds_words(bounds: str) -> str:
@@ -198,6 +204,8 @@ def in_bounds(number, bounds: str) -> bool:
 
 def accepts(rule: Rule) -> str:
     """What a rule accepts, in words: "an integer >= 1", "'auto' or an integer >= 0"."""
+    if rule.kind == "words":  # a list drawn from the choices
+        return f"{KIND_WORDS['words']} {', '.join(map(repr, rule.choices))}"
     words = [repr(choice) for choice in rule.choices]
     if rule.kind != "str":
         words.append(KIND_WORDS[rule.kind] + bounds_words(rule.bounds))
@@ -272,16 +280,29 @@ def check_modules(value, rule: Rule) -> list[str]:
     return list(value)
 
 
+def check_words(value, rule: Rule) -> list[str]:
+    """A list of choices (a single word is a list of one): --ECOTAXA_STATUSES=validated."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not value or len(set(value)) != len(value):
+        raise ValueError()
+    wrong = [word for word in value if word not in rule.choices]
+    if wrong:
+        close = difflib.get_close_matches(str(wrong[0]), rule.choices, n=1)
+        raise ValueError(f"{wrong[0]!r} is not one of {', '.join(map(repr, rule.choices))}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return list(value)
+
+
 CHECKS = {"int": check_number, "float": check_number, "bool": check_bool, "str": check_choice,
           "path": check_path, "classes": check_classes, "names": check_names, "device": check_device,
-          "seeds": check_seeds, "modules": check_modules}
+          "seeds": check_seeds, "modules": check_modules, "words": check_words}
 
 
 def check_value(name: str, value, rule: Rule):
     """The value normalised, or a PipelineError naming the setting, the value and what it accepts."""
     if value is None and rule.none_ok:
         return None
-    if isinstance(value, str) and value in rule.choices:
+    if isinstance(value, str) and value in rule.choices and rule.kind != "words":
         return value
     try:
         return CHECKS[rule.kind](value, rule)
@@ -314,9 +335,26 @@ def check_together(values: dict) -> None:
     if values["LABEL_SMOOTHING"] > 0 and values["TASK"] == "multilabel":
         raise PipelineError(f"LABEL_SMOOTHING={values['LABEL_SMOOTHING']!r}: smooths the multiclass loss only; "
                             f"set LABEL_SMOOTHING=0 with TASK='multilabel'")
+    check_ecotaxa(values)
     if values["COLOR_JITTER"] > 0 and not values["AUGMENT"]:  # it would silently do nothing
         raise PipelineError(f"COLOR_JITTER={values['COLOR_JITTER']!r}: needs AUGMENT=True (jitter changes the trunk's "
                             f"input, so training images then go through the trunk); set AUGMENT=True or COLOR_JITTER=0")
+
+
+def check_ecotaxa(values: dict) -> None:
+    """ECOTAXA_EXPORT names something that exists, and is the run's one source of single-label images."""
+    export = values["ECOTAXA_EXPORT"]
+    if export is None:
+        return
+    if not os.path.exists(export):
+        raise PipelineError(f"ECOTAXA_EXPORT={export!r}: no such file or folder; give an EcoTaxa export (a .tsv "
+                            f"file, a folder of them with their images, or the .zip EcoTaxa writes)")
+    if values["DATA_DIR"] is not None:
+        raise PipelineError(f"ECOTAXA_EXPORT={export!r} and DATA_DIR={values['DATA_DIR']!r}: give one source of "
+                            f"images; set DATA_DIR=None to train on the export")
+    if values["TASK"] != "multiclass":
+        raise PipelineError(f"ECOTAXA_EXPORT={export!r}: an export gives one category per object; use "
+                            f"TASK='multiclass' (TASK is {values['TASK']!r})")
 
 
 def check_folders(values: dict) -> None:
@@ -332,6 +370,9 @@ def check_folders(values: dict) -> None:
                 raise PipelineError(f"{name}={values[name]!r}: not a folder{where}; give a folder (it is created "
                                     f"if missing)")
     images = {name: Path(values[name]).resolve() for name in _image_folders(values)}
+    export = values["ECOTAXA_EXPORT"]
+    if export is not None and not (os.path.isfile(export) and export.lower().endswith(".zip")):
+        images["ECOTAXA_EXPORT"] = Path(export).resolve().parent if os.path.isfile(export) else Path(export).resolve()
     for name in OWN_FOLDERS:
         folder = Path(values[name]).resolve()
         if folder == REPO_DIR or folder.parent == folder:
@@ -346,7 +387,9 @@ def check_folders(values: dict) -> None:
 
 def _image_folders(values: dict) -> list[str]:
     """The settings that name the folders of images this run reads."""
-    if values["DATA_DIR"] is not None:
+    if values["ECOTAXA_EXPORT"] is not None:
+        data = []  # the export's folder, which check_folders adds
+    elif values["DATA_DIR"] is not None:
         data = ["DATA_DIR"]
     else:
         data = ["BUILTIN_MULTILABEL_DIR" if values["TASK"] == "multilabel" else "BUILTIN_DATA_DIR"]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from dataloader import FeatureSource, Preprocess, feature_source
-from plankton import images, labelsets
+from plankton import ecotaxa, images, labelsets
 from plankton.errors import PipelineError
 from plankton.fileio import read_csv, save_csv
 from plankton.hashing import sha256_file
@@ -67,9 +67,11 @@ class Split:
 
 def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], create: bool,
                   bad_images: str = "skip", val_fraction: float = 0.05, test_fraction: float = 0.2,
-                  seed: int = 0, labels_csv: Path | None = None) -> Split:
+                  seed: int = 0, labels_csv: Path | None = None,
+                  export: "ecotaxa.Selection | None" = None) -> Split:
     """Find and check the images, then draw the split (create=True) or verify the persisted one.
-    With a labels_csv, the images and label sets are those of the labels CSV (labelsets.py).
+    With a labels_csv, the images and label sets are those of the labels CSV (labelsets.py); with an
+    EcoTaxa export, the images and classes are its objects' (ecotaxa.py), the split as for folders.
 
     A split that no longer matches the usable images on disk (added, removed or modified, by
     content) stops the run: re-drawing it silently could move test images into training."""
@@ -82,12 +84,17 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
         check = lambda table: labelsets.check_split(table, found, hashes, seen, unseen, paths.split)  # noqa: E731
         draw = lambda: labelsets.draw_split(found, unseen, hashes, val_fraction, test_fraction, seed)  # noqa: E731
     else:
-        usable, hashes = images.usable_images(root, seen, unseen, paths.scan_cache(root), paths.bad_images,
-                                              bad_images)
-        if create:  # train.py reports the data; later scripts only check it
-            images.print_class_counts("Seen classes", seen, {c: len(usable[c]) for c in seen})
-            images.print_class_counts("Unseen classes", unseen, {c: len(usable[c]) for c in unseen})
-        check = lambda table: _check_split_matches(table, usable, hashes, seen, unseen, paths.split)  # noqa: E731
+        if export is not None:  # the objects' image paths and categories: no class folders
+            usable, hashes = ecotaxa.usable_objects(export, seen, unseen, paths.scan_cache(root), paths.out,
+                                                    bad_images, report=create)
+        else:
+            usable, hashes = images.usable_images(root, seen, unseen, paths.scan_cache(root), paths.bad_images,
+                                                  bad_images)
+            if create:  # train.py reports the data; later scripts only check it
+                images.print_class_counts("Seen classes", seen, {c: len(usable[c]) for c in seen})
+                images.print_class_counts("Unseen classes", unseen, {c: len(usable[c]) for c in unseen})
+        check = lambda table: _check_split_matches(table, usable, hashes, seen, unseen, paths.split,  # noqa: E731
+                                                   by_folder=export is None)
         draw = lambda: images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen},  # noqa: E731
                                          hashes, val_fraction, test_fraction, seed)
     if paths.split.is_file():
@@ -110,7 +117,10 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
 
 def data_root(cfg) -> tuple[Path, Path | None]:
     """(image folder, labels CSV) for the settings: DATA_DIR or the built-in digits (multiclass) or
-    digit mosaics (multilabel); the labels CSV is None for a single-label run."""
+    digit mosaics (multilabel), or the folder of an EcoTaxa export (ECOTAXA_EXPORT; its images are
+    relative to it); the labels CSV is None for a single-label run."""
+    if getattr(cfg, "ECOTAXA_EXPORT", None) is not None:
+        return ecotaxa.locate(cfg.ECOTAXA_EXPORT, Path(cfg.CACHE_DIR)).root, None
     if cfg.TASK == "multilabel":
         root = labelsets.data_dir(cfg.DATA_DIR, cfg.BUILTIN_MULTILABEL_DIR)
         return root, labelsets.labels_csv_path(cfg.LABELS_CSV, root)
@@ -122,12 +132,18 @@ def split_from_settings(cfg, paths: Paths, create: bool) -> Split:
     root, labels_csv = data_root(cfg)
     split_seed = cfg.SEED if cfg.SPLIT_SEED is None else cfg.SPLIT_SEED
     return prepare_split(paths, root, cfg.SEEN_CLASSES, cfg.UNSEEN_CLASSES, create, cfg.BAD_IMAGES,
-                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, split_seed, labels_csv)
+                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, split_seed, labels_csv, ecotaxa_selection(cfg))
 
 
-def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_path) -> None:
+def ecotaxa_selection(cfg) -> "ecotaxa.Selection | None":
+    """The EcoTaxa objects a single-label run takes (ECOTAXA_EXPORT), or None for class folders."""
+    return ecotaxa.selection_from_settings(cfg) if getattr(cfg, "ECOTAXA_EXPORT", None) is not None else None
+
+
+def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_path, by_folder: bool = True) -> None:
     """split.csv is checked before it is trusted (columns, subsets, one row per image, classes),
-    then against the usable images on disk: none added, removed or modified (by SHA-256)."""
+    then against the usable images on disk: none added, removed, modified (by SHA-256) or, for an
+    EcoTaxa export, where the class is not the folder, given another category."""
     fix = (f"set OUTPUT_DIR and CHECKPOINT_DIR to new folders for a new run, or delete {split_path} "
            f"and checkpoints to re-split and retrain")
     restore = f"restore {split_path}, or delete it and the checkpoints to re-split and retrain"
@@ -140,7 +156,7 @@ def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_
     row_checks = [
         (~table.subset.isin(SUBSETS + ("unseen",)), lambda r: f"subset {r.subset!r} is not train, val, test or unseen"),
         (table.relpath.duplicated(), lambda r: "the image is listed a second time"),
-        (table.class_name != folder, lambda r: f"class_name {r.class_name!r} is not the image's folder"),
+        (by_folder & (table.class_name != folder), lambda r: f"class_name {r.class_name!r} is not the image's folder"),
         (~table.sha256.str.fullmatch("[0-9a-f]{64}"), lambda r: f"sha256 {r.sha256!r} is not a SHA-256"),
         (table.class_name.isin(table.class_name[table.subset == "unseen"]) & (table.subset != "unseen"),
          lambda r: f"class {r.class_name!r} is also in 'unseen'; an unseen class has only 'unseen' images")]
@@ -163,8 +179,14 @@ def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_
     in_split = dict(zip(table.relpath, table.sha256))
     added, removed = sorted(on_disk - in_split.keys()), sorted(in_split.keys() - on_disk)
     modified = sorted(f for f in on_disk & in_split.keys() if hashes[f] != in_split[f])
-    if added or removed or modified:
+    class_now = {f: c for c, files in usable.items() for f in files}
+    class_then = dict(zip(table.relpath, table.class_name))
+    relabelled = sorted(f for f in on_disk & in_split.keys() if class_now[f] != class_then[f])  # EcoTaxa only
+    if added or removed or modified or relabelled:
         example = next(f"{files[0]!r} ({kind})" for files, kind in
-                       ((modified, "modified"), (added, "added"), (removed, "removed")) if files)
+                       ((modified, "modified"), (relabelled, "relabelled"), (added, "added"), (removed, "removed"))
+                       if files)
+        also = f", {len(relabelled)} relabelled" if relabelled else ""
         raise PipelineError(f"the images changed since {split_path} was drawn ({len(added)} added, "
-                            f"{len(removed)} removed or unreadable, {len(modified)} modified, e.g. {example}); {fix}")
+                            f"{len(removed)} removed or unreadable, {len(modified)} modified{also}, e.g. {example}); "
+                            f"{fix}")
