@@ -50,10 +50,10 @@ RESUME_KEYS = ("SEEN_CLASSES", "UNSEEN_CLASSES", "IMAGE_SIZE", "RESIZE_MODE", "A
 BEFORE_TRAINING_OPTIONS = dict(OPTIMIZER="adam", MOMENTUM=0.9, WEIGHT_DECAY=0.0, LR_SCHEDULE="none", LR_STEP_EPOCHS=5,
                                LR_GAMMA=0.3, COLOR_JITTER=0.0, LABEL_SMOOTHING=0.0, SPLIT_SEED=None,
                                TRUNK="efficientnet_v2_s", FINETUNE_BLOCKS=0, FINETUNE_LR=0.0001, TASK="multiclass",
-                               LABELS_CSV=None)
+                               LABELS_CSV=None, ECOTAXA_EXPORT=None, ECOTAXA_STATUSES=["validated"], ECOTAXA_MIN_COUNT=10)
 # settings a finished run must share with this one for its best.pth to stand for these settings
 FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION",
-                               "LABELS_CSV")
+                               "LABELS_CSV", "ECOTAXA_EXPORT", "ECOTAXA_STATUSES", "ECOTAXA_MIN_COUNT")
 
 
 def resumable_checkpoint(cfg, paths, split) -> "checkpoints.Checkpoint | None":
