@@ -208,7 +208,7 @@ def run(cfg) -> None:
     open_scores = openset.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
     table = prediction_table(relpaths, hashes, calibrate.probabilities(logits, fitted["temperature"]), names,
                              open_scores, fitted["threshold"], embeddings if cfg.PREDICT_EMBEDDINGS else None)
-    paths.predictions_dir.mkdir(exist_ok=True)
+    fileio.own_folder(paths.predictions_dir)  # never a link: the predictions would land where it points
     outputs = [paths.out / name for name in registry.stage("predict").outputs]
     for_ecotaxa, left_out = ecotaxa.import_table(table, root)
     fileio.save_csv(table, outputs[0], index=False)

@@ -100,7 +100,13 @@ def png_figure(path: Path) -> str:
             f'<figcaption>{esc(path.name)}</figcaption></figure>')
 
 
-def csv_table(path: Path, rows: int = TABLE_ROWS, columns: int = TABLE_COLUMNS) -> str:
+def href(path: Path, base: Path | None) -> str:
+    """The link from the page (in `base`, the output folder) to a file in it or in a sub-folder of it
+    (predictions/x.csv), escaped for an attribute."""
+    return esc(Path(path).relative_to(base).as_posix() if base is not None else Path(path).name)
+
+
+def csv_table(path: Path, rows: int = TABLE_ROWS, columns: int = TABLE_COLUMNS, base: Path | None = None) -> str:
     """The first `rows` rows and `columns` columns of a CSV as an HTML table, saying what was left out."""
     try:
         frame = fileio.read_csv(path, nrows=rows)
@@ -115,22 +121,22 @@ def csv_table(path: Path, rows: int = TABLE_ROWS, columns: int = TABLE_COLUMNS) 
     table = shown.to_html(index=False, border=0, classes="data", na_rep="",
                           float_format=lambda v: f"{v:.4g}")
     return (f'<h3>{esc(path.name)}</h3><p class="note">{esc(", ".join(parts))} '
-            f'(<a href="{esc(path.name)}">the file</a>)</p><div class="scroll">{table}</div>')
+            f'(<a href="{href(path, base)}">the file</a>)</p><div class="scroll">{table}</div>')
 
 
-def text_block(path: Path) -> str:
+def text_block(path: Path, base: Path | None = None) -> str:
     text = path.read_text(encoding="utf-8", errors="replace")
     if len(text) > TEXT_LIMIT:
-        return note(f"{path.name}: {len(text):,} characters, not shown here") + link_list([path])
+        return note(f"{path.name}: {len(text):,} characters, not shown here") + link_list([path], base)
     return f"<h3>{esc(path.name)}</h3><pre>{esc(text)}</pre>"
 
 
-def link_list(paths: list[Path]) -> str:
-    items = "".join(f'<li><a href="{esc(p.name)}">{esc(p.name)}</a> ({p.stat().st_size:,} bytes)</li>' for p in paths)
+def link_list(paths: list[Path], base: Path | None = None) -> str:
+    items = "".join(f'<li><a href="{href(p, base)}">{esc(p.name)}</a> ({p.stat().st_size:,} bytes)</li>' for p in paths)
     return f"<p>Other files (beside this page in the output folder):</p><ul>{items}</ul>" if paths else ""
 
 
-def render_files(paths: list[Path], read: list[Path], keep_order: bool = False) -> str:
+def render_files(paths: list[Path], read: list[Path], base: Path, keep_order: bool = False) -> str:
     """Figures, then tables, then text (or the order given), then links to everything else; each
     file shown is added to `read`."""
     order = {".png": 0, ".csv": 1, ".txt": 2}
@@ -141,9 +147,10 @@ def render_files(paths: list[Path], read: list[Path], keep_order: bool = False) 
         if kind is None:
             others.append(path)
             continue
-        shown.append((png_figure, csv_table, text_block)[kind](path))
+        shown.append(png_figure(path) if kind == 0 else csv_table(path, base=base) if kind == 1 else
+                     text_block(path, base))
         read.append(path)
-    return "\n".join(group_figures(shown)) + link_list(others)
+    return "\n".join(group_figures(shown)) + link_list(others, base)
 
 
 def group_figures(parts: list[str]) -> list[str]:
@@ -191,7 +198,7 @@ def front_sections(paths: locations.Paths, read: list[Path], skipped: list[str])
         present = inside_output_folder(paths, [out / n for n in names])
         owners = dict.fromkeys(owner for p in present if (owner := registry.stage_of(p.name)))
         body = "".join(unvouched_warning(paths, owner, present) for owner in owners)
-        body += render_files(present, read, keep_order=True)
+        body += render_files(present, read, out, keep_order=True)
         if not present:
             owners = sorted({registry.stage_of(n) for n in names} & set(skipped))
             why = (f"{', '.join(o + '.py' for o in owners)} did not run: not for this task (see plankton/registry.py)" if owners
@@ -259,7 +266,7 @@ def stage_section(paths: locations.Paths, entry: registry.Stage, front: dict, re
     body += note(f"{len(files)} files, listed by {source}.")
     if stage in INTERACTIVE:
         body += INTERACTIVE[stage](paths)
-    return section(entry.title, body + render_files(rest, read))
+    return section(entry.title, body + render_files(rest, read, paths.out))
 
 
 def stages_in_order(paths: locations.Paths, cfg) -> tuple[list[registry.Stage], list[str]]:

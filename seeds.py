@@ -53,7 +53,7 @@ def initial_trunk(cfg, paths, split) -> tuple[str, str]:
     model, _, weights_source = training.new_model(cfg, len(split.seen_classes))
     trunk = {f"trunk.{k}": v.detach().cpu().contiguous() for k, v in model.trunk.state_dict().items()}
     path = paths.seeds / "initial_trunk.pth"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.own_folder(path.parent)  # never a link: the seeds' files would land where it points
     if not path.is_file() or hashing.tensors_sha256(torch.load(path, weights_only=True)) != hashing.tensors_sha256(trunk):
         fileio.save_torch(trunk, path)
     if paths.best.is_file():
@@ -71,8 +71,7 @@ def seed_settings(cfg, seed: int, folder, trunk_path: str) -> types.SimpleNamesp
 def train_seed(seed_cfg, split_path) -> float:
     """train.py in its own process in the seed's folder, on a copy of the split; its printout goes to
     train_log.txt. Returns the seconds it took."""
-    folder = locations.Paths.from_settings(seed_cfg).out
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = fileio.own_folder(locations.Paths.from_settings(seed_cfg).out)
     copy = folder / "split.csv"
     if not copy.is_file() or hashing.sha256_file(copy) != hashing.sha256_file(split_path):
         with fileio.atomic_path(copy) as tmp:

@@ -193,3 +193,14 @@ def test_a_damaged_record_or_timings_file_is_a_warning_on_the_page_and_a_mismatc
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "Traceback" not in err
     assert "provenance_evaluate.json is not a provenance record" in err and err.strip().splitlines()[-1].startswith("error:")
+
+
+def test_links_to_files_in_a_sub_folder_point_into_it(made_up_run):
+    """predict.py's files live in outputs/predictions/: the page's links must reach them there."""
+    cfg, paths, coords, folder = made_up_run
+    (paths.out / "predictions").mkdir()
+    table = paths.out / "predictions" / "predictions.csv"
+    pd.DataFrame(dict(path=["x.png"], predicted_class=["a"])).to_csv(table, index=False)
+    (paths.out / "predictions" / "predictions.json").write_text("{}")
+    page = report.render_files([table, paths.out / "predictions" / "predictions.json"], [], paths.out)
+    assert 'href="predictions/predictions.csv"' in page and 'href="predictions/predictions.json"' in page
