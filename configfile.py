@@ -120,3 +120,9 @@ TASK = "multiclass"  # "multiclass" (one class per image: class sub-folders, sof
 LABELS_CSV = None  # multilabel: CSV with columns path (relative to DATA_DIR) and labels (separated by ";"); None = <DATA_DIR>/labels.csv
 BUILTIN_MULTILABEL_DIR = "data/digit_mosaics"  # multilabel with DATA_DIR = None: 2x2 mosaics of the built-in digits and their labels.csv (git-ignored)
 TAIL_THRESHOLDS = 10  # evaluate.py: thresholds of the tail-accuracy curves, evenly from 0.5 to the highest test score
+
+# ---- head losses ----------------------------------------------------------------------------
+HEAD_LOSS = "ce"  # what trains the head: "ce" (cross-entropy, the study's), "supcon", "triplet" (online mining), "arcface", or "ce+supcon", "ce+triplet", "ce+arcface" (cross-entropy + HEAD_LOSS_WEIGHT x that loss); without "ce" the classifier is the cosine nearest class mean of the training embeddings (ArcFace: its class weights)
+HEAD_LOSS_WEIGHT = 1.0  # weight of the metric loss added to the cross-entropy in "ce+<loss>", > 0 and <= 100
+HEAD_COMPARE_LOSSES = ["ce", "supcon", "triplet", "arcface", "ce+triplet"]  # compare_heads.py: one training run per HEAD_LOSS value listed
+HEAD_COMPARE_EPOCHS = None  # compare_heads.py: MAX_EPOCHS of each run; None = MAX_EPOCHS
