@@ -2,10 +2,12 @@
 its checkpoint classifies; a head trained without cross-entropy classifies by the nearest class
 direction of its training embeddings; a loss added to the table is accepted; bad values are one line."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import assert_same_tensors, model_tensors, script, tiny_config, train_killed_after_first
 
+import compare_heads
 import dataloader
 import train
 from plankton import checkpoints, heads, locations, settings, training
@@ -133,3 +135,35 @@ def test_an_arcface_run_killed_after_its_first_epoch_resumes_to_the_same_model(t
     assert_same_tensors(model_tensors(a.best), model_tensors(b.best))
     assert_same_tensors(checkpoints.open_checkpoint(a.last).training["head_loss"],
                         checkpoints.open_checkpoint(b.last).training["head_loss"])
+
+
+# ---- compare_heads.py -----------------------------------------------------------------------------
+
+def test_compare_heads_writes_a_row_per_loss_and_its_figure(tmp_path, tiny_folder):
+    losses = ["ce", "ce+supcon"]  # two runs of train.py, one epoch each: the table and figure, not the losses, are tested
+    cfg = tiny_config(tmp_path, tiny_folder, HEAD_COMPARE_LOSSES=losses, HEAD_COMPARE_EPOCHS=1, VAL_PER_EPOCH=1,
+                      FEWSHOT_DRAWS=3)
+    compare_heads.run(cfg)
+    paths = locations.Paths.from_settings(cfg)
+    table = pd.read_csv(paths.out / "compare_heads.csv")
+    assert list(table.loss) == losses
+    for loss in losses:  # each trained in its own folder, with its loss recorded, from the shared trunk
+        best = checkpoints.open_checkpoint(paths.out / "compare_heads" / loss / "best.pth")
+        assert best.config["HEAD_LOSS"] == loss and best.config["MAX_EPOCHS"] == 1
+    assert len({checkpoints.open_checkpoint(paths.out / "compare_heads" / loss / "best.pth").trunk_sha256
+                for loss in losses}) == 1
+    assert not paths.best.exists()  # the main run's checkpoint is not made or touched
+    assert table.test_accuracy.between(0, 1).all() and table.auroc_knn.between(0, 1).all()
+    assert table.silhouette_unseen.between(-1, 1).all() and (table.train_seconds > 0).all()
+    # 8 training images per unseen class: k = 1 and 5 with their intervals, k = 10 left empty
+    assert (table.fewshot_1_low <= table.fewshot_1).all() and (table.fewshot_5 <= table.fewshot_5_high).all()
+    assert table.fewshot_10.isna().all()
+    assert (paths.out / "compare_heads.png").stat().st_size > 20_000
+
+
+def test_compare_heads_refuses_an_unknown_loss_before_training(tmp_path):
+    done = script("compare_heads.py", "--HEAD_COMPARE_LOSSES=['ce', 'tripplet']", f"--OUTPUT_DIR={tmp_path / 'o'}",
+                  f"--CHECKPOINT_DIR={tmp_path / 'c'}", f"--CACHE_DIR={tmp_path / 'k'}", timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: HEAD_COMPARE_LOSSES=['ce', 'tripplet']: 'tripplet' is not a head loss")
