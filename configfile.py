@@ -126,3 +126,9 @@ ECOTAXA_EXPORT = None  # an EcoTaxa export to train on instead of class folders:
 ECOTAXA_STATUSES = ["validated"]  # object_annotation_status values trained on, from "predicted", "validated", "dubious", "discarded"
 ECOTAXA_MIN_COUNT = 10  # a class (an EcoTaxa category named in SEEN_CLASSES or UNSEEN_CLASSES) needs at least this many readable objects of ECOTAXA_STATUSES
 ECOTAXA_IMPORT_ZIP = False  # predict.py: also write predictions/ecotaxa_import.zip (ecotaxa_import.tsv with the images), ready for EcoTaxa's import
+
+# ---- head losses ----------------------------------------------------------------------------
+HEAD_LOSS = "ce"  # what trains the head: "ce" (cross-entropy, the study's), "supcon", "triplet" (online mining), "arcface", or "ce+supcon", "ce+triplet", "ce+arcface" (cross-entropy + HEAD_LOSS_WEIGHT x that loss); without "ce" the classifier is the cosine nearest class mean of the training embeddings (ArcFace: its class weights)
+HEAD_LOSS_WEIGHT = 1.0  # weight of the metric loss added to the cross-entropy in "ce+<loss>", > 0 and <= 100
+HEAD_COMPARE_LOSSES = ["ce", "supcon", "triplet", "arcface", "ce+triplet"]  # compare_heads.py: one training run per HEAD_LOSS value listed
+HEAD_COMPARE_EPOCHS = None  # compare_heads.py: MAX_EPOCHS of each run; None = MAX_EPOCHS

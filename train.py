@@ -12,7 +12,9 @@ Writes: outputs/split.csv (drawn once with SPLIT_SEED, then re-read), checkpoint
         outputs/training_classwise_ap.png, outputs/bad_images.csv (only if some images are unreadable).
 
 The optimizer (OPTIMIZER, WEIGHT_DECAY, MOMENTUM), LR schedule (LR_SCHEDULE, stepped at each epoch
-end), COLOR_JITTER and LABEL_SMOOTHING come from the settings; their defaults train as before them.
+end), COLOR_JITTER, LABEL_SMOOTHING and the head's loss (HEAD_LOSS, plankton/heads.py: cross-entropy,
+or a metric loss whose classifier is then set from the training embeddings) come from the settings;
+their defaults train as before them.
 Under torchrun each process trains on its block of every batch (BATCH_SIZE is the whole batch) and
 computes its block of the missing trunk features; rank 0 alone writes (distributed.py).
 """
@@ -28,6 +30,7 @@ from plankton import (
     checkpoints,
     distributed,
     fileio,
+    heads,
     locations,
     plots,
     provenance,
@@ -45,12 +48,13 @@ from plankton.errors import PipelineError
 RESUME_KEYS = ("SEEN_CLASSES", "UNSEEN_CLASSES", "IMAGE_SIZE", "RESIZE_MODE", "AUGMENT", "WEIGHTS", "TRUNK",
                "EMBEDDING_DIM", "DROPOUT", "BATCH_SIZE", "LR", "SEED", "VAL_PER_EPOCH", "CACHE_TRUNK",
                "CACHE_DTYPE", "FINETUNE_BLOCKS", "FINETUNE_LR", "OPTIMIZER", "MOMENTUM", "WEIGHT_DECAY", "LR_SCHEDULE",
-               "LR_STEP_EPOCHS", "LR_GAMMA", "COLOR_JITTER", "LABEL_SMOOTHING", "TASK")
+               "LR_STEP_EPOCHS", "LR_GAMMA", "COLOR_JITTER", "LABEL_SMOOTHING", "TASK", "HEAD_LOSS", "HEAD_LOSS_WEIGHT")
 # what a checkpoint made before these settings existed trained with (so that it still resumes)
 BEFORE_TRAINING_OPTIONS = dict(OPTIMIZER="adam", MOMENTUM=0.9, WEIGHT_DECAY=0.0, LR_SCHEDULE="none", LR_STEP_EPOCHS=5,
                                LR_GAMMA=0.3, COLOR_JITTER=0.0, LABEL_SMOOTHING=0.0, SPLIT_SEED=None,
                                TRUNK="efficientnet_v2_s", FINETUNE_BLOCKS=0, FINETUNE_LR=0.0001, TASK="multiclass",
-                               LABELS_CSV=None, ECOTAXA_EXPORT=None, ECOTAXA_STATUSES=["validated"], ECOTAXA_MIN_COUNT=10)
+                               LABELS_CSV=None, ECOTAXA_EXPORT=None, ECOTAXA_STATUSES=["validated"], ECOTAXA_MIN_COUNT=10,
+                               HEAD_LOSS="ce", HEAD_LOSS_WEIGHT=1.0)
 # settings a finished run must share with this one for its best.pth to stand for these settings
 FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION",
                                "LABELS_CSV", "ECOTAXA_EXPORT", "ECOTAXA_STATUSES", "ECOTAXA_MIN_COUNT")
@@ -124,10 +128,14 @@ def training_sources(cfg, split, preprocess, cache) -> dict:
     return sources
 
 
-def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, save_last, forward=None) -> float:
+def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, save_last, forward=None,
+        criterion=None) -> float:
     """Epochs until MAX_EPOCHS or PATIENCE validation passes without a better monitored figure (the
     task's: validation loss, or validation mAP for multilabel); the LR schedule steps at each epoch
-    end. Returns the seconds spent on the class-wise figures.
+    end. Returns the seconds spent on the class-wise figures. `criterion` (heads.Criterion) is what is
+    minimised; a head trained without cross-entropy gets its classifier set from the embeddings of
+    the class-wise curves' training images (heads.fit_classifier) before each validation pass, so the
+    validation figures, best.pth and every later stage use that classifier.
     Under torchrun (`forward` from training.data_parallel) every rank validates on the whole
     validation set and rank 0's verdict stops them all; a last batch with fewer images than ranks
     is left out of its epoch (each rank needs one; a different few images each epoch)."""
@@ -141,6 +149,9 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
 
         def validate(b: int, train_loss: float, train_acc: float) -> bool:
             nonlocal classwise_seconds
+            if criterion is not None and criterion.fits_classifier:
+                _, embeddings = training.head_outputs(model, sources["train_classwise"], runtime)
+                heads.fit_classifier(model, criterion, embeddings, sources["train_classwise"].labels.numpy())
             val_loss, val_acc = training.evaluate_loss(model, sources["val"], runtime, task)
             position = epoch + (b + 1) / len(batches)
             if not np.isfinite(val_loss) or not np.isfinite(train_loss):
@@ -158,7 +169,8 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
         stopped = training.train_one_epoch(model, optimizer, sources["train"], batches, runtime,
                                            training.validation_points(len(batches), cfg.VAL_PER_EPOCH), validate,
                                            seed=cfg.SEED * 100_003 + epoch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCHS}",
-                                           label_smoothing=cfg.LABEL_SMOOTHING, forward=forward, task=task)
+                                           label_smoothing=cfg.LABEL_SMOOTHING, forward=forward, task=task,
+                                           criterion=criterion if criterion is not None and criterion.metric else None)
         state.epoch = epoch
         print_epoch(epoch, state, task)
         if stopped:
@@ -247,10 +259,13 @@ def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, p
     plots.save_figure(fig, path)
 
 
-def optimizer_and_schedule(cfg, model) -> tuple[torch.optim.Optimizer, object]:
-    """The optimizer over the trainable parameters and the LR schedule (None for "none"), as the settings say."""
-    optimizer = training.make_optimizer(cfg.OPTIMIZER, training.parameter_groups(model, cfg.LR, cfg.FINETUNE_LR),
-                                        cfg.LR, cfg.WEIGHT_DECAY, cfg.MOMENTUM)
+def optimizer_and_schedule(cfg, model, criterion=None) -> tuple[torch.optim.Optimizer, object]:
+    """The optimizer over the trainable parameters (and a head loss's own, ArcFace's class weights, at
+    LR) and the LR schedule (None for "none"), as the settings say."""
+    groups = training.parameter_groups(model, cfg.LR, cfg.FINETUNE_LR)
+    if criterion is not None and list(criterion.parameters()):
+        groups.append(dict(params=list(criterion.parameters()), lr=cfg.LR))
+    optimizer = training.make_optimizer(cfg.OPTIMIZER, groups, cfg.LR, cfg.WEIGHT_DECAY, cfg.MOMENTUM)
     return optimizer, training.make_scheduler(cfg.LR_SCHEDULE, optimizer, cfg.MAX_EPOCHS, cfg.LR_STEP_EPOCHS, cfg.LR_GAMMA)
 
 
@@ -266,7 +281,26 @@ def save_history(history: list[dict], paths, class_names: list[str], task=tasks.
         plot_classwise(frame, class_names, "ap", paths.classwise_ap_plot, task)
 
 
+def head_criterion(cfg, num_classes: int, runtime, last) -> heads.Criterion:
+    """What training minimises (HEAD_LOSS), on the device; a resumed run's loss parameters restored."""
+    criterion = heads.Criterion(cfg.HEAD_LOSS, tasks.for_name(cfg.TASK), num_classes, cfg.EMBEDDING_DIM,
+                                cfg.HEAD_LOSS_WEIGHT, cfg.LABEL_SMOOTHING)
+    if criterion.metric is not None and distributed.world_size() > 1:
+        raise PipelineError(f"HEAD_LOSS={cfg.HEAD_LOSS!r} trains in one process only (its pairs and triplets come "
+                            f"from the whole batch, under torchrun each process sees its block); start it with python")
+    criterion.to(runtime.device)
+    if last and last.training.get("head_loss"):
+        criterion.load_state_dict(last.training["head_loss"])
+    return criterion
+
+
+def loss_state(criterion: heads.Criterion) -> dict:
+    """The head loss's own tensors (ArcFace's class weights; {} for the others), for last.pth."""
+    return {k: v.detach().cpu().contiguous() for k, v in criterion.state_dict().items()}
+
+
 def run(cfg) -> None:
+    heads.check_loss(cfg.HEAD_LOSS, cfg.TASK, cfg.LABEL_SMOOTHING)  # before anything is written
     paths = locations.prepare_output_dirs(cfg)
     system.set_seed(cfg.SEED)
     runtime = dataloader.runtime_from_settings(cfg)
@@ -291,7 +325,8 @@ def run(cfg) -> None:
     model, arch, weights_source = build_model(cfg, split, last, paths.model_summary)
     training.place_model(model, runtime)
     trunk_sha256 = backbone.frozen_trunk_sha256(model)  # of what the cache serves: the frozen blocks
-    optimizer, scheduler = optimizer_and_schedule(cfg, model)
+    criterion = head_criterion(cfg, len(split.seen_classes), runtime, last)
+    optimizer, scheduler = optimizer_and_schedule(cfg, model, criterion)
     state = training.TrainingState.restore(last, model, optimizer, scheduler) if last else training.TrainingState()
     if last:
         print(f"resuming after epoch {state.epoch + 1} from {paths.last}")
@@ -306,7 +341,8 @@ def run(cfg) -> None:
 
     def save_last() -> None:  # rank 0's files only, here and below: the other ranks write nothing
         if distributed.is_main():
-            fileio.save_torch(record(**state.record(model, optimizer, scheduler)), paths.last)
+            fileio.save_torch(record(**state.record(model, optimizer, scheduler), head_loss=loss_state(criterion)),
+                              paths.last)
 
     def save_best(**extra) -> None:
         if distributed.is_main():
@@ -314,7 +350,7 @@ def run(cfg) -> None:
 
     started = time.time()
     classwise_seconds = fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best=save_best,
-                            save_last=save_last, forward=forward)
+                            save_last=save_last, forward=forward, criterion=criterion)
     task = tasks.for_name(cfg.TASK)
     save_history(state.history, paths, list(split.seen_classes), task)
     state.finished = True

@@ -29,71 +29,14 @@ Few-shot: on the same fixed test part, training sets of exactly k images per cla
 TRANSFER_MAX_TRAIN), FEWSHOT_DRAWS random draws for each k. The mean over draws comes with a 95%
 Student-t confidence interval: mean +- t(0.975, draws - 1) x sd / sqrt(draws), sd the sample
 standard deviation over draws. It says how well the mean is known for this test part; it does not
-cover the choice of test part.
+cover the choice of test part. The draws and the interval are plankton/probes.py's (fewshot_runs, t_interval),
+shared with compare_heads.py.
 """
 import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed
-from scipy.stats import t as student_t
-from sklearn.metrics import balanced_accuracy_score
 
 from plankton import embedding_files, fileio, locations, plots, probes, provenance, registry, runner
 from plankton.errors import PipelineError
-
-# ---- few-shot: exactly k images per class ---------------------------------------------------------
-
-SHOTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-
-
-def shot_counts(train_labels: np.ndarray, max_train: int | None = None) -> list[int]:
-    """The k of SHOTS that every class's training part can give, within max_train images in all."""
-    counts = np.bincount(train_labels)[np.unique(train_labels)]
-    return [k for k in SHOTS if k <= counts.min() and (max_train is None or k * len(counts) <= max_train)]
-
-
-def k_per_class(labels: np.ndarray, pool: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Exactly k indices of each class, drawn without replacement from `pool` (indices into labels)."""
-    rng = np.random.default_rng(seed)
-    return np.concatenate([rng.choice(pool[labels[pool] == c], k, replace=False) for c in np.unique(labels[pool])])
-
-
-def fewshot_runs(x: np.ndarray, labels: np.ndarray, test_fraction: float, draws: int, settings: probes.ProbeSettings,
-                 seed: int, n_jobs: int = -1, max_train: int | None = None) -> pd.DataFrame:
-    """Every probe on `draws` training sets of exactly `shots` images per class for each shot count,
-    scored on the same fixed test part as probes.transfer_curves: balanced accuracy and, in acc_<label>
-    columns, each class's accuracy (recall)."""
-    train, test = probes.stratified_split(labels, test_fraction, seed)
-    jobs = [(method, shots, draw, k_per_class(labels, train, shots, seed * 1000 + 100 * shots + draw))
-            for shots in shot_counts(labels[train], max_train) for draw in range(draws) for method in probes.PROBES]
-    predictions = Parallel(n_jobs=n_jobs, prefer="threads")(
-        delayed(probes.fit_and_predict)(m, x[s], labels[s], x[test], settings, seed) for m, _, _, s in jobs)
-    classes, y_test = np.unique(labels), labels[test]
-    rows = []
-    for (method, shots, draw, subset), predicted in zip(jobs, predictions):
-        per_class = {f"acc_{c}": float(np.mean(predicted[y_test == c] == c)) for c in classes}
-        rows.append(dict(method=method, shots=shots, draw=draw, n_train=len(subset), n_test=len(test),
-                         balanced_accuracy=balanced_accuracy_score(y_test, predicted), **per_class))
-    return pd.DataFrame(rows)
-
-
-def t_interval(values) -> tuple[float, float, float]:
-    """Mean and the 95% Student-t confidence interval of the mean (NaN bounds for one value)."""
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, np.nan, np.nan
-    half = student_t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
-def fewshot_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per probe and shot count: draws, mean, sd and 95% t-interval of the balanced accuracy."""
-    rows = []
-    for (method, shots), part in runs.groupby(["method", "shots"], sort=False):
-        mean, low, high = t_interval(part.balanced_accuracy)
-        rows.append(dict(method=method, shots=shots, n_train=int(part.n_train.iloc[0]), draws=len(part),
-                         mean=mean, sd=float(part.balanced_accuracy.std(ddof=1)), ci95_low=low, ci95_high=high))
-    return pd.DataFrame(rows)
 
 
 def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path) -> None:
@@ -152,7 +95,7 @@ def plot_per_class(runs: pd.DataFrame, class_names: list[str], title: str, path)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(class_names) + 3), 4.8))
     for i, method in enumerate(probes.PROBES):
         part = largest[largest.method == method]
-        cells = [t_interval(part[f"acc_{name}"]) for name in class_names]
+        cells = [probes.t_interval(part[f"acc_{name}"]) for name in class_names]
         means = np.array([c[0] for c in cells])
         errors = np.array([[c[0] - c[1] for c in cells], [c[2] - c[0] for c in cells]])
         ax.bar(np.arange(len(class_names)) + (i - (len(probes.PROBES) - 1) / 2) * width, means, width,
@@ -169,13 +112,13 @@ def plot_per_class(runs: pd.DataFrame, class_names: list[str], title: str, path)
 
 def run_fewshot(cfg, x: np.ndarray, labels: np.ndarray, class_names: list[str], out) -> list:
     """The few-shot runs, their table and summary, and their two figures; returns the files written."""
-    runs = fewshot_runs(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.FEWSHOT_DRAWS, probes.ProbeSettings.from_settings(cfg),
+    runs = probes.fewshot_runs(x, labels, cfg.TRANSFER_TEST_FRACTION, cfg.FEWSHOT_DRAWS, probes.ProbeSettings.from_settings(cfg),
                         cfg.SEED, max_train=cfg.TRANSFER_MAX_TRAIN)
     if runs.empty:
         print("note: few-shot curves skipped: no class has a training part")
         return []
     runs = runs.rename(columns={f"acc_{i}": f"acc_{name}" for i, name in enumerate(class_names)})
-    summary = fewshot_summary(runs)
+    summary = probes.fewshot_summary(runs)
     outputs = [out / "fewshot.csv", out / "fewshot_summary.csv", out / "fewshot_all.png", out / "fewshot_per_class.png"]
     fileio.save_csv(runs, outputs[0], index=False)
     fileio.save_csv(summary, outputs[1], index=False)

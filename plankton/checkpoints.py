@@ -23,7 +23,7 @@ RESIZE_MODES = ("stretch", "pad")
 VALIDATION_KEYS = ("epoch", "val_loss", "val_acc", "val_map")
 # what last.pth adds to resume: training.TrainingState.record's keys (that class owns their meaning)
 TRAINING_KEYS = ("history", "best_val_loss", "best_epoch", "bad_passes", "finished", "stop_reason",
-                 "optimizer", "rng", "scheduler")
+                 "optimizer", "rng", "scheduler", "head_loss")  # head_loss: the HEAD_LOSS module's own tensors
 REDO = "delete it and re-run train.py"
 
 
@@ -221,6 +221,10 @@ def checkpoint_from_record(raw, path: Path) -> Checkpoint:
     training = {key: raw[key] for key in TRAINING_KEYS if key in raw}
     if not isinstance(training.get("history", []), list) or not isinstance(training.get("finished", False), bool):
         check.bad("its training state ('history', 'finished') is malformed")
+    head_loss = training.get("head_loss", {})
+    if not isinstance(head_loss, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  and bool(torch.isfinite(v).all()) for k, v in head_loss.items()):
+        check.bad("'head_loss' is not a dict of finite tensors")
     return Checkpoint(
         path=Path(path), model_state=check.tensors(), arch=arch, class_names=class_names, unseen_classes=unseen,
         preprocess=Preprocess(int(image_size), resize_mode, *check.normalization()),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
+from scipy.stats import t as student_t
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
@@ -192,3 +193,61 @@ def transfer_curves(x: np.ndarray, labels: np.ndarray, test_fraction: float, rep
     return pd.DataFrame([dict(method=m, n_train=size, repeat=r, n_test=len(test), balanced_accuracy=score,
                               k=knn_k(labels[s], settings.knn_k) if m == "kNN" else np.nan)
                          for (m, size, r, s), score in zip(jobs, scores)])
+
+
+# ---- few-shot: exactly k images per class (transfer_learning.py, compare_heads.py) -----------------
+
+SHOTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+def shot_counts(train_labels: np.ndarray, max_train: int | None = None, shots=SHOTS) -> list[int]:
+    """The k of `shots` that every class's training part can give, within max_train images in all."""
+    counts = np.bincount(train_labels)[np.unique(train_labels)]
+    return [k for k in shots if k <= counts.min() and (max_train is None or k * len(counts) <= max_train)]
+
+
+def k_per_class(labels: np.ndarray, pool: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Exactly k indices of each class, drawn without replacement from `pool` (indices into labels)."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.choice(pool[labels[pool] == c], k, replace=False) for c in np.unique(labels[pool])])
+
+
+def fewshot_runs(x: np.ndarray, labels: np.ndarray, test_fraction: float, draws: int, settings: ProbeSettings,
+                 seed: int, n_jobs: int = -1, max_train: int | None = None, shots=SHOTS,
+                 methods=None) -> pd.DataFrame:
+    """Each probe of `methods` (every one of PROBES by default) on `draws` training sets of exactly k
+    images per class for each k of `shots` the data allows, scored on the same fixed test part as
+    transfer_curves: balanced accuracy and, in acc_<label> columns, each class's accuracy (recall)."""
+    train, test = stratified_split(labels, test_fraction, seed)
+    jobs = [(method, k, draw, k_per_class(labels, train, k, seed * 1000 + 100 * k + draw))
+            for k in shot_counts(labels[train], max_train, shots) for draw in range(draws)
+            for method in (methods or PROBES)]
+    predictions = Parallel(n_jobs=n_jobs, prefer="threads")(
+        delayed(fit_and_predict)(m, x[s], labels[s], x[test], settings, seed) for m, _, _, s in jobs)
+    classes, y_test = np.unique(labels), labels[test]
+    rows = []
+    for (method, shots, draw, subset), predicted in zip(jobs, predictions):
+        per_class = {f"acc_{c}": float(np.mean(predicted[y_test == c] == c)) for c in classes}
+        rows.append(dict(method=method, shots=shots, draw=draw, n_train=len(subset), n_test=len(test),
+                         balanced_accuracy=balanced_accuracy_score(y_test, predicted), **per_class))
+    return pd.DataFrame(rows)
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """Mean and the 95% Student-t confidence interval of the mean (NaN bounds for one value)."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, np.nan, np.nan
+    half = student_t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def fewshot_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per probe and shot count: draws, mean, sd and 95% t-interval of the balanced accuracy."""
+    rows = []
+    for (method, shots), part in runs.groupby(["method", "shots"], sort=False):
+        mean, low, high = t_interval(part.balanced_accuracy)
+        rows.append(dict(method=method, shots=shots, n_train=int(part.n_train.iloc[0]), draws=len(part),
+                         mean=mean, sd=float(part.balanced_accuracy.std(ddof=1)), ci95_low=low, ci95_high=high))
+    return pd.DataFrame(rows)

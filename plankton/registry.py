@@ -116,6 +116,9 @@ STAGES: list[Stage] = [
     Stage("seeds", "trains once per seed in SEEDS and compares the results (by hand, minutes)",
           ("seed_robustness.csv", "seed_robustness_summary.csv", "seed_training_curves.png"),
           run_all=False, tasks=("multiclass",), not_for="the single-label recipe per seed"),
+    Stage("compare_heads", "trains the head once per loss in HEAD_COMPARE_LOSSES and compares them (by hand, minutes)",
+          ("compare_heads.csv", "compare_heads.png"), run_all=False, tasks=("multiclass",),
+          not_for="metric losses and few-shot probes need one class per image"),
     Stage("report", "one HTML page of everything the other stages wrote", ("report.html",)),
 ]
 

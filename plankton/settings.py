@@ -43,7 +43,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import backbone
-from plankton import ecotaxa, fileio, openset, tasks, training
+from plankton import ecotaxa, fileio, heads, openset, tasks, training
 from plankton.errors import PipelineError
 from plankton.system import REPO_DIR
 
@@ -165,6 +165,11 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "ECOTAXA_STATUSES": Rule("words", choices=ecotaxa.STATUSES),
     "ECOTAXA_MIN_COUNT": Rule("int", "[3, inf)"),
     "ECOTAXA_IMPORT_ZIP": Rule("bool"),
+    # head losses
+    "HEAD_LOSS": Rule("str", choices=heads.LOSS_NAMES),
+    "HEAD_LOSS_WEIGHT": Rule("float", "(0, 100]"),
+    "HEAD_COMPARE_LOSSES": Rule("names"),
+    "HEAD_COMPARE_EPOCHS": Rule("int", "[1, inf)", none_ok=True),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")

@@ -130,11 +130,13 @@ def restore_rng(states: dict) -> None:
 
 def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runtime: Runtime, checks: set,
                     on_check, seed: int = 0, desc: str = "", label_smoothing: float = 0.0, forward=None,
-                    task=tasks.MULTICLASS) -> bool:
+                    task=tasks.MULTICLASS, criterion=None) -> bool:
     """Train the head over `batches` on the task's loss; after each batch in `checks` call
     on_check(b, train_loss, train_acc) with the running figures since the last check (acc: the task's
     hits per image). Return True if on_check asked to stop. label_smoothing changes the loss that is
-    minimised; train_loss stays the plain loss.
+    minimised; train_loss stays the plain loss. `criterion` (a heads.Criterion with a metric loss,
+    HEAD_LOSS other than "ce"; one process only): what is minimised instead, from the logits and the
+    embeddings; train_loss is then the task's plain loss of the logits too.
 
     Under torchrun, `forward` is data_parallel's wrapper: each rank trains on its block of every
     batch (no batch may be shorter than the ranks), with its share of the batch's mean loss, so the
@@ -148,8 +150,10 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
                    total=len(batches), unit="batches")
     try:
         for b, (features, labels) in enumerate(bar):
-            logits, _ = forward(features)
-            if ranks == 1:
+            logits, embeddings = forward(features)
+            if criterion is not None:  # one process only (train.py refuses a metric loss under torchrun)
+                loss = criterion(logits, embeddings, labels, label_smoothing=label_smoothing)
+            elif ranks == 1:
                 loss = task.loss(logits, labels, label_smoothing=label_smoothing)
             else:  # DDP averages the ranks' gradients: each contributes ranks / batch size x its sum
                 loss = task.loss(logits, labels, reduction="sum", label_smoothing=label_smoothing) \
@@ -157,7 +161,7 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if label_smoothing or ranks > 1:
+            if label_smoothing or ranks > 1 or criterion is not None:
                 loss = task.loss(logits.detach(), labels)
             loss_sum += loss.item() * len(labels)  # .item() also waits for CUDA, every batch
             correct += task.hits(logits, labels).item()

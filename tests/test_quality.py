@@ -12,7 +12,6 @@ from sklearn.manifold import trustworthiness
 import embedding_quality
 import leaks
 import train
-import transfer_learning
 from plankton import embedding_files, locations, probes, splits
 
 # ---- embedding quality -----------------------------------------------------------------------------
@@ -204,15 +203,15 @@ def test_nearest_class_mean_equals_a_direct_computation():
 def test_the_k_per_class_sampler_draws_exactly_k_of_each_class_and_never_a_test_image():
     labels = np.array([0] * 20 + [1] * 9 + [2] * 14)
     train_part, test_part = probes.stratified_split(labels, 0.3, seed=0)
-    assert transfer_learning.shot_counts(labels[train_part]) == [1, 2, 5]  # the smallest class keeps 6
+    assert probes.shot_counts(labels[train_part]) == [1, 2, 5]  # the smallest class keeps 6
     for k in (1, 2, 5):
         for seed in range(5):
-            picked = transfer_learning.k_per_class(labels, train_part, k, seed)
+            picked = probes.k_per_class(labels, train_part, k, seed)
             assert np.bincount(labels[picked]).tolist() == [k, k, k] and len(set(picked)) == 3 * k
             assert set(picked) <= set(train_part) and not set(picked) & set(test_part)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(len(labels), 3)) + 4.0 * labels[:, None]
-    runs = transfer_learning.fewshot_runs(x, labels, 0.3, draws=3, settings=probes.ProbeSettings(knn_k=3), seed=0, n_jobs=1)
+    runs = probes.fewshot_runs(x, labels, 0.3, draws=3, settings=probes.ProbeSettings(knn_k=3), seed=0, n_jobs=1)
     assert set(runs.method) == set(probes.PROBES) and (runs.n_train == 3 * runs.shots).all()
     assert sorted(runs.shots.unique()) == [1, 2, 5] and (runs.groupby(["method", "shots"]).size() == 3).all()
 
@@ -220,6 +219,6 @@ def test_the_k_per_class_sampler_draws_exactly_k_of_each_class_and_never_a_test_
 def test_the_interval_is_students_t():
     from scipy import stats
     values = [0.5, 0.6, 0.8, 0.7]
-    mean, low, high = transfer_learning.t_interval(values)
+    mean, low, high = probes.t_interval(values)
     expected = stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values))
     assert mean == pytest.approx(0.65) and (low, high) == pytest.approx(expected)

@@ -92,8 +92,8 @@ def test_a_probe_is_one_entry_and_is_fitted_plotted_and_tabled(tmp_path, monkeyp
     x = rng.normal(size=(60, 8)) + 3 * np.eye(8)[labels]
     curves = probes.transfer_curves(x, labels, 0.3, 1, probes.ProbeSettings(knn_k=3), 0, n_jobs=1)
     assert set(curves.method) == set(probes.PROBES) and "Ridge" in set(curves.method)
-    runs = transfer_learning.fewshot_runs(x, labels, 0.3, 2, probes.ProbeSettings(knn_k=3), 0, n_jobs=1)
-    summary = transfer_learning.fewshot_summary(runs)
+    runs = probes.fewshot_runs(x, labels, 0.3, 2, probes.ProbeSettings(knn_k=3), 0, n_jobs=1)
+    summary = probes.fewshot_summary(runs)
     drawn = []
     monkeypatch.setattr(transfer_learning.plots, "save_figure",
                         lambda fig, path: drawn.append([t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]))
