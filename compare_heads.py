@@ -25,7 +25,6 @@ settings is not trained again; after changing a training setting run with --RESU
 """
 import contextlib
 import io
-import shutil
 import time
 import types
 
@@ -38,7 +37,6 @@ import dataloader
 from plankton import (
     checkpoints,
     fileio,
-    hashing,
     heads,
     locations,
     metrics,
@@ -49,8 +47,7 @@ from plankton import (
     registry,
     runner,
     splits,
-    system,
-    training,
+    variant_runs,
 )
 from plankton.errors import PipelineError
 
@@ -70,40 +67,11 @@ def check_losses(cfg) -> list[str]:
     return list(cfg.HEAD_COMPARE_LOSSES)
 
 
-def initial_trunk(cfg, folder, split) -> tuple[str, str]:
-    """(path, weights source): the trunk train.py starts from with these settings, saved once for all losses."""
-    system.set_seed(cfg.SEED)  # as train.py: the same trunk when WEIGHTS gives none (random initialisation)
-    model, _, weights_source = training.new_model(cfg, len(split.seen_classes))
-    trunk = {f"trunk.{k}": v.detach().cpu().contiguous() for k, v in model.trunk.state_dict().items()}
-    path = folder / "initial_trunk.pth"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or hashing.tensors_sha256(torch.load(path, weights_only=True)) != hashing.tensors_sha256(trunk):
-        fileio.save_torch(trunk, path)
-    return str(path), weights_source
-
-
 def head_settings(cfg, loss: str, folder, trunk_path: str) -> types.SimpleNamespace:
     """One loss's run: its own folder for outputs and checkpoints, the shared trunk, the capped epochs."""
     return types.SimpleNamespace(**{**vars(cfg), "HEAD_LOSS": loss, "OUTPUT_DIR": str(folder),
                                     "CHECKPOINT_DIR": str(folder), "WEIGHTS": trunk_path,
                                     "MAX_EPOCHS": cfg.HEAD_COMPARE_EPOCHS or cfg.MAX_EPOCHS})
-
-
-def train_head(head_cfg, split_path) -> float:
-    """train.py in its own process in the loss's folder, on a copy of the split; its printout goes to
-    train_log.txt. Returns the seconds it took."""
-    folder = locations.Paths.from_settings(head_cfg).out
-    folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / "split.csv"
-    if not copy.is_file() or hashing.sha256_file(copy) != hashing.sha256_file(split_path):
-        with fileio.atomic_path(copy) as tmp:
-            shutil.copyfile(split_path, tmp)
-    started = time.time()
-    try:
-        runner.run_stage_process("train", head_cfg, folder / "train_log.txt")
-    except PipelineError as err:
-        raise PipelineError(f"HEAD_LOSS={head_cfg.HEAD_LOSS!r} ({folder}): {err}") from err
-    return time.time() - started
 
 
 def fewshot_columns(embeddings: np.ndarray, labels: np.ndarray, cfg) -> dict:
@@ -234,11 +202,11 @@ def run(cfg) -> None:
     split = splits.split_from_settings(cfg, paths, create=True)
     inputs = provenance.start_stage(paths, "compare_heads", [paths.split])
     folder = paths.out / "compare_heads"
-    trunk_path, weights_source = initial_trunk(cfg, folder, split)
+    trunk_path, weights_source, _ = variant_runs.save_initial_trunk(cfg, folder, split)
     rows, started = [], time.time()
     for loss in losses:
         head_cfg = head_settings(cfg, loss, folder / loss, trunk_path)
-        seconds = train_head(head_cfg, paths.split)
+        seconds = variant_runs.train_variant(head_cfg, paths.split, f"HEAD_LOSS={loss!r}")
         rows.append(dict(evaluate_head(head_cfg, runtime), train_seconds=seconds))
         row = rows[-1]
         print(f"{loss}: test accuracy {row['test_accuracy']:.4f}, macro F1 {row['test_macro_f1']:.4f}, few-shot "

@@ -20,7 +20,6 @@ changing a training setting run with --RESUME=False.
 """
 import contextlib
 import io
-import shutil
 import time
 import types
 
@@ -31,7 +30,6 @@ import dataloader
 from plankton import (
     checkpoints,
     fileio,
-    hashing,
     locations,
     metrics,
     plots,
@@ -40,48 +38,25 @@ from plankton import (
     registry,
     runner,
     splits,
-    system,
     training,
     trunk_cache,
+    variant_runs,
 )
-from plankton.errors import PipelineError
 
 
 def initial_trunk(cfg, paths, split) -> tuple[str, str]:
     """(path, weights source): the trunk train.py starts from with these settings, saved once for all seeds."""
-    system.set_seed(cfg.SEED)  # as train.py: the same trunk when WEIGHTS gives none (random initialisation)
-    model, _, weights_source = training.new_model(cfg, len(split.seen_classes))
-    trunk = {f"trunk.{k}": v.detach().cpu().contiguous() for k, v in model.trunk.state_dict().items()}
-    path = paths.seeds / "initial_trunk.pth"
-    fileio.own_folder(path.parent)  # never a link: the seeds' files would land where it points
-    if not path.is_file() or hashing.tensors_sha256(torch.load(path, weights_only=True)) != hashing.tensors_sha256(trunk):
-        fileio.save_torch(trunk, path)
+    path, weights_source, trunk_sha256 = variant_runs.save_initial_trunk(cfg, paths.seeds, split)
     if paths.best.is_file():
-        shared = checkpoints.open_checkpoint(paths.best).trunk_sha256 == hashing.tensors_sha256(model.trunk.state_dict())
+        shared = checkpoints.open_checkpoint(paths.best).trunk_sha256 == trunk_sha256
         print(f"the seeds start from {'the same trunk as' if shared else 'ANOTHER trunk than'} {paths.best}")
-    return str(path), weights_source
+    return path, weights_source
 
 
 def seed_settings(cfg, seed: int, folder, trunk_path: str) -> types.SimpleNamespace:
     """The settings of one seed's run: its own folder for outputs and checkpoints, the shared trunk."""
     return types.SimpleNamespace(**{**vars(cfg), "SEED": seed, "OUTPUT_DIR": str(folder), "CHECKPOINT_DIR": str(folder),
                                     "WEIGHTS": trunk_path})
-
-
-def train_seed(seed_cfg, split_path) -> float:
-    """train.py in its own process in the seed's folder, on a copy of the split; its printout goes to
-    train_log.txt. Returns the seconds it took."""
-    folder = fileio.own_folder(locations.Paths.from_settings(seed_cfg).out)
-    copy = folder / "split.csv"
-    if not copy.is_file() or hashing.sha256_file(copy) != hashing.sha256_file(split_path):
-        with fileio.atomic_path(copy) as tmp:
-            shutil.copyfile(split_path, tmp)
-    started = time.time()
-    try:
-        runner.run_stage_process("train", seed_cfg, folder / "train_log.txt")
-    except PipelineError as err:
-        raise PipelineError(f"seed {seed_cfg.SEED} ({folder}): {err}") from err
-    return time.time() - started
 
 
 def evaluate_seed(seed_cfg, main_seed: int, runtime) -> dict:
@@ -156,7 +131,7 @@ def run(cfg) -> None:
     rows, histories, started = [], {}, time.time()
     for seed in cfg.SEEDS:
         seed_cfg = seed_settings(cfg, seed, paths.seeds / f"seed_{seed}", trunk_path)
-        seconds = train_seed(seed_cfg, paths.split)
+        seconds = variant_runs.train_variant(seed_cfg, paths.split, f"seed {seed}")
         rows.append(dict(evaluate_seed(seed_cfg, cfg.SEED, runtime), train_seconds=seconds))
         histories[seed] = fileio.read_csv(locations.Paths.from_settings(seed_cfg).history)
         print(f"seed {seed}: test accuracy {rows[-1]['test_accuracy']:.4f}, best validation loss "
