@@ -55,7 +55,8 @@ def test_predict_flags_unseen_images_and_lists_the_corrupt_one(tmp_path, tiny_cf
     assert paths.split.read_bytes() == split_before and paths.best.read_bytes() == best_before
     record = json.loads(provenance.provenance_path(paths, "predict").read_text())
     assert set(record["outputs"]) == {"predictions/predictions.csv", "predictions/predictions.json",
-                                      "predictions/bad_files.csv", "predictions/predictions.png"}
+                                      "predictions/bad_files.csv", "predictions/predictions.png",
+                                      "predictions/ecotaxa_import.tsv"}
     assert provenance.stale_outputs(paths, "predict") == []
 
     tiny_cfg.PREDICT_EMBEDDINGS = True  # again, with embeddings, from the trunk cache
