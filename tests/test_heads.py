@@ -139,6 +139,7 @@ def test_an_arcface_run_killed_after_its_first_epoch_resumes_to_the_same_model(t
 
 # ---- compare_heads.py -----------------------------------------------------------------------------
 
+@pytest.mark.slow  # two train.py processes
 def test_compare_heads_writes_a_row_per_loss_and_its_figure(tmp_path, tiny_folder):
     losses = ["ce", "ce+supcon"]  # two runs of train.py, one epoch each: the table and figure, not the losses, are tested
     cfg = tiny_config(tmp_path, tiny_folder, HEAD_COMPARE_LOSSES=losses, HEAD_COMPARE_EPOCHS=1, VAL_PER_EPOCH=1,

@@ -166,6 +166,7 @@ def test_split_seed_draws_the_split_and_defaults_to_seed(tmp_path, tiny_folder):
 
 # ---- seeds.py -------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # two train.py processes
 def test_seeds_writes_per_seed_results_and_their_mean_and_sd(tmp_path, tiny_folder):
     cfg = tiny_config(tmp_path, tiny_folder, SEEDS=[0, 5], MAX_EPOCHS=1)
     train.run(cfg)
