@@ -32,7 +32,7 @@ def test_the_readme_is_short_and_its_links_resolve():
 def test_the_readme_test_command_is_what_ci_runs():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     ci = (REPO / ".ci" / "run").read_text()
-    for command in ("python -m pytest -q tests", "python -m pytest -q -m slow tests"):
+    for command in ("python -m pytest -q -n 2 tests", "python -m pytest -q -n 2 -m slow tests"):
         assert command in readme and command in ci
 
 
