@@ -7,10 +7,16 @@ validation set by minimising its NLL, divides every logit.
 
 Reads:  checkpoints/best.pth, outputs/split.csv, outputs/test_scores.npz (evaluate.py's test logits),
         the validation images (through the trunk cache).
+Also the per-class operating thresholds (plankton/routing.py): for each class the lowest calibrated
+score at which the validation images predicted as it still reach ROUTE_PRECISION; on the test
+images, each class's coverage (share of its predictions routed as "confident") and the precision
+of that part. predict.py routes new images with the same thresholds.
+
 Writes: outputs/calibration.csv (subset val/test x before/after: temperature, images, accuracy, ECE,
         NLL, Brier), outputs/calibration_bins.csv (the reliability diagram's bins: subset, when, bin
         edges, images, accuracy, mean confidence), outputs/calibration.json (the temperature and the
-        table), outputs/reliability_diagram.png (test images, before and after), and last
+        table), outputs/reliability_diagram.png (test images, before and after), outputs/class_thresholds.csv
+        and class_thresholds.png (the per-class thresholds, test coverage and precision), and last
         outputs/provenance_calibration.json.
 
 ECE = sum over bins of (images in bin / images) x |accuracy - mean confidence|, a bin (lo, hi] of
@@ -33,6 +39,7 @@ from plankton import (
     plots,
     provenance,
     registry,
+    routing,
     runner,
     saved_predictions,
 )
@@ -83,6 +90,35 @@ def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path,
     plots.save_figure(fig, path)
 
 
+def plot_thresholds(routed: pd.DataFrame, target: float, val_images: int, path) -> None:
+    """Per class: its threshold, and on the test images the share of its predictions routed as
+    confident (coverage) and their precision; all on one 0-1 axis, the target precision marked."""
+    plt = plots.pyplot()
+    classes = routed[routed.class_name != "all"]
+    y = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(8, 2.6 + 0.42 * len(classes)))
+    threshold = classes.threshold.replace(np.inf, np.nan)
+    ax.barh(y - 0.2, classes.test_coverage.fillna(0), height=0.4, color="tab:blue", label="test coverage (confident)")
+    ax.barh(y + 0.2, classes.test_precision.fillna(0), height=0.4, color="tab:green", label="test precision (confident)")
+    ax.scatter(threshold, y, marker="|", s=300, color="black", zorder=3, label="threshold (calibrated score)")
+    for i, (t, note) in enumerate(zip(classes.threshold, classes.note)):
+        if not np.isfinite(t):
+            ax.text(0.01, i, "no threshold: all to review", va="center", fontsize=8, color="tab:red")
+    ax.axvline(target, color="grey", linestyle="--", linewidth=1, label=f"target precision {target:g}")
+    ax.set_yticks(y, list(classes.class_name))
+    ax.set_xlim(0, 1.02)
+    ax.invert_yaxis()
+    ax.set_xlabel("share / score (0 to 1)")
+    overall = routed.iloc[-1]
+    ax.set_title(f"Per-class thresholds (chosen on {val_images} validation images)\non the test set: "
+                 f"{overall.test_coverage:.1%} routed as confident, precision {overall.test_precision:.3f}",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.6 / (1 + 0.42 * len(classes))),
+              ncol=2, frameon=False)  # below the axis: never over a bar
+    fig.tight_layout()
+    plots.save_figure(fig, path)
+
+
 def run(cfg) -> None:
     registry.require_task("calibration", cfg.TASK)
     paths = locations.prepare_output_dirs(cfg)
@@ -108,6 +144,14 @@ def run(cfg) -> None:
     fileio.save_json(dict(temperature=temperature, fitted_on="val", not_fitted=not_fitted, bins=calibrate.BINS,
                           checkpoint_sha256=trained.sha256, table=table.to_dict("records")), outputs[2])
     plot_reliability(table, bins, "test", outputs[3], not_fitted)
+    thresholds = routing.class_thresholds(calibrate.probabilities(val_logits, temperature), val_labels,
+                                          trained.class_names, cfg.ROUTE_PRECISION)
+    routed = routing.routing_table(calibrate.probabilities(test.logits, temperature), test.labels, thresholds)
+    fileio.save_csv(routed, outputs[4], index=False)
+    plot_thresholds(routed, cfg.ROUTE_PRECISION, len(val_labels), outputs[5])
+    overall = routed.iloc[-1]
+    print(f"per-class thresholds for precision {cfg.ROUTE_PRECISION:g} (validation): on the test images "
+          f"{overall.test_coverage:.1%} routed as confident, precision {overall.test_precision:.4f}")
     provenance.save_provenance(paths, "calibration", inputs, outputs, cfg)
     print(f"-> {outputs[0]}, {outputs[3]}")
 

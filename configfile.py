@@ -104,6 +104,7 @@ PREDICT_DIR = None  # predict.py: folder of new unlabelled images (searched at a
 PREDICT_SCORE = "knn"  # open-set score behind predict.py's unknown flag: "max_softmax", "energy", "knn" or "mahalanobis"
 PREDICT_KEEP = 0.95  # share of the validation images (seen classes) kept as known: sets the unknown threshold, from > 0 to 1
 PREDICT_EMBEDDINGS = False  # also write each new image's embedding (e0 ... e127) into predictions.csv
+ROUTE_PRECISION = 0.9  # calibration.py, predict.py: per-class thresholds chosen on the validation images so that the "confident" predictions of each class reach this precision; the rest are "to review"
 PREDICT_SAMPLES = 8  # predict.py's figure: at most this many images per predicted class and of those flagged unknown
 
 # ---- embedding quality, leaks between splits, few-shot transfer -----------------------------

@@ -9,7 +9,9 @@ Reads:  PREDICT_DIR (images at any depth; hidden files and folders ignored, link
         images set the unknown threshold and the temperature). New images go through the trunk cache
         too, each keyed by its content's SHA-256.
 Writes: outputs/predictions/predictions.csv (one row per readable image: path relative to
-        PREDICT_DIR, sha256, predicted_class, top1..top3 class and score, open_set_score, unknown;
+        PREDICT_DIR, sha256, predicted_class, top1..top3 class and score, open_set_score, unknown, route
+        ("confident" or "to review": the per-class thresholds of ROUTE_PRECISION, plankton/routing.py;
+        unknowns are reviewed);
         e0 … e127 with PREDICT_EMBEDDINGS=True), outputs/predictions/bad_files.csv (unreadable files
         and why; empty when none), outputs/predictions/predictions.json (the threshold, the score, the
         temperature, counts, what made them), outputs/predictions/predictions.png (a sample of each
@@ -43,6 +45,7 @@ from plankton import (
     plots,
     provenance,
     registry,
+    routing,
     runner,
     training,
 )
@@ -175,7 +178,9 @@ def reference_and_threshold(cfg, trained, cache, runtime) -> dict:
     val_scores = openset.SCORES[cfg.PREDICT_SCORE](val_logits, val_embeddings, reference)
     threshold = openset.keep_threshold(val_scores, cfg.PREDICT_KEEP)
     temperature, not_fitted = calibrate.validation_temperature(val_logits, val_labels)
-    return dict(reference=reference, threshold=threshold, val_images=len(val_labels),
+    class_thresholds = routing.class_thresholds(calibrate.probabilities(val_logits, temperature), val_labels,
+                                                trained.class_names, cfg.ROUTE_PRECISION)
+    return dict(reference=reference, threshold=threshold, val_images=len(val_labels), class_thresholds=class_thresholds,
                 val_kept=float((val_scores <= threshold).mean()), temperature=temperature,
                 temperature_note=not_fitted or f"fitted on {len(val_labels)} validation images")
 
@@ -190,7 +195,10 @@ def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
                 scores="softmax(logits / temperature)",
                 predicted_per_class=table[~table.unknown].predicted_class.value_counts().to_dict(),
                 checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
-                weights_source=trained.checkpoint.weights_source, embeddings_included=cfg.PREDICT_EMBEDDINGS)
+                weights_source=trained.checkpoint.weights_source, embeddings_included=cfg.PREDICT_EMBEDDINGS,
+                route_precision=cfg.ROUTE_PRECISION, routed_confident=int((table.route == routing.CONFIDENT).sum()),
+                class_thresholds=dict(zip(fitted["class_thresholds"].class_name,
+                                          fitted["class_thresholds"].threshold.replace(np.inf, None))))
 
 
 def run(cfg) -> None:
@@ -208,6 +216,9 @@ def run(cfg) -> None:
     open_scores = openset.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
     table = prediction_table(relpaths, hashes, calibrate.probabilities(logits, fitted["temperature"]), names,
                              open_scores, fitted["threshold"], embeddings if cfg.PREDICT_EMBEDDINGS else None)
+    # a flagged unknown is always reviewed; a known one goes through when its class's threshold says so
+    routes = routing.route(calibrate.probabilities(logits, fitted["temperature"]), fitted["class_thresholds"])
+    table.insert(table.columns.get_loc("unknown") + 1, "route", np.where(table.unknown, routing.REVIEW, routes))
     fileio.own_folder(paths.predictions_dir)  # never a link: the predictions would land where it points
     outputs = [paths.out / name for name in registry.stage("predict").outputs]
     for_ecotaxa, left_out = ecotaxa.import_table(table, root)

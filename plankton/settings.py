@@ -145,6 +145,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "PREDICT_DIR": Rule("path", none_ok=True),
     "PREDICT_SCORE": Rule("str", choices=openset.SCORES),
     "PREDICT_KEEP": Rule("float", "(0, 1]"),
+    "ROUTE_PRECISION": Rule("float", "(0, 1]"),
     "PREDICT_EMBEDDINGS": Rule("bool"),
     "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
     # embedding quality, leaks between splits, few-shot transfer

@@ -43,6 +43,7 @@ def test_predict_flags_unseen_images_and_lists_the_corrupt_one(tmp_path, tiny_cf
     table = pd.read_csv(out / "predictions.csv")
     assert len(table) == 30 and {"top1_class", "top3_score", "open_set_score", "unknown", "sha256"} <= set(table.columns)
     assert table.path.str.startswith(("day1/", "day2/station/")).all()
+    assert set(table.route) <= {"confident", "to review"} and (table.route[table.unknown] == "to review").all()
     bad = pd.read_csv(out / "bad_files.csv")
     assert bad.path.tolist() == ["day1/corrupt.png"]
     assert "1 unreadable file(s)" in capsys.readouterr().err
