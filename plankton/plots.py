@@ -32,7 +32,9 @@ def note_trunk_weights(weights_source: str) -> None:
 
 def save_figure(fig, path: Path) -> None:
     if FIGURE_NOTE["text"]:  # below everything else; bbox_inches="tight" grows the canvas to hold it
-        fig.text(0.5, -0.02, FIGURE_NOTE["text"], ha="center", va="top", fontsize=8, color="darkred")
+        bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()  # long slanted tick labels
+        fig.text(0.5, min(0.0, bottom) - 0.02, FIGURE_NOTE["text"], ha="center", va="top", fontsize=8,
+                 color="darkred")
     with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     pyplot().close(fig)
