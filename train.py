@@ -251,8 +251,7 @@ def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, p
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(what)
-    low = float(np.nanmin(history[[c for c in history if c.startswith(("train_" + metric + "_", "val_" + metric + "_"))]]))
-    axes[0].set_ylim(min(0.9, low) - 0.02, 1.01)
+    axes[0].set_ylim(0, 1.01)  # the whole range, the same for accuracy and AP: figures side by side compare honestly
     axes[1].legend(title=kind, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8,
                    ncol=1 if len(class_names) <= 20 else 2)
     fig.suptitle(f"Class-wise {what} at each validation pass")
