@@ -107,7 +107,7 @@ PREDICT_EMBEDDINGS = False  # also write each new image's embedding (e0 ... e127
 ROUTE_PRECISION = 0.9  # calibration.py, predict.py: per-class thresholds chosen on the validation images so that the "confident" predictions of each class reach this precision; the rest are "to review"
 PREDICT_SAMPLES = 8  # predict.py's figure: at most this many images per predicted class and of those flagged unknown
 
-# ---- embedding quality, leaks between splits, few-shot transfer -----------------------------
+# ---- embedding quality, leaks between splits, few-shot transfer, suspicious labels ----------
 QUALITY_SAMPLES = 5000  # embedding_quality.py: at most this many random images per subset (silhouette and pair distances grow with its square)
 QUALITY_TRUST_NEIGHBORS = 10  # embedding_quality.py: neighbours of UMAP's trustworthiness (scikit-learn's n_neighbors)
 LEAK_THRESHOLD = 0.005  # leaks.py: a val/test/unseen image whose cosine distance to a training image's pooled trunk features is at most this is a near-duplicate
@@ -115,6 +115,8 @@ LEAK_GRID = 4  # leaks.py: trunk feature maps are average-pooled to LEAK_GRID x 
 LEAK_FIGURE_PAIRS = 24  # leaks.py: at most this many pairs shown in outputs/leaks.png (closest first)
 FEWSHOT_DRAWS = 10  # transfer_learning.py: random training sets of exactly k images per class drawn for each k
 FEWSHOT_TEMPERATURE = 0.07  # transfer_learning.py: temperature T of the cosine-weighted kNN probe (votes weighted exp(cos / T), as DINO)
+SUSPECT_FOLDS = 5  # suspicious_labels.py: folds of the out-of-fold class probabilities of the training images (fewer when a class has fewer training images)
+SUSPECT_COUNT = 24  # suspicious_labels.py: the most suspicious training images shown in outputs/suspicious_labels.png
 
 # ---- multi-label task -----------------------------------------------------------------------
 TASK = "multiclass"  # "multiclass" (one class per image: class sub-folders, softmax) or "multilabel" (a label set per image from LABELS_CSV, sigmoid + BCE)

@@ -148,7 +148,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "ROUTE_PRECISION": Rule("float", "(0, 1]"),
     "PREDICT_EMBEDDINGS": Rule("bool"),
     "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
-    # embedding quality, leaks between splits, few-shot transfer
+    # embedding quality, leaks between splits, few-shot transfer, suspicious labels
     "QUALITY_SAMPLES": Rule("int", "[3, inf)"),
     "QUALITY_TRUST_NEIGHBORS": Rule("int", "[1, inf)"),
     "LEAK_THRESHOLD": Rule("float", "[0, 2]"),
@@ -156,6 +156,8 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "LEAK_FIGURE_PAIRS": Rule("int", "[1, 200]"),
     "FEWSHOT_DRAWS": Rule("int", "[2, inf)"),
     "FEWSHOT_TEMPERATURE": Rule("float", "(0, inf)"),
+    "SUSPECT_FOLDS": Rule("int", "[2, 50]"),
+    "SUSPECT_COUNT": Rule("int", "[1, 200]"),
     # multi-label task
     "TASK": Rule("str", choices=tasks.TASK_OBJECTS),
     "LABELS_CSV": Rule("path", none_ok=True),
