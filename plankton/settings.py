@@ -145,8 +145,8 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "PREDICT_DIR": Rule("path", none_ok=True),
     "PREDICT_SCORE": Rule("str", choices=openset.SCORES),
     "PREDICT_KEEP": Rule("float", "(0, 1]"),
-    "ROUTE_PRECISION": Rule("float", "(0, 1]"),
     "PREDICT_EMBEDDINGS": Rule("bool"),
+    "ROUTE_PRECISION": Rule("float", "(0, 1]"),
     "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
     # embedding quality, leaks between splits, few-shot transfer, suspicious labels
     "QUALITY_SAMPLES": Rule("int", "[3, inf)"),
