@@ -67,15 +67,20 @@ def load_pictures(predictions: saved_predictions.Predictions, indices, root: Pat
 
 
 def score_text(score: float) -> str:
-    """A score with the digits that tell near-0 and near-1 scores apart: 2.3e-08, 0.412, 0.99998."""
-    return f"{score:.1e}" if score < 0.001 else f"{score:.3f}" if score <= 0.999 else f"{score:.6f}".rstrip("0")
+    """A score with the digits that tell near-0 and near-1 scores apart: 2.3e-08, 0.412, 1 - 2.0e-05
+    (a saturated softmax reads "1 - 0": the caption's logit still ranks it)."""
+    if score < 0.001:
+        return f"{score:.1e}"
+    if score <= 0.999:
+        return f"{score:.3f}"
+    return f"1 - {1 - score:.1e}" if score < 1 else "1 - 0"
 
 
 def plot_ranked(predictions: saved_predictions.Predictions, class_index: int, rows: tuple, pictures: dict,
                 among: str, path) -> None:
     plt = plots.pyplot()
     names, name = predictions.class_names, predictions.class_names[class_index]
-    fig, axes = plt.subplots(2, SHOWN, figsize=(1.7 * SHOWN, 5.4), squeeze=False)
+    fig, axes = plt.subplots(2, SHOWN, figsize=(1.7 * SHOWN, 6.0), squeeze=False)
     for r, (indices, label) in enumerate(zip(rows, ("highest", "lowest"))):
         for c, ax in enumerate(axes[r]):
             ax.set_axis_off()
@@ -85,7 +90,8 @@ def plot_ranked(predictions: saved_predictions.Predictions, class_index: int, ro
             ax.imshow(pictures[i], interpolation="nearest")
             true = names[predictions.labels[i]]
             ax.set_title("\n".join(textwrap.wrap(f"true {true}", 18)[:2]) +
-                         f"\nscore {score_text(predictions.scores[i, class_index])}", fontsize=8,
+                         f"\nscore {score_text(predictions.scores[i, class_index])}"
+                         f"\nlogit {predictions.logits[i, class_index]:.2f}", fontsize=8,
                          color="darkgreen" if true == name else "firebrick")
         axes[r, 0].text(-0.15, 0.5, f"{label} {name} score", transform=axes[r, 0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=10)
@@ -93,7 +99,7 @@ def plot_ranked(predictions: saved_predictions.Predictions, class_index: int, ro
     pool = f"its {n_class} test image{'s' * (n_class != 1)}" if among == "class" else \
         f"all {len(predictions.labels)} test images"
     fig.suptitle(f"Class {name}: test images with the highest (top row) and lowest (bottom row) softmax score "
-                 f"for {name}, among {pool}\n(caption: true class, green when it is {name}; score for {name})",
+                 f"for {name}, among {pool}\n(caption: true class, green when it is {name}; score and logit for {name})",
                  fontsize=11)
     fig.tight_layout()
     plots.save_figure(fig, path)

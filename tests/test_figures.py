@@ -25,3 +25,10 @@ def test_the_weights_footnote_sits_below_long_slanted_class_names(tmp_path):
         assert all(note_box.y1 <= box.y0 for box in labels), "the footnote overlaps a class name"
     finally:
         plots.note_trunk_weights("ImageNet")
+
+
+def test_ranked_image_scores_are_written_so_that_near_one_scores_still_differ():
+    import ranked_images
+    texts = [ranked_images.score_text(s) for s in (2.3e-8, 0.5, 0.99998, 0.9999, 1.0)]
+    assert texts == ["2.3e-08", "0.500", "1 - 2.0e-05", "1 - 1.0e-04", "1 - 0"]
+    assert len(set(texts)) == len(texts)  # "1." for both near-one scores ranked nothing
