@@ -143,7 +143,7 @@ def bar_panel(ax, table: pd.DataFrame, columns: dict[str, str], colours, title: 
 
 
 def top_room(ax, low: float) -> None:
-    """Y from `low` to 1, with room above 1 for the legend; no tick above 1 (accuracy and AUROC stop there)."""
+    """Y from `low` (0 for every panel now) to 1, with room above 1 for the legend; no tick above 1."""
     bottom = max(0.0, low)
     ax.set_ylim(bottom, 1.0 + 0.2 * (1.0 - bottom))
     ax.set_yticks([tick for tick in ax.get_yticks() if bottom - 1e-9 <= tick <= 1.0 + 1e-9])
@@ -159,7 +159,7 @@ def plot_comparison(table: pd.DataFrame, cfg, weights_source: str, path) -> None
     colours = [plt.get_cmap("tab10")(i % 10) for i in range(len(table))]
     bar_panel(axes[0, 0], table, {"test_accuracy": "accuracy", "test_macro_f1": "macro F1"}, colours,
               "Seen classes: test accuracy and macro F1", "on the seen test images")
-    top_room(axes[0, 0], float(np.nanmin(table[["test_accuracy", "test_macro_f1"]].values)) - 0.1)
+    top_room(axes[0, 0], 0.0)  # the whole range: a zoomed axis made small differences look large
     ax = axes[0, 1]
     for i, row in enumerate(table.itertuples()):
         means = np.array([getattr(row, f"fewshot_{k}") for k in SHOTS])
@@ -173,12 +173,13 @@ def plot_comparison(table: pd.DataFrame, cfg, weights_source: str, path) -> None
     ax.minorticks_off()
     ax.set_xlabel("training images per unseen class, k")
     ax.set_ylabel("balanced accuracy (nearest class mean)")
+    ax.set_ylim(0, 1.0)  # the same 0-1 range as the seen accuracy beside it
     ax.set_title(f"Unseen classes, few-shot: mean and 95% t-interval\nover {cfg.FEWSHOT_DRAWS} draws", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="HEAD_LOSS", title_fontsize=8, loc="lower right")
     bar_panel(axes[0, 2], table, {f"auroc_{name}": name.replace("_", " ") for name in openset.SCORES}, colours,
               "Open set: AUROC, seen test vs unseen images", "AUROC")
-    top_room(axes[0, 2], float(np.nanmin(table.filter(like="auroc_").values)) - 0.1)
+    top_room(axes[0, 2], 0.0)
     bar_panel(axes[1, 0], table, {"silhouette_unseen": "silhouette"}, colours,
               "Unseen classes: silhouette (cosine)", "silhouette (-1 to 1)")
     axes[1, 0].axhline(0, color="grey", lw=0.8)
