@@ -101,6 +101,18 @@ def dir_args(tmp: Path) -> list[str]:
             f"--CACHE_DIR={tmp / 'cache'}"]
 
 
+def one_error_line(capsys, main, argv) -> str:
+    """Run a script's main(argv): it must exit 1 with exactly one line on stderr, starting "error: "."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
 def settings_file(path: Path, **settings) -> Path:
     """configfile.py with the given settings appended (later assignments win)."""
     text = (REPO / "configfile.py").read_text() + "\n# ---- test overrides ----\n"

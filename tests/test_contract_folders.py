@@ -6,7 +6,7 @@ import os
 
 import pandas as pd
 import pytest
-from conftest import dir_args
+from conftest import dir_args, one_error_line
 
 import evaluate
 from plankton import fileio, runner
@@ -14,16 +14,6 @@ from plankton.errors import PipelineError
 
 USERS_TEXT = "my thesis, chapter 3\n"
 
-
-def one_error_line(capsys, main, argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    err = capsys.readouterr().err
-    assert stop.value.code == 1, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture

@@ -6,23 +6,13 @@ import socket
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO, dir_args, env
+from conftest import PYTHON, REPO, dir_args, env, one_error_line
 
 import train
 from plankton import distributed
 
 COMPLETE = dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
 
-
-def one_error_line(capsys, main, argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    err = capsys.readouterr().err
-    assert stop.value.code == 1, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize("variables, said", [

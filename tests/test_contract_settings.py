@@ -6,23 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import dir_args, make_image_folder
+from conftest import dir_args, make_image_folder, one_error_line
 
 import evaluate
 from plankton import settings
 from plankton.errors import PipelineError
-
-
-def one_error_line(capsys, main, argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    err = capsys.readouterr().err
-    assert stop.value.code == 1, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
 
 # ---- folder settings that name a file or a device ------------------------------------------------
 

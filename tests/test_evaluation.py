@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import dir_args, make_image_folder, tiny_config
+from conftest import dir_args, make_image_folder, one_error_line, tiny_config
 from PIL import Image
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, precision_recall_fscore_support
 
@@ -96,14 +96,6 @@ def test_ranked_classes_and_file_names():
     assert ranked_images.file_name(3, "Rhabdo/nell idae?") == "ranked_3_Rhabdo_nell_idae_.png"
     assert ranked_images.file_name(0, "..") == "ranked_0_class.png"
 
-
-def one_error_line(capsys, main, argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert stop.value.code == 1 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 def test_a_bad_ranked_classes_setting_is_one_line_naming_the_classes(tmp_path, capsys):

@@ -5,7 +5,7 @@ on stderr and exit status 1 before it writes anything (not even the output folde
 import importlib
 
 import pytest
-from conftest import dir_args
+from conftest import dir_args, one_error_line
 
 import evaluate
 from plankton import registry, settings, system
@@ -16,15 +16,6 @@ WRONG = {"int": "'many'", "float": "'abc'", "bool": "'false'", "str": "'no-such-
          "classes": "[]", "names": "['a', 'a']", "device": "'tpu'", "seeds": "[1]", "modules": "[]",
          "words": "['no-such-choice']"}
 
-
-def _one_error_line(capsys, main, argv) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    err = capsys.readouterr().err
-    assert stop.value.code == 1
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize("name", list(settings.SCHEMA))
@@ -42,7 +33,7 @@ SCRIPTS = [s.name for s in registry.STAGES] + ["run_all", "verify"]
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_stops_on_a_bad_setting_before_writing_anything(tmp_path, capsys, script):
     main = importlib.import_module(script).main
-    line = _one_error_line(capsys, main, [*dir_args(tmp_path), "--BATCH_SIZE=0"])
+    line = one_error_line(capsys, main, [*dir_args(tmp_path), "--BATCH_SIZE=0"])
     assert line == "error: BATCH_SIZE=0: must be an integer >= 1"
     assert not list(tmp_path.iterdir()), "an output folder was made before the settings were checked"
 
@@ -50,7 +41,7 @@ def test_every_script_stops_on_a_bad_setting_before_writing_anything(tmp_path, c
 @pytest.mark.parametrize("argument, said", [("--MAX_EPOCH=3", "MAX_EPOCH"), ("--config=/no/such/settings.py", "settings"),
                                             ("stray", "stray")])
 def test_a_misspelt_name_a_missing_file_or_a_stray_word_is_one_line(tmp_path, capsys, argument, said):
-    line = _one_error_line(capsys, evaluate.main, [*dir_args(tmp_path), argument])
+    line = one_error_line(capsys, evaluate.main, [*dir_args(tmp_path), argument])
     assert said in line and not list(tmp_path.iterdir())
 
 
@@ -82,11 +73,11 @@ def test_a_second_run_on_the_same_folders_stops_at_once(tmp_path, capsys):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        line = _one_error_line(capsys, evaluate.main, dir_args(tmp_path))
+        line = one_error_line(capsys, evaluate.main, dir_args(tmp_path))
         assert f"pid {holder.pid}" in line and "in use by another run" in line
     finally:
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    line = _one_error_line(capsys, evaluate.main, dir_args(tmp_path))  # the lock died with its holder
+    line = one_error_line(capsys, evaluate.main, dir_args(tmp_path))  # the lock died with its holder
     assert "run train.py first" in line
