@@ -77,6 +77,37 @@ def tiny_cfg(tmp_path, tiny_folder):
     return tiny_config(tmp_path, tiny_folder)
 
 
+class SharedRun:
+    """One whole run_all.py on the tiny folder, made once per test session and shared by the slow tests
+    that read it (end to end, verify, the report in a browser). Across pytest-xdist's workers the first
+    to ask makes it and the others wait. A test holds `lock` while it looks, and restores whatever it
+    changes before letting go, so the next test finds the run as made."""
+
+    def __init__(self, root: Path):
+        import json
+
+        from filelock import FileLock
+        self.root, self.lock = root, FileLock(str(root.parent / f"{root.name}.lock"))
+        folder = root / "images"
+        self.cfg = tiny_config(root, folder)
+        with self.lock:
+            done = root / "times.json"
+            if not done.is_file():
+                import shutil
+
+                import run_all
+                shutil.rmtree(root, ignore_errors=True)
+                make_image_folder(folder, {"a": 16, "b": 16, "c": 16, "u": 12, "v": 12})
+                done.write_text(json.dumps(run_all.run(self.cfg)))
+            self.times = json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, worker_id) -> SharedRun:
+    base = tmp_path_factory.getbasetemp()
+    return SharedRun((base if worker_id == "master" else base.parent) / "shared_run")
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 
 PYTHON = sys.executable

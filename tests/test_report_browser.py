@@ -6,9 +6,7 @@ import shutil
 import time
 
 import pytest
-from conftest import make_image_folder, tiny_config
 
-import run_all
 from plankton import locations, registry
 
 pytestmark = pytest.mark.slow
@@ -50,17 +48,15 @@ def chromium_driver():
 
 
 @pytest.fixture(scope="module")
-def opened_report(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("report_browser")
-    folder = make_image_folder(tmp / "images", {"a": 16, "b": 16, "c": 16, "u": 12, "v": 12})
-    cfg = tiny_config(tmp, folder, MAX_EPOCHS=2)
-    run_all.run(cfg)
-    page = locations.Paths.from_settings(cfg).out / "report.html"
+def opened_report(tmp_path_factory, shared_run):
+    tmp = tmp_path_factory.mktemp("report_browser")  # the screenshots
+    page = locations.Paths.from_settings(shared_run.cfg).out / "report.html"
     browser = chromium_driver()
     try:
-        browser.get(page.resolve().as_uri())
-        browser.execute_script("return document.readyState")
-        time.sleep(2)  # Bokeh draws after the page has loaded
+        with shared_run.lock:  # the page and its figures load while no other test edits the run
+            browser.get(page.resolve().as_uri())
+            browser.execute_script("return document.readyState")
+            time.sleep(2)  # Bokeh draws after the page has loaded
         yield browser, tmp
     finally:
         browser.quit()

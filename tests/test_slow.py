@@ -29,9 +29,14 @@ from plankton import checkpoints, embedding_files, fileio, hashing, locations, r
 pytestmark = pytest.mark.slow
 
 
-def test_all_six_stages_end_to_end(tiny_cfg):
-    times = run_all.run(tiny_cfg)
+def test_all_six_stages_end_to_end(shared_run):
+    tiny_cfg, times = shared_run.cfg, shared_run.times
     assert set(times) == {s.name for s in registry.run_all_stages(tiny_cfg)} | {"total"}
+    with shared_run.lock:
+        _check_whole_run(tiny_cfg)
+
+
+def _check_whole_run(tiny_cfg):
     out = locations.Paths.from_settings(tiny_cfg).out
     expected = ["split.csv", "training_history.csv", "training_plot.png", "test_metrics.csv", "confusion_matrix.png",
                 "umap_embeddings.png", "umap_coordinates.csv", "transfer_learning.csv", "accuracy_all.png"]

@@ -2,7 +2,6 @@
 import pytest
 from conftest import tiny_config
 
-import run_all
 import verify
 from plankton import locations, registry
 from plankton.errors import PipelineError
@@ -10,14 +9,12 @@ from plankton.errors import PipelineError
 pytestmark = pytest.mark.slow  # the fixture runs the whole pipeline once
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    from conftest import make_image_folder
-    tmp = tmp_path_factory.mktemp("verify")
-    folder = make_image_folder(tmp / "images", {"a": 16, "b": 16, "c": 16, "u": 12, "v": 12})
-    cfg = tiny_config(tmp, folder, MAX_EPOCHS=2)
-    run_all.run(cfg)
-    return cfg, locations.Paths.from_settings(cfg)
+@pytest.fixture
+def finished(shared_run):
+    """The session's whole run (conftest.SharedRun), held for this test: each test below restores what it
+    changes."""
+    with shared_run.lock:
+        yield shared_run.cfg, locations.Paths.from_settings(shared_run.cfg)
 
 
 def _mismatches(cfg, capsys) -> list[str]:
