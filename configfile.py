@@ -19,6 +19,7 @@ BAD_IMAGES = "skip"  # unreadable/truncated/empty files: "skip" (reported and le
 IMAGE_SIZE = 128  # pixels, square; images are resized to IMAGE_SIZE x IMAGE_SIZE
 RESIZE_MODE = "stretch"  # "stretch" (as the study did) or "pad" (pad to a square first, keeps shape)
 AUGMENT = False  # random flips/90-degree turns of training images; True turns off the trunk cache for training
+TTA = "none"  # test-time augmentation: "none", "flips" (mirrored each way and both: 4 orientations) or "dihedral" (all 8 turns and mirrors); evaluate, embed, open set, calibration and predict average each image's logits and embeddings over them
 
 # ---- split ----------------------------------------------------------------------------------
 TRAIN_FRACTION = 0.75  # of each seen class; the split is drawn once and kept in outputs/split.csv

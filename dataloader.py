@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from plankton import distributed
+from plankton import distributed, orientations
 from plankton.images import load_rgb, resize
 from plankton.progress import Progress
 from plankton.system import num_workers, pick_device
@@ -52,8 +52,8 @@ class ImageDataset(Dataset):
     """(normalised image tensor, label) for a list of relative paths."""
 
     def __init__(self, root: Path, relpaths: list[str], labels, preprocess: Preprocess, augment: bool = False,
-                 color_jitter: float = 0.0):
-        self.root, self.relpaths = Path(root), list(relpaths)
+                 color_jitter: float = 0.0, orientation: int = 0):
+        self.root, self.relpaths, self.orientation = Path(root), list(relpaths), int(orientation)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.preprocess, self.augment = preprocess, augment
         self.jitter = None  # brightness, contrast and saturation, each by a random factor in [1 - s, 1 + s]
@@ -69,6 +69,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         img = resize(load_rgb(self.root / self.relpaths[i]), self.preprocess.image_size, self.preprocess.resize_mode)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        if self.orientation:  # test-time augmentation (plankton/orientations.py)
+            x = orientations.orient(x, self.orientation)
         if self.augment:  # plankton have no up or down: flips and quarter turns keep the class
             if torch.rand(()) < 0.5:
                 x = x.flip(2)
@@ -105,10 +107,11 @@ def run_trunk(trunk: torch.nn.Module, images: torch.Tensor, runtime: Runtime) ->
 
 
 def trunk_feature_batches(trunk: torch.nn.Module, root: Path, relpaths: list[str], preprocess: Preprocess,
-                          runtime: Runtime, dtype=np.float32):
+                          runtime: Runtime, dtype=np.float32, orientation: int = 0):
     """Yield the trunk's output batch by batch, in order, decoded and resized on the loader's workers:
-    a caller that stores each batch as it comes never holds the whole pass (trunk_cache.py)."""
-    dataset = ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess)
+    a caller that stores each batch as it comes never holds the whole pass (trunk_cache.py). Each image
+    in `orientation` (plankton/orientations.py)."""
+    dataset = ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess, orientation=orientation)
     for images, _ in Progress(image_loader(dataset, runtime), f"trunk features of {len(relpaths)} images",
                               unit="batches"):
         with torch.inference_mode():  # closed before the yield, like feature_batches' no_grad
@@ -204,16 +207,18 @@ def select_rows(source: FeatureSource, picked: np.ndarray) -> FeatureSource:
 
 
 def feature_source(root: Path, relpaths: list[str], labels, preprocess: Preprocess, cache=None,
-                   augment: bool = False, keys: list[str] | None = None, color_jitter: float = 0.0) -> FeatureSource:
+                   augment: bool = False, keys: list[str] | None = None, color_jitter: float = 0.0,
+                   orientation: int = 0) -> FeatureSource:
     """Features from `cache` (a trunk_cache.TrunkCache) when one is given, else from the images
-    (flipped, turned and colour-jittered by `color_jitter` when `augment`).
+    (flipped, turned and colour-jittered by `color_jitter` when `augment`), each image in `orientation`
+    (test-time augmentation, plankton/orientations.py).
     `keys` (one string per image, e.g. its content's SHA-256) name the images in the cache; without
     them the cache keys each image by relative path, size and modification time."""
     labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     if cache is not None:
-        return FeatureSource(labels, features=cache.features(root, relpaths, keys))
+        return FeatureSource(labels, features=cache.oriented(orientation).features(root, relpaths, keys))
     return FeatureSource(labels, dataset=ImageDataset(root, relpaths, labels, preprocess, augment=augment,
-                                                      color_jitter=color_jitter))
+                                                      color_jitter=color_jitter, orientation=orientation))
 
 
 def feature_batches(source: FeatureSource, batches: list, trunk, runtime: Runtime, seed: int = 0):

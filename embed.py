@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import dataloader
-from plankton import checkpoints, distributed, embedding_files, locations, provenance, runner, training
+from plankton import checkpoints, distributed, embedding_files, locations, orientations, provenance, runner, training
 
 
 def embeddings_of(model, source: dataloader.FeatureSource, runtime: dataloader.Runtime) -> np.ndarray | None:
@@ -45,7 +45,8 @@ def run(cfg) -> None:
     outputs = []
     for subset in embedding_files.EMBEDDED_SUBSETS:
         started = time.time()
-        embeddings = embeddings_of(trained.model, trained.source(subset, cache), runtime)
+        embeddings = orientations.averaged(  # one pass, or the mean over TTA's orientations
+            lambda o: embeddings_of(trained.model, trained.source(subset, cache, o), runtime), trained.orientations)
         if not main:
             continue
         relpaths, labels = split.subset(subset)

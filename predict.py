@@ -42,6 +42,7 @@ from plankton import (
     images,
     locations,
     openset,
+    orientations,
     plots,
     provenance,
     registry,
@@ -83,10 +84,11 @@ def find_new_images(predict_dir, paths: locations.Paths) -> tuple[Path, list[str
 
 
 def new_image_outputs(trained, cache, runtime, root: Path, relpaths: list[str], hashes: list[str]):
-    """(logits, embeddings) of the new images, through the trunk cache keyed by content SHA-256."""
-    source = dataloader.feature_source(root, relpaths, np.zeros(len(relpaths)), trained.preprocess, cache,
-                                       keys=hashes)
-    return training.head_outputs(trained.model, source, runtime)
+    """(logits, embeddings) of the new images, through the trunk cache keyed by content SHA-256,
+    averaged over the orientations TTA asks for."""
+    return orientations.averaged(lambda o: training.head_outputs(trained.model, dataloader.feature_source(
+        root, relpaths, np.zeros(len(relpaths)), trained.preprocess, cache, keys=hashes, orientation=o), runtime),
+        trained.orientations)
 
 
 # ---- the table -----------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from plankton import (
     registry,
     runner,
     splits,
-    training,
     trunk_cache,
     variant_runs,
 )
@@ -68,16 +67,14 @@ def evaluate_seed(seed_cfg, main_seed: int, runtime) -> dict:
     checkpoint = trained.checkpoint
     cache = trunk_cache.from_settings(seed_cfg, seed_paths.cache, trained.model.trunk, checkpoint.trunk_sha256,
                                       trained.preprocess, runtime)
-    test = trained.source("test", cache)
-    logits, _ = training.head_outputs(trained.model, test, runtime)
+    logits, _, test_labels = trained.outputs("test", cache, runtime)
     scores = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
-    table = metrics.metrics_table(test.labels.numpy(), logits.argmax(1), scores, trained.class_names)
+    table = metrics.metrics_table(test_labels, logits.argmax(1), scores, trained.class_names)
     row = dict(seed=seed_cfg.SEED, best_epoch=checkpoint.epoch, best_val_loss=checkpoint.val_loss,
                test_accuracy=float(table.accuracy.iloc[-1]))
     row.update({f"test_acc_{r.class_name}": r.accuracy for r in table.iloc[:-1].itertuples()})
-    unseen = trained.source("unseen", cache)
-    _, embeddings = training.head_outputs(trained.model, unseen, runtime)
-    curves = probes.transfer_curves(embeddings, unseen.labels.numpy(), seed_cfg.TRANSFER_TEST_FRACTION,
+    _, embeddings, unseen_labels = trained.outputs("unseen", cache, runtime)
+    curves = probes.transfer_curves(embeddings, unseen_labels, seed_cfg.TRANSFER_TEST_FRACTION,
                                     seed_cfg.TRANSFER_REPEATS, probes.ProbeSettings.from_settings(seed_cfg), main_seed)
     largest = curves[curves.n_train == curves.n_train.max()]
     row["transfer_n_train"] = int(largest.n_train.iloc[0])

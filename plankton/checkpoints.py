@@ -6,11 +6,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import backbone
 from dataloader import FeatureSource, Preprocess
-from plankton import tasks
+from plankton import orientations, tasks, training
 from plankton.errors import PipelineError
 from plankton.hashing import file_sha256
 from plankton.locations import Paths
@@ -293,14 +294,23 @@ class TrainedModel:
     split: Split
     model: torch.nn.Module
     preprocess: Preprocess
+    orientations: tuple[int, ...] = (0,)  # averaged over by outputs() (TTA, plankton/orientations.py)
 
     @property
     def class_names(self) -> list[str]:
         return list(self.checkpoint.class_names)
 
-    def source(self, subset: str, cache=None) -> FeatureSource:
-        """A subset's trunk features (through `cache`, a trunk_cache.TrunkCache, if given)."""
-        return self.split.source(subset, self.preprocess, cache)
+    def source(self, subset: str, cache=None, orientation: int = 0) -> FeatureSource:
+        """A subset's trunk features (through `cache`, a trunk_cache.TrunkCache, if given), each image
+        in `orientation`."""
+        return self.split.source(subset, self.preprocess, cache, orientation=orientation)
+
+    def outputs(self, subset: str, cache, runtime) -> tuple:
+        """(logits, embeddings, labels) of a subset of the split, in its order: the head's outputs
+        averaged over the orientations TTA asks for (one pass when TTA="none")."""
+        logits, embeddings = orientations.averaged(
+            lambda o: training.head_outputs(self.model, self.source(subset, cache, o), runtime), self.orientations)
+        return logits, embeddings, np.asarray(self.split.subset(subset)[1], dtype=np.int64)
 
     def trunk_cache(self, cfg, paths: "Paths", runtime):
         """The trunk cache of this model's frozen trunk as CACHE_TRUNK and CACHE_DTYPE ask, or None."""
@@ -327,4 +337,5 @@ def open_trained_model(cfg, paths: Paths, device: torch.device, channels_last: b
         raise PipelineError(f"{paths.best}: its trunk weights are not the ones its recorded trunk_sha256 stands for "
                             f"(changed after training?); {REDO}")
     note_trunk_weights(checkpoint.weights_source)
-    return TrainedModel(checkpoint, file_sha256(paths.best), split, model, checkpoint.preprocess)
+    return TrainedModel(checkpoint, file_sha256(paths.best), split, model, checkpoint.preprocess,
+                        orientations.TTA[cfg.TTA])

@@ -8,7 +8,7 @@ from scipy.special import logsumexp, softmax
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from plankton import checkpoints, training
+from plankton import checkpoints
 
 TPR_LEVEL = 0.95  # FPR is read where this share of the seen images is kept as known
 
@@ -112,10 +112,9 @@ def keep_threshold(val_scores: np.ndarray, keep: float) -> float:
 
 
 def subset_outputs(trained: checkpoints.TrainedModel, cache, runtime, subset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits, embeddings, labels) of a subset of the split (train, val, test or unseen), in its order."""
-    source = trained.source(subset, cache)
-    logits, embeddings = training.head_outputs(trained.model, source, runtime)
-    return logits, embeddings, source.labels.numpy()
+    """(logits, embeddings, labels) of a subset of the split (train, val, test or unseen), in its order,
+    averaged over the orientations TTA asks for."""
+    return trained.outputs(subset, cache, runtime)
 
 
 def reference_from_model(trained, cache, runtime, cfg) -> Reference:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from plankton import checkpoints, labelsets, tasks, training
+from plankton import checkpoints, labelsets, tasks
 from plankton.checkpoints import open_checkpoint
 from plankton.embedding_files import export_table
 from plankton.errors import PipelineError
@@ -114,10 +114,9 @@ def checked_predictions(arrays: dict, task: str, path: Path) -> Predictions:
 def predict_test_set(trained: checkpoints.TrainedModel, cache, runtime) -> "Predictions":
     """Logits and scores (softmax, or sigmoid for multilabel) of every test image (through `cache`, a
     trunk_cache.TrunkCache, or from the images when it is None), in the split's test order."""
-    source = trained.source("test", cache)
-    logits, _ = training.head_outputs(trained.model, source, runtime)
+    logits, _, labels = trained.outputs("test", cache, runtime)  # averaged over TTA's orientations
     relpaths, _ = trained.split.subset("test")
     task = tasks.for_name(trained.split.task)
-    return Predictions(logits.astype(np.float32), task.scores(logits), source.labels.numpy(), relpaths,
+    return Predictions(logits.astype(np.float32), task.scores(logits), labels, relpaths,
                                  trained.class_names, str(trained.split.root), trained.sha256,
                                  task.name)

@@ -43,7 +43,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import backbone
-from plankton import ecotaxa, fileio, heads, openset, tasks, training
+from plankton import ecotaxa, fileio, heads, openset, orientations, tasks, training
 from plankton.errors import PipelineError
 from plankton.system import REPO_DIR
 
@@ -73,6 +73,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "IMAGE_SIZE": Rule("int", "[16, 2048]"),
     "RESIZE_MODE": Rule("str", choices=("stretch", "pad")),
     "AUGMENT": Rule("bool"),
+    "TTA": Rule("str", choices=orientations.TTA),
     # split
     "TRAIN_FRACTION": Rule("float", "(0, 1)"),
     "VAL_FRACTION": Rule("float", "(0, 1)"),

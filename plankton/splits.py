@@ -57,12 +57,13 @@ class Split:
         return self.unseen_classes if name == "unseen" else self.seen_classes
 
     def source(self, name: str, preprocess: Preprocess, cache=None, augment: bool = False,
-               color_jitter: float = 0.0) -> FeatureSource:
+               color_jitter: float = 0.0, orientation: int = 0) -> FeatureSource:
         """A subset's trunk features: from `cache` (a trunk_cache.TrunkCache), which names each image
-        by its content's SHA-256, or from the images themselves (augmented if asked)."""
+        by its content's SHA-256, or from the images themselves (augmented if asked), each image in
+        `orientation` (plankton/orientations.py)."""
         relpaths, labels = self.subset(name)
         return feature_source(self.root, relpaths, labels, preprocess, cache, augment, keys=self.hashes(name),
-                              color_jitter=color_jitter)
+                              color_jitter=color_jitter, orientation=orientation)
 
 
 def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], create: bool,

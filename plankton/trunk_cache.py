@@ -28,6 +28,7 @@ lock, and after a barrier every rank reads the same folder.
 Old-layout folders (features.npy + index.csv, before chunks) are not read: their images are
 computed again into chunks, and a note says the old files can be deleted."""
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -55,10 +56,12 @@ IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if "SC_IOV_MAX" in os.sysconf_name
 _warned: set[str] = set()  # torn chunks already named on stderr by this process
 
 
-def cache_key(trunk_sha256: str, root: Path, preprocess: Preprocess, dtype: str) -> str:
+def cache_key(trunk_sha256: str, root: Path, preprocess: Preprocess, dtype: str, orientation: int = 0) -> str:
     """Anything that changes the trunk's output for an image changes the cache folder."""
     spec = dict(trunk=trunk_sha256, root=str(root), size=preprocess.image_size, resize=preprocess.resize_mode,
                 mean=list(preprocess.mean), std=list(preprocess.std), dtype=dtype, v=2)
+    if orientation:  # test-time augmentation's turned or mirrored images (the upright ones keep their key)
+        spec["orientation"] = int(orientation)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -70,9 +73,19 @@ class TrunkCache:
         self.cache_dir, self.trunk, self.trunk_sha256 = Path(cache_dir), trunk, trunk_sha256
         self.preprocess, self.runtime, self.dtype = preprocess, runtime, dtype
         self.chunk_rows, self.lock = int(chunk_rows), lock
+        self.orientation = 0  # the images turned or mirrored first (plankton/orientations.py)
+
+    def oriented(self, orientation: int) -> "TrunkCache":
+        """The same cache for images in another orientation (a folder of their own)."""
+        if orientation == self.orientation:
+            return self
+        other = copy.copy(self)
+        other.orientation = int(orientation)
+        return other
 
     def folder(self, root: Path) -> Path:
-        return self.cache_dir / ("trunk_" + cache_key(self.trunk_sha256, root, self.preprocess, self.dtype))
+        return self.cache_dir / ("trunk_" + cache_key(self.trunk_sha256, root, self.preprocess, self.dtype,
+                                                      self.orientation))
 
     def features(self, root: Path, relpaths: list[str], keys: list[str] | None = None) -> "FeatureStore":
         """The trunk's output for each image (N x C x H x W rows, gathered on demand), computing only
@@ -112,7 +125,7 @@ class TrunkCache:
         """Run the trunk on `todo`'s images, writing a chunk every chunk_rows images and at the end."""
         keys, relpaths = list(todo), list(todo.values())
         batches = dataloader.trunk_feature_batches(self.trunk, root, relpaths, self.preprocess, self.runtime,
-                                                   DTYPES[self.dtype])
+                                                   DTYPES[self.dtype], self.orientation)
         written, filled, chunk = 0, 0, None  # one chunk's buffer, reused (dataloader.Rows says why)
         for batch in batches:
             if chunk is None or filled + len(batch) > len(chunk):  # the first batch (or an odd, larger one)
