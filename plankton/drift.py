@@ -198,8 +198,8 @@ def describe(name: str, entry: dict) -> str:
 def verdict(tests: dict, n_new: int, n_reference: int, alpha: float, level: float) -> str:
     drifted = [describe(name, entry) for name, entry in tests.items() if entry["drift"]]
     if drifted:
-        return (f"DRIFT: {n_new} new images differ from {n_reference} {REFERENCE_NAME} in {'; '.join(drifted)} "
-                f"(each test at p < {level:.2g})")
+        return (f"DRIFT: {', '.join(drifted)} differ between {n_new} new images and {n_reference} {REFERENCE_NAME} "
+                f"(p < {level:.2g} each)")
     return (f"no drift detected ({n_new} new vs {n_reference} {REFERENCE_NAME}; "
             f"{describe('embeddings', tests['embeddings'])}, unknown share "
             f"{tests['unknown_share']['share_new']:.0%} vs {tests['unknown_share']['share_reference']:.0%}; "

@@ -34,6 +34,33 @@ def test_a_campaign_from_the_same_distribution_is_not_flagged(n_new):
         assert result["verdict"].startswith("no drift detected") and 0.3 < result["tests"]["embeddings"]["value"] < 0.7
 
 
+def test_a_two_sample_test_and_a_statistic_are_one_table_entry_each(tmp_path, monkeypatch):
+    """docs/extending.md's recipe: an entry in TWO_SAMPLE_TESTS, one in STATISTICS, and compare() runs them."""
+    def mean_distance(reference, new, seed):  # distance between the means, p-value from 50 permutations
+        both, n = np.r_[reference, new], len(reference)
+        gap = lambda rows: float(np.linalg.norm(rows[:n].mean(0) - rows[n:].mean(0)))  # noqa: E731
+        rng = np.random.default_rng(seed)
+        more = sum(gap(rng.permutation(both)) >= gap(both) for _ in range(50))
+        scores = np.linalg.norm(both - reference.mean(0), axis=1)
+        return drift.TwoSample(gap(both), (more + 1) / 51, scores[n:], scores[:n])
+
+    monkeypatch.setitem(drift.TWO_SAMPLE_TESTS, "means",
+                        drift.TwoSampleTest("distance of the means", "distance", mean_distance))
+    monkeypatch.setitem(drift.STATISTICS, "width",
+                        drift.ImageStatistic("width (pixels)", lambda image, grey: image.width))
+    folder = make_image_folder(tmp_path / "images", {"a": 12}, size=24)
+    relpaths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    table = drift.image_statistics(folder, relpaths, 32, "stretch")
+    assert (table.width == 24).all()
+    rng = np.random.default_rng(0)
+    flags = np.zeros(12, dtype=bool)
+    result = drift.compare(drift.Side(rng.normal(size=(12, 4)), table, flags, relpaths, np.zeros(12)),
+                           drift.Side(rng.normal(size=(12, 4)) + 3, table, flags, relpaths, np.zeros(12)),
+                           alpha=0.2, test="means")
+    assert result["tests"]["embeddings"]["test"] == "means" and result["tests"]["width"]["p_value"] == 1.0
+    assert result["drifted"] == ["embeddings"] and result["per_test_alpha"] == pytest.approx(0.2 / 7)
+
+
 @pytest.mark.slow
 def test_the_classifier_test_holds_its_level():
     """Under the null its p-values are (at most) uniform. A Mann-Whitney test of pooled out-of-fold
@@ -52,7 +79,8 @@ def test_shifted_embeddings_brighter_images_and_more_unknowns_are_flagged_by_nam
     reference = side(rng, 300)
     shifted = drift.compare(reference, side(rng, 100, shift=0.5), alpha=0.01)
     assert shifted["drifted"] == ["embeddings"] and shifted["tests"]["embeddings"]["value"] > 0.8
-    assert shifted["verdict"].startswith("DRIFT: 100 new images differ from 300 held-out test images in embeddings")
+    assert shifted["verdict"].startswith("DRIFT: embeddings (AUROC")
+    assert "differ between 100 new images and 300 held-out test images" in shifted["verdict"]
     brighter = drift.compare(reference, side(rng, 100, brightness=115), alpha=0.01)
     assert brighter["drifted"] == ["brightness"] and "median 1" in brighter["verdict"]
     unknowns = drift.compare(reference, side(rng, 100, unknown_rate=0.3), alpha=0.01)
