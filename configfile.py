@@ -107,6 +107,8 @@ PREDICT_KEEP = 0.95  # share of the validation images (seen classes) kept as kno
 PREDICT_EMBEDDINGS = False  # also write each new image's embedding (e0 ... e127) into predictions.csv
 ROUTE_PRECISION = 0.9  # calibration.py, predict.py: per-class thresholds chosen on the validation images so that the "confident" predictions of each class reach this precision; the rest are "to review"
 PREDICT_SAMPLES = 8  # predict.py's figure: at most this many images per predicted class and of those flagged unknown
+DRIFT_ALPHA = 0.01  # predict.py's drift check of the new images against the held-out test images: its p-value level (Bonferroni over its tests); None = no check
+DRIFT_SAMPLES = 2000  # predict.py's drift check: at most this many new images and as many test images, drawn at random (seeded)
 
 # ---- embedding quality, leaks between splits, few-shot transfer, suspicious labels ----------
 QUALITY_SAMPLES = 5000  # embedding_quality.py: at most this many random images per subset (silhouette and pair distances grow with its square)

@@ -18,7 +18,10 @@ Writes: outputs/predictions/predictions.csv (one row per readable image: path re
         predicted class and of the images flagged unknown), outputs/predictions/ecotaxa_import.tsv
         (the predictions as an EcoTaxa import: object_id, img_file_name relative to PREDICT_DIR,
         category, status "predicted", score, open-set score, unknown flag; with ECOTAXA_IMPORT_ZIP=True
-        also ecotaxa_import.zip, the TSV with the images), and last outputs/provenance_predict.json.
+        also ecotaxa_import.zip, the TSV with the images), outputs/predictions/drift.png (the drift
+        check, plankton/drift.py: the most atypical new images and their statistics against the
+        held-out test images; its verdict is in predictions.json and on the console), and last
+        outputs/provenance_predict.json.
         A later run replaces them. The split, the checkpoints and every other output stay as they are.
 
 Scores are softmax(logits / T), T fitted on the validation set (calibrate.fit_temperature); the
@@ -36,6 +39,7 @@ import dataloader
 from plankton import (
     calibrate,
     checkpoints,
+    drift,
     ecotaxa,
     embedding_files,
     fileio,
@@ -225,7 +229,10 @@ def run(cfg) -> None:
     outputs = [paths.out / name for name in registry.stage("predict").outputs]
     for_ecotaxa, left_out = ecotaxa.import_table(table, root)
     fileio.save_csv(table, outputs[0], index=False)
-    fileio.save_json(summary(cfg, trained, root, table, bad, fitted, len(relpaths) + len(bad)), outputs[1])
+    drifted = drift.check_campaign(cfg, trained, cache, runtime, root, relpaths, embeddings, open_scores, fitted,
+                                   paths.predictions_dir / drift.FIGURE)
+    fileio.save_json(dict(summary(cfg, trained, root, table, bad, fitted, len(relpaths) + len(bad)), drift=drifted),
+                     outputs[1])
     fileio.save_csv(bad_files_table(bad), outputs[2], index=False)
     plot_predictions(root, sample_rows(table, names, cfg.PREDICT_SAMPLES, cfg.SEED), cfg.PREDICT_SAMPLES, fitted,
                      cfg.PREDICT_SCORE, outputs[3])

@@ -434,7 +434,19 @@ UMAP_HELP = ("The plane of umap_embeddings.png. Hover over a point for its image
              "classes are circles (training points lighter), unseen classes triangles.")
 
 
-INTERACTIVE = {"dimensionality_reduction": interactive_umap}  # extra content at the top of a stage's section
+def drift_verdict(paths: locations.Paths) -> str:
+    """predict.py's drift verdict (predictions.json's "drift"), highlighted when it warns."""
+    found = inside_output_folder(paths, [paths.predictions_dir / "predictions.json"])
+    try:
+        verdict = json.loads(found[0].read_text(encoding="utf-8"))["drift"]
+        text, warns = str(verdict["verdict"]), bool(verdict["drift"])
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return note("No drift verdict in predictions.json (made before the drift check, or unreadable).")
+    return f'<p class="{"warn" if warns else "explain"}"><b>Drift check:</b> {esc(text)}</p>'
+
+
+# extra content at the top of a stage's section
+INTERACTIVE = {"dimensionality_reduction": interactive_umap, "predict": drift_verdict}
 
 
 # ---- the page ------------------------------------------------------------------------------------

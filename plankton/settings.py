@@ -43,7 +43,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import backbone
-from plankton import ecotaxa, fileio, heads, openset, orientations, tasks, training
+from plankton import drift, ecotaxa, fileio, heads, openset, orientations, tasks, training
 from plankton.errors import PipelineError
 from plankton.system import REPO_DIR
 
@@ -149,6 +149,8 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "PREDICT_EMBEDDINGS": Rule("bool"),
     "ROUTE_PRECISION": Rule("float", "(0, 1]"),
     "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
+    "DRIFT_ALPHA": Rule("float", "(0, 1)", none_ok=True),
+    "DRIFT_SAMPLES": Rule("int", f"[{drift.MIN_IMAGES}, inf)"),
     # embedding quality, leaks between splits, few-shot transfer, suspicious labels
     "QUALITY_SAMPLES": Rule("int", "[3, inf)"),
     "QUALITY_TRUST_NEIGHBORS": Rule("int", "[1, inf)"),
