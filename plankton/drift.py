@@ -34,7 +34,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import dataloader
-from plankton import images, openset, plots, training
+from plankton import images, openset, orientations, plots, training
 
 MIN_IMAGES = 10  # fewer new (or reference) images than this: nothing is tested
 FIGURE = "drift.png"  # in the predictions folder
@@ -218,8 +218,9 @@ def reference_side(cfg, trained, cache, runtime, fitted: dict) -> Side:
     scores against predict's reference and threshold, image statistics."""
     relpaths, _ = trained.split.subset("test")
     picked = sample(len(relpaths), cfg.DRIFT_SAMPLES, cfg.SEED)
-    source = dataloader.select_rows(trained.source("test", cache), picked)
-    logits, embeddings = training.head_outputs(trained.model, source, runtime)
+    logits, embeddings = orientations.averaged(  # as the new images' outputs: over TTA's orientations
+        lambda o: training.head_outputs(trained.model, dataloader.select_rows(trained.source("test", cache, o), picked),
+                                        runtime), trained.orientations)
     scores = openset.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
     chosen = [relpaths[i] for i in picked]
     statistics = image_statistics(trained.split.root, chosen, trained.preprocess.image_size,
