@@ -106,6 +106,8 @@ PREDICT_KEEP = 0.95  # share of the validation images (seen classes) kept as kno
 PREDICT_EMBEDDINGS = False  # also write each new image's embedding (e0 ... e127) into predictions.csv
 ROUTE_PRECISION = 0.9  # calibration.py, predict.py: per-class thresholds chosen on the validation images so that the "confident" predictions of each class reach this precision; the rest are "to review"
 PREDICT_SAMPLES = 8  # predict.py's figure: at most this many images per predicted class and of those flagged unknown
+PREDICT_BUNDLE = None  # predict.py: a model_bundle.pt (export_model.py) to predict with alone: no DATA_DIR, split or checkpoints needed; None = this run's best.pth and split. See docs/bundle.md
+EXPORT_ONNX = False  # export_model.py: also write model_bundle/model.onnx (trunk + head -> logits and embeddings); needs pip install onnx onnxruntime
 
 # ---- embedding quality, leaks between splits, few-shot transfer, suspicious labels ----------
 QUALITY_SAMPLES = 5000  # embedding_quality.py: at most this many random images per subset (silhouette and pair distances grow with its square)

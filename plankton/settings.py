@@ -148,6 +148,8 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "PREDICT_EMBEDDINGS": Rule("bool"),
     "ROUTE_PRECISION": Rule("float", "(0, 1]"),
     "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
+    "PREDICT_BUNDLE": Rule("path", none_ok=True),
+    "EXPORT_ONNX": Rule("bool"),
     # embedding quality, leaks between splits, few-shot transfer, suspicious labels
     "QUALITY_SAMPLES": Rule("int", "[3, inf)"),
     "QUALITY_TRUST_NEIGHBORS": Rule("int", "[1, inf)"),
