@@ -58,8 +58,8 @@ unknown         open-set score {bundle.score!r} above {bundle.threshold:.4g}, th
                 {bundle.val_kept:.1%} of {bundle.val_images} validation images (PREDICT_KEEP {bundle.keep:g})
 kNN reference   {len(ref.train_embeddings)} training embeddings ({ref.metric}, k = {ref.k})
 routing         per-class score thresholds for precision {bundle.route_precision:g}: {thresholds}
-made from       best.pth SHA-256 {bundle.checkpoint_sha256}, split SHA-256 {bundle.split_sha256},
-                code version {bundle.code_version}
+made from       best.pth SHA-256 {bundle.checkpoint_sha256}
+                split.csv SHA-256 {bundle.split_sha256}, code version {bundle.code_version}
 ONNX            {onnx_note}
 
 On another machine, with this pipeline's code installed (git clone, then pip install -r requirements.txt):
