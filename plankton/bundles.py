@@ -124,7 +124,10 @@ class Bundle:
     def trained_model(self, device: torch.device, channels_last: bool = False) -> checkpoints.TrainedModel:
         """The model rebuilt on `device`, its frozen trunk checked against the recorded hash. It has no
         split: only the new images go through it."""
-        model = self.checkpoint.build_model(device, channels_last)
+        try:
+            model = self.checkpoint.build_model(device, channels_last)
+        except PipelineError as err:  # its advice is for best.pth (re-run train.py), not for a bundle
+            raise PipelineError(str(err).replace(checkpoints.REDO, REDO)) from None
         if backbone.frozen_trunk_sha256(model) != self.checkpoint.trunk_sha256:
             raise PipelineError(f"{self.path}: its trunk weights are not the ones its recorded trunk_sha256 stands "
                                 f"for; {REDO}")
@@ -190,7 +193,12 @@ def bundle_from_record(raw, path: Path) -> Bundle:
     if record_sha256({k: v for k, v in raw.items() if k != "sha256"}) != raw["sha256"]:
         raise PipelineError(f"{path}: its contents do not match its recorded SHA-256 (changed or damaged since it was "
                             f"exported); {REDO}")
-    checkpoint = checkpoints.checkpoint_from_record(raw["checkpoint"], Path(path))
+    try:
+        checkpoint = checkpoints.checkpoint_from_record(raw["checkpoint"], Path(path))
+    except PipelineError as err:  # its advice is for best.pth (re-run train.py), not for a bundle
+        raise PipelineError(str(err).replace(checkpoints.REDO, REDO)) from None
+    if checkpoint.task != "multiclass":
+        check.bad(f"its model is for TASK={checkpoint.task!r}; predict.py predicts one class per image")
     classes, dim = len(checkpoint.class_names), checkpoint.arch["embedding_dim"]
     open_set = check.keys(raw["open_set"], OPEN_SET_KEYS, "'open_set'")
     if open_set["score"] not in openset.SCORES:

@@ -191,3 +191,17 @@ def test_onnx_logits_equal_pytorchs(exported, tmp_path):
     finally:
         cfg.EXPORT_ONNX = False
         export_model.run(cfg)  # the other tests' run as it was: no model.onnx
+
+
+def test_a_bundle_whose_model_does_not_fit_says_so_without_sending_anyone_to_retrain(exported, tmp_path):
+    cfg, paths, path = exported
+
+    def drop_a_tensor(raw):
+        state = raw["checkpoint"]["model"]
+        del state[next(iter(state))]
+    bad = _rewritten(path, tmp_path / "bad.pt", drop_a_tensor, rehash=True)
+    with pytest.raises(PipelineError) as refused:
+        bundles.open_bundle(bad).trained_model(torch.device("cpu"))
+    message = str(refused.value)
+    assert str(bad) in message and "do not fit its architecture" in message
+    assert "export_model.py" in message and "train.py" not in message
