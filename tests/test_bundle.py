@@ -2,6 +2,7 @@
 run, predict.py gives the same predictions from it alone (no data folder, split or checkpoints), a
 changed, cut or foreign file is one error line, verify.py checks it, and its ONNX logits are PyTorch's."""
 import shutil
+import sys
 import types
 
 import numpy as np
@@ -171,26 +172,39 @@ def test_the_record_hash_sees_every_value_and_not_how_it_is_stored():
         assert hashing.record_sha256(changed) != hashing.record_sha256(record)
 
 
+def test_onnx_logits_and_embeddings_equal_pytorchs(exported, tmp_path):
+    cfg, paths, path = exported
+    model = bundles.open_bundle(path).checkpoint.build_model(torch.device("cpu"))
+    bundles.export_onnx(model, cfg.IMAGE_SIZE, tmp_path / "model.onnx")
+    images = torch.randn(5, 3, cfg.IMAGE_SIZE, cfg.IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, embeddings = model(images)
+    onnx_logits, onnx_embeddings = bundles.onnx_outputs(tmp_path / "model.onnx", images.numpy())
+    assert onnx_logits.shape == (5, 3) and onnx_embeddings.shape == (5, 16)  # 5 images: the batch size is free
+    assert np.abs(onnx_logits - logits.numpy()).max() <= 1e-4
+    assert np.abs(onnx_embeddings - embeddings.numpy()).max() <= 1e-4
+
+
+def test_onnx_without_its_packages_is_one_line(exported, tmp_path, monkeypatch):
+    cfg, paths, path = exported
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    with pytest.raises(PipelineError, match="pip install onnx onnxruntime"):
+        bundles.export_onnx(torch.nn.Linear(2, 2), cfg.IMAGE_SIZE, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
 @pytest.mark.slow
-def test_onnx_logits_equal_pytorchs(exported, tmp_path):
+def test_export_model_with_onnx_writes_and_records_it(exported):
     cfg, paths, path = exported
     cfg = types.SimpleNamespace(**{**vars(cfg), "EXPORT_ONNX": True})
     try:
         export_model.run(cfg)
-        onnx_path = paths.bundle_dir / "model.onnx"
-        model = bundles.open_bundle(path).checkpoint.build_model(torch.device("cpu"))
-        images = torch.randn(5, 3, cfg.IMAGE_SIZE, cfg.IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            logits, embeddings = model(images)
-        onnx_logits, onnx_embeddings = bundles.onnx_outputs(onnx_path, images.numpy())
-        assert onnx_logits.shape == (5, 3) and onnx_embeddings.shape == (5, 16)
-        assert np.abs(onnx_logits - logits.numpy()).max() <= 1e-4
-        assert np.abs(onnx_embeddings - embeddings.numpy()).max() <= 1e-4
         assert "largest logit difference from PyTorch" in (paths.bundle_dir / "README.txt").read_text()
         assert "model_bundle/model.onnx" in provenance.read_record(paths, "export_model").outputs
     finally:
         cfg.EXPORT_ONNX = False
         export_model.run(cfg)  # the other tests' run as it was: no model.onnx
+    assert not (paths.bundle_dir / "model.onnx").exists()
 
 
 def test_a_bundle_whose_model_does_not_fit_says_so_without_sending_anyone_to_retrain(exported, tmp_path):
