@@ -219,3 +219,21 @@ def test_a_bundle_whose_model_does_not_fit_says_so_without_sending_anyone_to_ret
     message = str(refused.value)
     assert str(bad) in message and "do not fit its architecture" in message
     assert "export_model.py" in message and "train.py" not in message
+
+
+def test_a_re_hashed_bundle_with_a_value_it_never_holds_is_one_line(exported, tmp_path):
+    cfg, paths, path = exported
+    for change, said in ((lambda r: r["open_set"].update(score=["knn"]), "open-set score"),
+                         (lambda r: r["reference"].update(k=10 ** 6), "reference k"),
+                         (lambda r: r["reference"].update(labels=r["reference"]["labels"] + 50),
+                          "classes it does not have"),
+                         (lambda r: r["open_set"].update(threshold=float("nan")), "threshold")):
+        bad = _rewritten(path, tmp_path / "bad.pt", change, rehash=True)
+        with pytest.raises(PipelineError) as refused:
+            bundles.open_bundle(bad)
+        assert said in str(refused.value) and "\n" not in str(refused.value)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw["settings"] = {1: "a number as a key"}
+    torch.save(raw, tmp_path / "odd.pt")
+    with pytest.raises(PipelineError, match="int key"):
+        bundles.open_bundle(tmp_path / "odd.pt")
