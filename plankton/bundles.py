@@ -13,6 +13,7 @@ SHA-256 of all of that (hashing.record_sha256). Tensors and plain values only, s
 torch.load(weights_only=True): a crafted file runs no code. Also the optional ONNX export of the
 model (trunk + head -> logits, embeddings).
 """
+import contextlib
 import math
 import types
 from dataclasses import dataclass
@@ -124,10 +125,8 @@ class Bundle:
     def trained_model(self, device: torch.device, channels_last: bool = False) -> checkpoints.TrainedModel:
         """The model rebuilt on `device`, its frozen trunk checked against the recorded hash. It has no
         split: only the new images go through it."""
-        try:
+        with _bundle_advice():
             model = self.checkpoint.build_model(device, channels_last)
-        except PipelineError as err:  # its advice is for best.pth (re-run train.py), not for a bundle
-            raise PipelineError(str(err).replace(checkpoints.REDO, REDO)) from None
         if backbone.frozen_trunk_sha256(model) != self.checkpoint.trunk_sha256:
             raise PipelineError(f"{self.path}: its trunk weights are not the ones its recorded trunk_sha256 stands "
                                 f"for; {REDO}")
@@ -146,6 +145,16 @@ class Bundle:
         if changed:
             print(f"note: {self.path.name} was exported with {', '.join(changed)}: predicting with the bundle's values")
         return types.SimpleNamespace(**{**vars(cfg), **{k: v for k, v in exported.items() if v is not None}})
+
+
+@contextlib.contextmanager
+def _bundle_advice():
+    """checkpoints.py's errors advise re-running train.py (the remedy for best.pth); for a bundle
+    the remedy is another export."""
+    try:
+        yield
+    except PipelineError as err:
+        raise PipelineError(str(err).replace(checkpoints.REDO, REDO)) from None
 
 
 class _Checker:
@@ -199,10 +208,8 @@ def bundle_from_record(raw, path: Path) -> Bundle:
     if content_sha256 != raw["sha256"]:
         raise PipelineError(f"{path}: its contents do not match its recorded SHA-256 (changed or damaged since it was "
                             f"exported); {REDO}")
-    try:
+    with _bundle_advice():
         checkpoint = checkpoints.checkpoint_from_record(raw["checkpoint"], Path(path))
-    except PipelineError as err:  # its advice is for best.pth (re-run train.py), not for a bundle
-        raise PipelineError(str(err).replace(checkpoints.REDO, REDO)) from None
     if checkpoint.task != "multiclass":
         check.bad(f"its model is for TASK={checkpoint.task!r}; predict.py predicts one class per image")
     classes, dim = len(checkpoint.class_names), checkpoint.arch["embedding_dim"]
@@ -255,7 +262,8 @@ def open_bundle(path) -> Bundle:
     if not path.is_file():
         raise PipelineError(f"no model bundle at {path}: give the {FILE_NAME} that export_model.py writes "
                             f"(OUTPUT_DIR/model_bundle/{FILE_NAME})")
-    raw = checkpoints.load_checkpoint_file(path, step_hint="run export_model.py first")
+    with _bundle_advice():
+        raw = checkpoints.load_checkpoint_file(path)
     return bundle_from_record(raw, path)
 
 
