@@ -109,6 +109,8 @@ ROUTE_PRECISION = 0.9  # calibration.py, predict.py: per-class thresholds chosen
 PREDICT_SAMPLES = 8  # predict.py's figure: at most this many images per predicted class and of those flagged unknown
 DRIFT_ALPHA = 0.01  # predict.py's drift check of the new images against the held-out test images: its p-value level (Bonferroni over its tests); None = no check
 DRIFT_SAMPLES = 2000  # predict.py's drift check: at most this many new images and as many test images, drawn at random (seeded)
+PREDICT_BUNDLE = None  # predict.py: a model_bundle.pt (export_model.py) to predict with alone: no DATA_DIR, split or checkpoints needed; None = this run's best.pth and split. See docs/bundle.md
+EXPORT_ONNX = False  # export_model.py: also write model_bundle/model.onnx (trunk + head -> logits and embeddings); needs pip install onnx onnxruntime
 
 # ---- embedding quality, leaks between splits, few-shot transfer, suspicious labels ----------
 QUALITY_SAMPLES = 5000  # embedding_quality.py: at most this many random images per subset (silhouette and pair distances grow with its square)

@@ -7,7 +7,8 @@ Reads:  PREDICT_DIR (images at any depth; hidden files and folders ignored, link
         followed), checkpoints/best.pth, outputs/split.csv, the train and val images (through the
         trunk cache: the training embeddings are the kNN/Mahalanobis reference, the validation
         images set the unknown threshold and the temperature). New images go through the trunk cache
-        too, each keyed by its content's SHA-256.
+        too, each keyed by its content's SHA-256. With PREDICT_BUNDLE (export_model.py's
+        model_bundle.pt) it reads that file in place of best.pth, the split and the images: see docs/bundle.md.
 Writes: outputs/predictions/predictions.csv (one row per readable image: path relative to
         PREDICT_DIR, sha256, predicted_class, top1..top3 class and score, open_set_score, unknown, route
         ("confident" or "to review": the per-class thresholds of ROUTE_PRECISION, plankton/routing.py;
@@ -37,6 +38,7 @@ import pandas as pd
 
 import dataloader
 from plankton import (
+    bundles,
     calibrate,
     checkpoints,
     drift,
@@ -176,19 +178,19 @@ def plot_predictions(root: Path, picked: dict[str, pd.DataFrame], per_row: int, 
 
 # ---- the script ----------------------------------------------------------------------------------
 
-def reference_and_threshold(cfg, trained, cache, runtime) -> dict:
-    """From the split's train and val images: the open-set reference, the unknown threshold on the
-    validation scores, and the temperature fitted on the validation logits."""
-    reference = openset.reference_from_model(trained, cache, runtime, cfg)
-    val_logits, val_embeddings, val_labels = openset.subset_outputs(trained, cache, runtime, "val")
-    val_scores = openset.SCORES[cfg.PREDICT_SCORE](val_logits, val_embeddings, reference)
-    threshold = openset.keep_threshold(val_scores, cfg.PREDICT_KEEP)
-    temperature, not_fitted = calibrate.validation_temperature(val_logits, val_labels)
-    class_thresholds = routing.class_thresholds(calibrate.probabilities(val_logits, temperature), val_labels,
-                                                trained.class_names, cfg.ROUTE_PRECISION)
-    return dict(reference=reference, threshold=threshold, val_images=len(val_labels), class_thresholds=class_thresholds,
-                val_kept=float((val_scores <= threshold).mean()), temperature=temperature,
-                temperature_note=not_fitted or f"fitted on {len(val_labels)} validation images")
+def model_and_fitted(cfg, paths, runtime):
+    """(settings, model, its trunk cache, what new images are compared with, the files read): from
+    PREDICT_BUNDLE alone when it is set (its own settings for the score, threshold and routing; no
+    DATA_DIR, split or checkpoints), else from best.pth and the split's train and val images
+    (bundles.fit_from_run: the open-set reference, the unknown threshold, temperature, per-class thresholds)."""
+    if cfg.PREDICT_BUNDLE is not None:
+        bundle = bundles.open_bundle(cfg.PREDICT_BUNDLE)
+        trained = bundle.trained_model(runtime.device, runtime.channels_last)
+        cfg = bundle.predict_settings(cfg)
+        return cfg, trained, trained.trunk_cache(cfg, paths, runtime), bundle.fitted(), [bundle.path]
+    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    cache = trained.trunk_cache(cfg, paths, runtime)
+    return cfg, trained, cache, bundles.fit_from_run(cfg, trained, cache, runtime), [paths.best, paths.split]
 
 
 def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
@@ -200,7 +202,8 @@ def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
                 temperature=fitted["temperature"], temperature_note=fitted["temperature_note"],
                 scores="softmax(logits / temperature)",
                 predicted_per_class=table[~table.unknown].predicted_class.value_counts().to_dict(),
-                checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256,
+                checkpoint_sha256=trained.sha256, split_sha256=trained.checkpoint.split_sha256,
+                model_bundle=None if cfg.PREDICT_BUNDLE is None else str(cfg.PREDICT_BUNDLE),
                 weights_source=trained.checkpoint.weights_source, embeddings_included=cfg.PREDICT_EMBEDDINGS,
                 route_precision=cfg.ROUTE_PRECISION, routed_confident=int((table.route == routing.CONFIDENT).sum()),
                 class_thresholds=dict(zip(fitted["class_thresholds"].class_name,
@@ -212,12 +215,10 @@ def run(cfg) -> None:
     paths = locations.prepare_output_dirs(cfg)
     root, relpaths, hashes, bad = find_new_images(cfg.PREDICT_DIR, paths)
     runtime = dataloader.runtime_from_settings(cfg)
-    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
-    inputs = provenance.start_stage(paths, "predict", [paths.best, paths.split])
+    cfg, trained, cache, fitted, read = model_and_fitted(cfg, paths, runtime)
+    inputs = provenance.start_stage(paths, "predict", read)
     names = trained.class_names
-    print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {paths.best}")
-    cache = trained.trunk_cache(cfg, paths, runtime)
-    fitted = reference_and_threshold(cfg, trained, cache, runtime)
+    print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {read[0]}")
     logits, embeddings = new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
     open_scores = openset.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
     table = prediction_table(relpaths, hashes, calibrate.probabilities(logits, fitted["temperature"]), names,

@@ -6,14 +6,24 @@ holds (each embeddings file comes from this best.pth, best.pth from this split.c
     python verify.py --OUTPUT_DIR=runs/a/outputs --CHECKPOINT_DIR=runs/a/checkpoints
 
 Reads:  outputs/provenance_<stage>.json and every file they name, checkpoints/best.pth,
-        outputs/split.csv, outputs/embeddings_*.pkl.
+        outputs/split.csv, outputs/embeddings_*.pkl, outputs/model_bundle/model_bundle.pt.
 Writes: nothing. Prints the package versions each stage ran with beside those installed now, then
         one line per mismatch (`mismatch: ...`) and exits 1 if there is any.
 """
 import sys
 from pathlib import Path
 
-from plankton import checkpoints, embedding_files, hashing, locations, provenance, registry, runner, safepickle
+from plankton import (
+    bundles,
+    checkpoints,
+    embedding_files,
+    hashing,
+    locations,
+    provenance,
+    registry,
+    runner,
+    safepickle,
+)
 from plankton.errors import PipelineError
 
 
@@ -33,7 +43,8 @@ def stage_mismatches(paths: locations.Paths, stage: str, record: provenance.Reco
 
 
 def chain_mismatches(paths: locations.Paths) -> list[str]:
-    """best.pth made from this split.csv; each embeddings file from this best.pth and split.csv."""
+    """best.pth made from this split.csv; each embeddings file and the model bundle from this best.pth
+    and split.csv."""
     if not paths.best.is_file():
         return [f"{paths.best}: missing"]
     problems = []
@@ -54,6 +65,24 @@ def chain_mismatches(paths: locations.Paths) -> list[str]:
             problems.append(f"{path}: made from another checkpoint than {paths.best}")
         if source.split_sha256 != split_sha:
             problems.append(f"{path}: made from another split.csv than {paths.split}")
+    return problems + bundle_mismatches(paths, best_sha, split_sha)
+
+
+def bundle_mismatches(paths: locations.Paths, best_sha: str, split_sha: str | None) -> list[str]:
+    """The model bundle, if there is one: it opens (its content SHA-256 holds) and was exported from
+    this best.pth and split.csv."""
+    path = paths.bundle_dir / bundles.FILE_NAME
+    if not path.is_file():
+        return []
+    try:
+        bundle = bundles.open_bundle(path)
+    except PipelineError as err:
+        return [f"{path}: unreadable ({err})"]
+    problems = []
+    if bundle.checkpoint_sha256 != best_sha:
+        problems.append(f"{path}: exported from another checkpoint than {paths.best}")
+    if bundle.split_sha256 != split_sha:
+        problems.append(f"{path}: exported from another split.csv than {paths.split}")
     return problems
 
 
@@ -91,7 +120,8 @@ def run(cfg) -> None:
     if problems:
         raise PipelineError(f"{len(problems)} mismatch(es) in the run in {paths.out}")
     checked = sum(len(r.inputs) + len(r.outputs) for r in records.values())
-    print(f"verified: {len(records)} stages, {checked} recorded files, the chain split -> best.pth -> embeddings")
+    print(f"verified: {len(records)} stages, {checked} recorded files, the chain split -> best.pth -> embeddings and "
+          f"model bundle")
 
 
 def main(argv=None):

@@ -291,7 +291,7 @@ class TrainedModel:
     """The trained model with the checkpoint it came from and the split it was trained on."""
     checkpoint: Checkpoint
     sha256: str  # of the checkpoint file
-    split: Split
+    split: Split | None  # None: rebuilt from a model bundle (bundles.py), which brings no split
     model: torch.nn.Module
     preprocess: Preprocess
     orientations: tuple[int, ...] = (0,)  # averaged over by outputs() (TTA, plankton/orientations.py)

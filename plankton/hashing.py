@@ -1,6 +1,7 @@
-"""SHA-256 fingerprints: of a file (cached per process by inode, size and times) and of a state dict's
-tensors (independent of how it was stored)."""
+"""SHA-256 fingerprints: of a file (cached per process by inode, size and times), of a state dict's
+tensors (independent of how it was stored) and of a record of tensors and plain values (a model bundle)."""
 import hashlib
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,35 @@ def tensors_sha256(state_dict: dict) -> str:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def record_sha256(record) -> str:
+    """A hash of nested dicts and lists of tensors and plain JSON values (str, int, float, bool, None;
+    inf and NaN too), independent of how they were stored: dict keys in sorted order, each tensor by
+    its dtype, shape and values. Anything else is a TypeError (a programming error)."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(b"T" + json.dumps([str(value.dtype), list(value.shape)]).encode())
+            digest.update(tensors_sha256({"": value}).encode())
+        elif isinstance(value, dict):
+            digest.update(b"D%d" % len(value))
+            for key in sorted(value):
+                if not isinstance(key, str):
+                    raise TypeError(f"record_sha256: a {type(key).__name__} key")
+                digest.update(json.dumps(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"L%d" % len(value))
+            for item in value:
+                feed(item)
+        elif value is None or isinstance(value, (str, int, float, bool)):
+            digest.update(b"V" + json.dumps(value).encode())
+        else:
+            raise TypeError(f"record_sha256: a {type(value).__name__} value")
+    feed(record)
     return digest.hexdigest()
 
 

@@ -31,6 +31,7 @@ class Paths:
     classwise_ap_plot = property(lambda self: self.out / "training_classwise_ap.png")
     seeds = property(lambda self: self.out / "seeds")  # seeds.py: seed_<n>/ folders
     predictions_dir = property(lambda self: self.out / "predictions")  # predict.py: new images' predictions
+    bundle_dir = property(lambda self: self.out / "model_bundle")  # export_model.py: the model another lab runs
     umap_coordinates = property(lambda self: self.out / "umap_coordinates.csv")  # dimensionality_reduction.py
     leaks_summary = property(lambda self: self.out / "leaks_summary.json")  # leaks.py: counts beside evaluate's
 

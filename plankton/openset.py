@@ -24,6 +24,7 @@ class Reference:
     precision: np.ndarray  # inverse of the shared covariance (LedoitWolf)
     k: int
     metric: str
+    labels: np.ndarray | None = None  # the class index of each row of train_embeddings (a model bundle keeps them)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -40,10 +41,12 @@ def fit_reference(train_embeddings: np.ndarray, train_labels: np.ndarray, k: int
     classes = int(train_labels.max()) + 1
     means = np.stack([x[train_labels == c].mean(0) for c in range(classes)])
     precision = LedoitWolf(assume_centered=True).fit(x - means[train_labels]).precision_
+    kept = np.arange(len(x))
     if samples is not None and len(x) > samples:
-        x = x[np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))]
+        kept = np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))
+    x = x[kept]
     stored = unit_rows(x) if metric == "cosine" else x
-    return Reference(stored, means, precision, min(int(k), len(x)), metric)
+    return Reference(stored, means, precision, min(int(k), len(x)), metric, np.asarray(train_labels)[kept])
 
 
 def kth_neighbour_distance(queries: np.ndarray, reference: Reference) -> np.ndarray:

@@ -151,6 +151,8 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "PREDICT_SAMPLES": Rule("int", "[1, 32]"),
     "DRIFT_ALPHA": Rule("float", "(0, 1)", none_ok=True),
     "DRIFT_SAMPLES": Rule("int", f"[{drift.MIN_IMAGES}, inf)"),
+    "PREDICT_BUNDLE": Rule("path", none_ok=True),
+    "EXPORT_ONNX": Rule("bool"),
     # embedding quality, leaks between splits, few-shot transfer, suspicious labels
     "QUALITY_SAMPLES": Rule("int", "[3, inf)"),
     "QUALITY_TRUST_NEIGHBORS": Rule("int", "[1, inf)"),
