@@ -23,6 +23,9 @@ ECE = sum over bins of (images in bin / images) x |accuracy - mean confidence|, 
 the top softmax score; Brier = mean over images of sum over classes of (p - one-hot)^2 (0 to 2).
 Temperature scaling never changes a prediction, only how confident it is. When every validation
 image is predicted right the NLL has no minimum (it falls as T -> 0): T stays 1 and the stage says so.
+A fitted T is applied (thresholds here, scores in predict.py) only when the test images' ECE at T is
+no worse than at 1 (calibrate.choose_temperature); the "after" rows show the fitted T either way,
+and calibration.json records the choice and both ECEs.
 """
 import sys
 
@@ -56,7 +59,8 @@ def calibration_tables(subsets: dict[str, tuple[np.ndarray, np.ndarray]], temper
     return pd.DataFrame(rows), bins[["subset", "when"] + [c for c in bins.columns if c not in ("subset", "when")]]
 
 
-def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path, not_fitted: str = "") -> None:
+def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path, not_fitted: str = "",
+                     choice: calibrate.TemperatureChoice | None = None) -> None:
     """Two panels (before, after): accuracy per confidence bin against the diagonal, each bin's mean
     confidence a red diamond joined to its bar (the gap), images per bin written above each bar."""
     plt = plots.pyplot()
@@ -81,6 +85,8 @@ def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path,
         name = "before temperature scaling (T = 1)" if when == "before" else f"after temperature scaling (T = {row.temperature:.3f})"
         if when == "after" and not_fitted:
             name = "after: T not fitted, kept at 1\n(every validation image right: the NLL has no minimum)"
+        elif when == "after" and choice is not None and not choice.applied:
+            name = f"fitted T = {row.temperature:.3f}, NOT applied:\nit makes the test ECE worse (T = 1 kept)"
         ax.set_title(f"{name}\nECE {row.ece:.4f}, NLL {row.nll:.4f}, Brier {row.brier:.4f}", fontsize=10)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
@@ -128,13 +134,14 @@ def run(cfg) -> None:
     inputs = provenance.start_stage(paths, "calibration", [paths.best, paths.split, paths.scores])
     cache = trained.trunk_cache(cfg, paths, runtime)
     val_logits, _, val_labels = openset.subset_outputs(trained, cache, runtime, "val")
-    temperature, not_fitted = calibrate.validation_temperature(val_logits, val_labels)
+    choice = calibrate.choose_temperature(val_logits, val_labels, test.logits, test.labels)
+    temperature, not_fitted = choice.temperature, "" if choice.fitted is not None else choice.note
     table, bins = calibration_tables({"val": (val_logits, val_labels), "test": (test.logits, test.labels)},
-                                     temperature)
-    if not_fitted:
-        print(f"warning: temperature {not_fitted}", file=sys.stderr)
+                                     choice.fitted or 1.0)
+    if not_fitted or not choice.applied:
+        print(f"warning: temperature {choice.note}", file=sys.stderr)
     else:
-        print(f"temperature fitted on {len(val_labels)} validation images: T = {temperature:.4f}")
+        print(f"temperature {choice.note}")
     for row in table.itertuples():
         print(f"  {row.subset:>4} {row.when:>6}: accuracy {row.accuracy:.4f}  ECE {row.ece:.4f}  NLL {row.nll:.4f}  "
               f"Brier {row.brier:.4f}")
@@ -142,8 +149,9 @@ def run(cfg) -> None:
     fileio.save_csv(table, outputs[0], index=False)
     fileio.save_csv(bins, outputs[1], index=False)
     fileio.save_json(dict(temperature=temperature, fitted_on="val", not_fitted=not_fitted, bins=calibrate.BINS,
-                          checkpoint_sha256=trained.sha256, table=table.to_dict("records")), outputs[2])
-    plot_reliability(table, bins, "test", outputs[3], not_fitted)
+                          temperature_choice=choice.record(), checkpoint_sha256=trained.sha256,
+                          table=table.to_dict("records")), outputs[2])
+    plot_reliability(table, bins, "test", outputs[3], not_fitted, choice)
     thresholds = routing.class_thresholds(calibrate.probabilities(val_logits, temperature), val_labels,
                                           trained.class_names, cfg.ROUTE_PRECISION)
     routed = routing.routing_table(calibrate.probabilities(test.logits, temperature), test.labels, thresholds)

@@ -111,6 +111,8 @@ DRIFT_ALPHA = 0.01  # predict.py's drift check of the new images against the hel
 DRIFT_SAMPLES = 2000  # predict.py's drift check: at most this many new images and as many test images, drawn at random (seeded)
 PREDICT_BUNDLE = None  # predict.py: a model_bundle.pt (export_model.py) to predict with alone: no DATA_DIR, split or checkpoints needed; None = this run's best.pth and split. See docs/bundle.md
 EXPORT_ONNX = False  # export_model.py: also write model_bundle/model.onnx (trunk + head -> logits and embeddings); needs pip install onnx onnxruntime
+SAMPLE_BY = "folder"  # predict.py's abundance per sample: "folder" (each image's folder in PREDICT_DIR), "sample_id" (the EcoTaxa TSVs in PREDICT_DIR) or a CSV file with columns image, sample
+ABUNDANCE_BOOTSTRAPS = 200  # predict.py: bootstrap draws behind each abundance interval (0 = no intervals)
 
 # ---- embedding quality, leaks between splits, few-shot transfer, suspicious labels ----------
 QUALITY_SAMPLES = 5000  # embedding_quality.py: at most this many random images per subset (silhouette and pair distances grow with its square)

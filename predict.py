@@ -23,12 +23,16 @@ Writes: outputs/predictions/predictions.csv (one row per readable image: path re
         check, plankton/drift.py: the most atypical new images and their statistics against the
         held-out test images; its verdict is in predictions.json and on the console), and last
         outputs/provenance_predict.json.
+        Per sample (SAMPLE_BY), the abundance of each seen class by four estimators with bootstrap
+        intervals, the images flagged unknown left out: outputs/predictions/abundance.csv,
+        abundance_ecotaxa.tsv and abundance.png (plankton/abundance.py, docs/abundance.md).
         A later run replaces them. The split, the checkpoints and every other output stay as they are.
 
-Scores are softmax(logits / T), T fitted on the validation set (calibrate.fit_temperature); the
-prediction is the same as without T. The open-set score is openset.SCORES[PREDICT_SCORE] (higher =
-more likely unknown); an image is flagged unknown when it scores above the threshold that keeps
-PREDICT_KEEP of the validation images (seen classes) as known.
+Scores are softmax(logits / T), T fitted on the validation set and applied only when it does not
+make the test images' ECE worse (calibrate.choose_temperature); the prediction is the same as
+without T. The open-set score is openset.SCORES[PREDICT_SCORE] (higher = more likely unknown); an
+image is flagged unknown when it scores above the threshold that keeps PREDICT_KEEP of the
+validation images (seen classes) as known.
 """
 import sys
 from pathlib import Path
@@ -38,6 +42,7 @@ import pandas as pd
 
 import dataloader
 from plankton import (
+    abundance,
     bundles,
     calibrate,
     checkpoints,
@@ -200,6 +205,7 @@ def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
                 keep=cfg.PREDICT_KEEP, val_images=fitted["val_images"], val_kept=fitted["val_kept"],
                 knn_k=fitted["reference"].k, knn_metric=cfg.OPEN_SET_KNN_METRIC,
                 temperature=fitted["temperature"], temperature_note=fitted["temperature_note"],
+                temperature_choice=fitted.get("temperature_choice"), warnings=fitted["warnings"],
                 scores="softmax(logits / temperature)",
                 predicted_per_class=table[~table.unknown].predicted_class.value_counts().to_dict(),
                 checkpoint_sha256=trained.sha256, split_sha256=trained.checkpoint.split_sha256,
@@ -219,6 +225,9 @@ def run(cfg) -> None:
     inputs = provenance.start_stage(paths, "predict", read)
     names = trained.class_names
     print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {read[0]}")
+    warning = openset.small_data_warning(fitted["val_images"], openset.recorded_auroc(paths, cfg.PREDICT_SCORE),
+                                         cfg.PREDICT_SCORE)
+    fitted["warnings"] = [warning] if warning else []
     logits, embeddings = new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
     open_scores = openset.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
     table = prediction_table(relpaths, hashes, calibrate.probabilities(logits, fitted["temperature"]), names,
@@ -227,6 +236,8 @@ def run(cfg) -> None:
     routes = routing.route(calibrate.probabilities(logits, fitted["temperature"]), fitted["class_thresholds"])
     table.insert(table.columns.get_loc("unknown") + 1, "route", np.where(table.unknown, routing.REVIEW, routes))
     fileio.own_folder(paths.predictions_dir)  # never a link: the predictions would land where it points
+    abundance.save_abundance(cfg, root, table, calibrate.probabilities(logits, fitted["temperature"]), names,
+                             fitted.get("held_out"), fitted["temperature"], paths.predictions_dir)
     outputs = [paths.out / name for name in registry.stage("predict").outputs]
     for_ecotaxa, left_out = ecotaxa.import_table(table, root)
     fileio.save_csv(table, outputs[0], index=False)
@@ -249,10 +260,12 @@ def run(cfg) -> None:
               file=sys.stderr)
     if bad:
         print(f"warning: {len(bad)} unreadable file(s) left out; see {outputs[2]}", file=sys.stderr)
+    for warning in fitted["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{int(table.unknown.sum())} of {len(table)} images flagged unknown ({cfg.PREDICT_SCORE} score > "
           f"{fitted['threshold']:.4g}, the threshold keeping {fitted['val_kept']:.1%} of {fitted['val_images']} "
           f"validation images); scores at temperature {fitted['temperature']:.3g} ({fitted['temperature_note']})")
-    written = outputs[:2] + outputs[3:5] + (outputs[5:] if cfg.ECOTAXA_IMPORT_ZIP else [])
+    written = outputs[:2] + outputs[3:5] + (outputs[5:6] if cfg.ECOTAXA_IMPORT_ZIP else []) + outputs[6:]
     print("-> " + ", ".join(map(str, written)))
 
 

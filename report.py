@@ -434,6 +434,18 @@ UMAP_HELP = ("The plane of umap_embeddings.png. Hover over a point for its image
              "classes are circles (training points lighter), unseen classes triangles.")
 
 
+def predict_warnings(paths: locations.Paths) -> str:
+    """predict.py's warnings (an unknown flag resting on too few validation images or a weak open-set
+    score), from predictions.json, each as a warning line."""
+    found = inside_output_folder(paths, [paths.predictions_dir / "predictions.json"])
+    try:
+        lines = json.loads(found[0].read_text(encoding="utf-8")).get("warnings", [])
+    except (IndexError, OSError, ValueError, AttributeError):
+        return ""
+    return "".join(f'<p class="warn">{esc(line)}</p>' for line in lines if isinstance(line, str)) \
+        if isinstance(lines, list) else ""
+
+
 def drift_verdict(paths: locations.Paths) -> str:
     """predict.py's drift verdict (predictions.json's "drift"), highlighted when it warns."""
     found = inside_output_folder(paths, [paths.predictions_dir / "predictions.json"])
@@ -446,7 +458,8 @@ def drift_verdict(paths: locations.Paths) -> str:
 
 
 # extra content at the top of a stage's section
-INTERACTIVE = {"dimensionality_reduction": interactive_umap, "predict": drift_verdict}
+INTERACTIVE = {"dimensionality_reduction": interactive_umap,
+               "predict": lambda paths: drift_verdict(paths) + predict_warnings(paths)}
 
 
 # ---- the page ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 import backbone
-from plankton import calibrate, checkpoints, fileio, openset, orientations, routing
+from plankton import abundance, calibrate, checkpoints, fileio, openset, orientations, routing
 from plankton.errors import PipelineError
 from plankton.hashing import record_sha256
 from plankton.plots import note_trunk_weights
@@ -51,14 +51,20 @@ def fit_from_run(cfg, trained: checkpoints.TrainedModel, cache, runtime) -> dict
     of ROUTE_PRECISION on the validation images. predict.py and export_model.py both use this."""
     reference = openset.reference_from_model(trained, cache, runtime, cfg)
     val_logits, val_embeddings, val_labels = openset.subset_outputs(trained, cache, runtime, "val")
+    test_logits, test_embeddings, test_labels = openset.subset_outputs(trained, cache, runtime, "test")
     val_scores = openset.SCORES[cfg.PREDICT_SCORE](val_logits, val_embeddings, reference)
     threshold = openset.keep_threshold(val_scores, cfg.PREDICT_KEEP)
-    temperature, not_fitted = calibrate.validation_temperature(val_logits, val_labels)
+    choice = calibrate.choose_temperature(val_logits, val_labels, test_logits, test_labels)
+    temperature = choice.temperature
     class_thresholds = routing.class_thresholds(calibrate.probabilities(val_logits, temperature), val_labels,
                                                 trained.class_names, cfg.ROUTE_PRECISION)
+    # predict.py's abundance corrections learn the classifier's mistakes on the val and test images kept as known
+    held_scores = np.r_[val_scores, openset.SCORES[cfg.PREDICT_SCORE](test_logits, test_embeddings, reference)]
+    held_out = abundance.held_out_images(np.r_[val_logits, test_logits], np.r_[val_labels, test_labels],
+                                         held_scores <= threshold, temperature)
     return dict(reference=reference, threshold=threshold, val_images=len(val_labels), class_thresholds=class_thresholds,
                 val_kept=float((val_scores <= threshold).mean()), temperature=temperature,
-                temperature_note=not_fitted or f"fitted on {len(val_labels)} validation images")
+                temperature_note=choice.note, temperature_choice=choice.record(), held_out=held_out)
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Calibration: reliability bins, expected calibration error, Brier score, and temperature scaling
-fitted on the validation images (calibration.py reports them, predict.py applies the temperature)."""
+fitted on the validation images (calibration.py reports them, predict.py applies the temperature).
+A fitted temperature is applied only when it does not make the test images' ECE worse
+(choose_temperature): fitted on a handful of validation images it can."""
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
@@ -68,3 +72,39 @@ def calibration_row(logits: np.ndarray, labels: np.ndarray, temperature: float) 
     return dict(temperature=temperature, images=len(labels), accuracy=float((probs.argmax(1) == labels).mean()),
                 ece=expected_calibration_error(probs, labels), nll=negative_log_likelihood(logits, labels, temperature),
                 brier=brier_score(probs, labels))
+
+
+@dataclass(frozen=True)
+class TemperatureChoice:
+    """The temperature applied, and why: fitted on the validation images, kept only if the ECE of the
+    held-out (test) images at it is no worse than at T = 1."""
+    temperature: float  # the one applied
+    fitted: float | None  # fitted on the validation images; None when not fitted
+    applied: bool  # the fitted one is the one applied
+    held_out_images: int
+    held_out_ece_at_1: float | None
+    held_out_ece_fitted: float | None
+    note: str  # one line: what was fitted, on what, and whether it was applied
+
+    def record(self) -> dict:
+        return dict(asdict(self), decided_on="test")
+
+
+def choose_temperature(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
+                       test_labels: np.ndarray) -> TemperatureChoice:
+    """T fitted on the validation images (validation_temperature), applied only if the test images'
+    ECE at T is no worse than at 1. The test split decides because a handful of validation images
+    cannot check their own fit; a two-way choice on it biases the reported test ECE very little."""
+    t, not_fitted = validation_temperature(val_logits, val_labels)
+    if not_fitted:
+        return TemperatureChoice(1.0, None, False, len(test_labels), None, None, not_fitted)
+    fitted = f"T = {t:.3g} fitted on {len(val_labels)} validation images"
+    if not len(test_labels):
+        return TemperatureChoice(t, t, True, 0, None, None, f"{fitted}; applied (no test images to check it on)")
+    at_1 = expected_calibration_error(probabilities(test_logits), test_labels)
+    at_t = expected_calibration_error(probabilities(test_logits, t), test_labels)
+    change = f"the ECE of {len(test_labels)} test images goes {at_1:.4f} -> {at_t:.4f}"
+    if at_t <= at_1:
+        return TemperatureChoice(t, t, True, len(test_labels), at_1, at_t, f"{fitted}; applied ({change})")
+    return TemperatureChoice(1.0, t, False, len(test_labels), at_1, at_t,
+                             f"{fitted} NOT applied: {change}, worse; T = 1 kept")

@@ -8,7 +8,8 @@ from scipy.special import logsumexp, softmax
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from plankton import checkpoints
+from plankton import checkpoints, fileio, provenance
+from plankton.errors import PipelineError
 
 TPR_LEVEL = 0.95  # FPR is read where this share of the seen images is kept as known
 
@@ -129,3 +130,38 @@ def reference_from_model(trained, cache, runtime, cfg) -> Reference:
               f"{len(embeddings)} (OPEN_SET_TRAIN_SAMPLES); class means and covariance use them all")
     return fit_reference(embeddings, labels, cfg.OPEN_SET_K, cfg.OPEN_SET_KNN_METRIC, cfg.OPEN_SET_TRAIN_SAMPLES,
                          cfg.SEED or 0)
+
+
+# ---- when the unknown flag rests on too little ---------------------------------------------------
+
+FEW_VALIDATION = 20  # an unknown threshold set on fewer validation images than this is flagged
+WEAK_AUROC = 0.6  # an open-set AUROC below this (0.5 = chance) is flagged
+
+
+def recorded_auroc(paths, score: str) -> float | None:
+    """The AUROC of `score` in open_set.py's open_set_scores.csv, when that file is there and its
+    provenance record vouches for it (made from the current checkpoint and split); else None."""
+    table_path = paths.out / "open_set_scores.csv"
+    try:
+        if not table_path.is_file() or provenance.stale_outputs(paths, "open_set"):
+            return None
+        table = fileio.read_csv(table_path)
+        value = float(table.set_index("score").auroc[score])
+    except (PipelineError, OSError, ValueError, KeyError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def small_data_warning(val_images: int, auroc: float | None, score: str) -> str:
+    """One line when the unknown flag rests on too little: a threshold set on fewer than
+    FEW_VALIDATION validation images, or an open-set AUROC (seen test vs unseen images) below
+    WEAK_AUROC; "" otherwise."""
+    reasons = []
+    if val_images < FEW_VALIDATION:
+        reasons.append(f"the unknown threshold rests on only {val_images} validation images (fewer than "
+                       f"{FEW_VALIDATION})")
+    if auroc is not None and auroc < WEAK_AUROC:
+        reasons.append(f"the {score} score's open-set AUROC is {auroc:.2f} (0.5 = chance, open_set_scores.csv)")
+    if not reasons:
+        return ""
+    return "the unknown flag is not to be trusted: " + " and ".join(reasons)

@@ -153,6 +153,8 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "DRIFT_SAMPLES": Rule("int", f"[{drift.MIN_IMAGES}, inf)"),
     "PREDICT_BUNDLE": Rule("path", none_ok=True),
     "EXPORT_ONNX": Rule("bool"),
+    "SAMPLE_BY": Rule("path", choices=("folder", "sample_id")),
+    "ABUNDANCE_BOOTSTRAPS": Rule("int", "[0, 100000]"),
     # embedding quality, leaks between splits, few-shot transfer, suspicious labels
     "QUALITY_SAMPLES": Rule("int", "[3, inf)"),
     "QUALITY_TRUST_NEIGHBORS": Rule("int", "[1, inf)"),

@@ -13,7 +13,7 @@ import evaluate
 import open_set
 import predict
 import train
-from plankton import calibrate, locations, openset, provenance
+from plankton import abundance, calibrate, locations, openset, provenance
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +57,16 @@ def test_predict_flags_unseen_images_and_lists_the_corrupt_one(tmp_path, tiny_cf
     record = json.loads(provenance.provenance_path(paths, "predict").read_text())
     assert set(record["outputs"]) == {"predictions/predictions.csv", "predictions/predictions.json",
                                       "predictions/bad_files.csv", "predictions/predictions.png",
-                                      "predictions/ecotaxa_import.tsv"}
+                                      "predictions/ecotaxa_import.tsv", "predictions/abundance.csv",
+                                      "predictions/abundance_ecotaxa.tsv", "predictions/abundance.png"}
     assert provenance.stale_outputs(paths, "predict") == []
+    found = pd.read_csv(out / "abundance.csv")  # two samples: the two folders
+    assert sorted(found["sample"].unique()) == ["day1", "day2_station"]
+    assert set(found.estimator) == set(abundance.ESTIMATORS) and set(found.taxon) == {"a", "b", "c"}
+    cc = found[found.estimator == "cc"].groupby("sample")
+    assert (cc["count"].sum() + cc.flagged_unknown.first()).tolist() == [12, 18]  # b, u in day1; a, c, v in day2
+    assert summary["warnings"] and "validation images" in summary["warnings"][0]  # 3 validation images
+    assert summary["temperature_choice"]["decided_on"] == "test"
 
     tiny_cfg.PREDICT_EMBEDDINGS = True  # again, with embeddings, from the trunk cache
     predict.run(tiny_cfg)
@@ -77,6 +85,8 @@ def test_predict_flags_unseen_images_and_lists_the_corrupt_one(tmp_path, tiny_cf
     val = table[table.subset == "val"].set_index("when")
     assert val.nll["after"] <= val.nll["before"] + 1e-9  # fitted there: it can only lower the NLL
     assert calibrate.BINS == 15 and provenance.stale_outputs(paths, "calibration") == []
+    choice = json.loads((paths.out / "calibration.json").read_text())["temperature_choice"]
+    assert set(choice) >= {"fitted", "applied", "held_out_ece_at_1", "held_out_ece_fitted", "decided_on"}
 
 
 def test_predict_command_line_bad_folder_is_one_error_line(tmp_path):
