@@ -173,3 +173,15 @@ def test_the_simulation_tool_ranks_the_corrections_above_counting():
     assert all(error[name] < error["cc"] for name in ("acc", "pacc", "em")), error
     table = abundance_simulation.summary_table(rows, draws=0)
     assert table.count("\n") == 5 and "| all | 6 |" in table
+
+
+def test_without_held_out_images_only_raw_counts_are_given(tmp_path):
+    """A model bundle carries no held-out images: cc alone, and the EcoTaxa table's count is cc's."""
+    probs, _ = gaussian_images(np.array([0.7, 0.1, 0.1, 0.1]), 40, np.random.default_rng(6))
+    table = abundance.abundance_table(probs, np.ones(40, bool), ["s"] * 40, list("abcd"), None, 10, 0)
+    assert set(table.estimator) == {"cc"} and table["count"].sum() == pytest.approx(40)
+    assert (table.low <= table.proportion + 1e-9).all()
+    ecotaxa = abundance.ecotaxa_table(table)
+    assert (ecotaxa.estimator == "cc").all() and ecotaxa.count_pacc.isna().all()
+    abundance.plot_abundance(table, list("abcd"), tmp_path / "a.png", 1.0)
+    assert (tmp_path / "a.png").stat().st_size > 1000
