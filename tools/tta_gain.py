@@ -4,6 +4,9 @@ prints figures and writes nothing into the run).
     python tools/tta_gain.py --config=my_settings.py            # the run those settings name
     python tools/tta_gain.py --TRUNK=efficientnet_lite0 --OUTPUT_DIR=/tmp/lite/outputs ...
 
+    python tools/tta_gain.py --write-turned=/tmp/turned       # the built-in digits, each image turned or
+                                                               # mirrored at random (no "up", as plankton)
+
 For each TTA value (plankton/orientations.py) it opens the run's best.pth and prints the seen test
 images' accuracy and macro F1, and each open-set score's AUROC (seen test vs unseen images, the
 reference from the training images), with the seconds taken: the first pass of an orientation
@@ -12,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +47,28 @@ def measure(cfg, tta: str) -> dict:
     return row
 
 
+def write_turned(folder: Path, seed: int = 0) -> None:
+    """The built-in digits (exported first if need be) in `folder`, each image in a random one of the
+    eight orientations: a data set whose images have no "up", like plankton's."""
+    from PIL import Image
+
+    from plankton import images
+    source = images.data_dir(None, str(REPO / "data" / "digits"))
+    rng = np.random.default_rng(seed)
+    for path in sorted(source.glob("*/*.png")):
+        target = folder / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        turned = orientations.orient(pixels, int(rng.integers(8))).contiguous()
+        Image.fromarray(turned.permute(1, 2, 0).numpy()).save(target)
+    print(f"-> {folder}: the built-in digits, each turned or mirrored at random")
+
+
 def main(argv=None) -> None:
-    cfg = settings.load_settings(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("--write-turned="):
+        return write_turned(Path(argv[0].split("=", 1)[1]))
+    cfg = settings.load_settings(argv)
     rows = [measure(cfg, tta) for tta in orientations.TTA]
     columns = list(rows[0])
     print("  ".join(f"{c:>14}" for c in columns))
