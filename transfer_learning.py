@@ -41,7 +41,7 @@ from plankton.errors import PipelineError
 
 def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path) -> None:
     plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(7.8, 5.0))
+    fig, ax = plt.subplots(figsize=(10.2, 5.0))
     n_classes = round(1 / chance)
     for method in methods:
         probe = probes.PROBES[method]
@@ -60,14 +60,15 @@ def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: never on the chance line
+    fig.tight_layout()
     plots.save_figure(fig, path)
 
 
 def plot_fewshot(summary: pd.DataFrame, chance: float, title: str, path) -> None:
     """Every probe's mean balanced accuracy against k images per class, its 95% interval as a band."""
     plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(8.4, 5.2))
+    fig, ax = plt.subplots(figsize=(10.8, 5.2))
     for method, probe in probes.PROBES.items():
         part = summary[summary.method == method].sort_values("shots")
         line, = ax.plot(part.shots, part["mean"], f"{probe.marker}-", color=probe.colour, label=probe.label)
@@ -82,7 +83,9 @@ def plot_fewshot(summary: pd.DataFrame, chance: float, title: str, path) -> None
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8, title="probe (band: 95% t-interval)", title_fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="probe (band: 95% t-interval)",
+              title_fontsize=8)  # beside the axes: never on the chance line or a curve
+    fig.tight_layout()
     plots.save_figure(fig, path)
 
 
