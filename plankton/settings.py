@@ -43,7 +43,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import backbone
-from plankton import ecotaxa, fileio, heads, openset, tasks, training
+from plankton import ecotaxa, fileio, heads, openset, projection, tasks, training
 from plankton.errors import PipelineError
 from plankton.system import REPO_DIR
 
@@ -106,6 +106,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "COMPILE_AHEAD": Rule("bool"),
     "EXPORT_CSV": Rule("bool"),
     # analysis
+    "DIMRED": Rule("str", choices=projection.METHODS),
     "UMAP_SAMPLES": Rule("int", "[2, inf)"),
     "UMAP_NEIGHBORS": Rule("int", "[2, inf)"),
     "DISTANCE_SAMPLES": Rule("int", "[2, inf)"),
