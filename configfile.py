@@ -95,7 +95,8 @@ OVERVIEW_SAMPLES = 8  # sample images per class in outputs/sample_images.png (da
 
 # ---- feature maps ---------------------------------------------------------------------------
 FEATURE_MODULES = "auto"  # modules whose outputs feature_maps.py hooks, named as in model.named_modules(), e.g. ["trunk.0", "head.0"]; "auto" = each trunk block and the head's convolutions
-FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images
+FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images (or images of FEATURE_MAP_DIR)
+FEATURE_MAP_DIR = None  # feature_maps.py: a folder of images (searched at any depth, e.g. another data set) measured instead of the run's test and unseen images; None = the run's own images
 
 # ---- open-set detection, calibration, prediction --------------------------------------------
 OPEN_SET_K = 10  # open_set.py: the kNN score is the distance to the k-th nearest training embedding
