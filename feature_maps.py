@@ -450,11 +450,12 @@ def plot_finetune_comparison(table: pd.DataFrame, words: str, title: str, path) 
 
 def run(cfg) -> None:
     paths = locations.prepare_output_dirs(cfg)
+    image_sets = None if cfg.FEATURE_MAP_DIR is None else folder_images(
+        cfg.FEATURE_MAP_DIR, cfg.FEATURE_IMAGES, cfg.SEED, paths.scan_cache(Path(cfg.FEATURE_MAP_DIR)))
     runtime = dataloader.runtime_from_settings(cfg)
     trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     names = resolve_modules(trained.model, cfg.FEATURE_MODULES)
-    image_sets = (run_images(trained, cfg.FEATURE_IMAGES, cfg.SEED) if cfg.FEATURE_MAP_DIR is None else
-                  folder_images(cfg.FEATURE_MAP_DIR, cfg.FEATURE_IMAGES, cfg.SEED, paths.scan_cache(Path(cfg.FEATURE_MAP_DIR))))
+    image_sets = image_sets or run_images(trained, cfg.FEATURE_IMAGES, cfg.SEED)
     inputs = provenance.start_stage(paths, "feature_maps", [paths.best, paths.split])
     checkpoint = trained.checkpoint
     print(f"feature_maps.py  {paths.best} (trunk: {checkpoint.weights_source}), modules: {', '.join(names)}")
