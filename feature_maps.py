@@ -24,10 +24,12 @@ and the head's convolutions. A frozen trunk's blocks are the checkpoint's; a hea
 trunk, or a trunk module at head initialisation, would repeat or mean nothing and is not measured.
 
 Reads:  checkpoints/best.pth, outputs/split.csv, the seen test and unseen images themselves (not the
-        trunk cache: the hooks need the trunk's inside), or FEATURE_MAP_DIR's images.
-Writes: outputs/feature_map_stats.csv (module, condition, description, images, n_images, n_channels,
-        nonpositive_share, effective_rank, eig_1..eig_5), outputs/feature_map_spectra.csv (every
-        eigenvalue), outputs/feature_map_spectra.png, outputs/feature_map_nonpositive.png; with
+        trunk cache: the hooks need the trunk's inside), or FEATURE_MAP_DIR's images (those measured
+        are fingerprinted in the provenance record, as split.csv fingerprints the run's own).
+Writes: outputs/feature_map_stats.csv (module, condition, description: which model on which images,
+        n_images, n_channels, nonpositive_share, effective_rank, eig_1..eig_5),
+        outputs/feature_map_spectra.csv (every eigenvalue), outputs/feature_map_spectra.png,
+        outputs/feature_map_nonpositive.png; with
         FINETUNE_BLOCKS > 0, outputs/feature_map_finetune_vs_pretrained.csv (one row per trunk module:
         the fine-tuned and the pretrained trunk's statistics side by side, on the same images) and
         .png; and last outputs/provenance_feature_maps.json (see plankton/provenance.py).
@@ -456,7 +458,9 @@ def run(cfg) -> None:
     trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     names = resolve_modules(trained.model, cfg.FEATURE_MODULES)
     image_sets = image_sets or run_images(trained, cfg.FEATURE_IMAGES, cfg.SEED)
-    inputs = provenance.start_stage(paths, "feature_maps", [paths.best, paths.split])
+    # FEATURE_MAP_DIR's images are no part of split.csv: the record fingerprints the ones measured
+    folder_files = [image_sets.test_root / p for p in image_sets.test] if cfg.FEATURE_MAP_DIR is not None else []
+    inputs = provenance.start_stage(paths, "feature_maps", [paths.best, paths.split] + folder_files)
     checkpoint = trained.checkpoint
     print(f"feature_maps.py  {paths.best} (trunk: {checkpoint.weights_source}), modules: {', '.join(names)}")
     results = measure(trained, names, image_sets, runtime, cfg.WEIGHTS)

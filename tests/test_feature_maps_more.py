@@ -1,6 +1,7 @@
 """feature_maps.py with fine-tuned blocks: they are hooked, the trunk before fine-tuning is rebuilt
 and measured on the same images, and FEATURE_MAP_DIR takes the images from another folder."""
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ from conftest import make_image_folder, one_error_line, tiny_config
 import backbone
 import dataloader
 import feature_maps
-from plankton import locations
+from plankton import locations, provenance
 from plankton.errors import PipelineError
 
 RUNTIME = dataloader.Runtime(torch.device("cpu"), 8, 0, False, False)
@@ -112,7 +113,8 @@ def test_a_wrong_feature_map_dir_is_one_error_line_before_anything_is_read(tmp_p
 @pytest.mark.slow
 def test_a_fine_tuned_run_compares_its_trunk_with_the_pretrained_one_on_the_same_images(tmp_path, tiny_folder):
     import train
-    cfg = tiny_config(tmp_path, tiny_folder, TRUNK="resnet18", FINETUNE_BLOCKS=1, MAX_EPOCHS=2, FEATURE_IMAGES=8)
+    cfg = tiny_config(tmp_path, tiny_folder, TRUNK="resnet18", FINETUNE_BLOCKS=1, MAX_EPOCHS=1, VAL_PER_EPOCH=1,
+                      FEATURE_IMAGES=8)
     train.run(cfg)
     feature_maps.run(cfg)
     out = locations.Paths.from_settings(cfg).out
@@ -126,3 +128,15 @@ def test_a_fine_tuned_run_compares_its_trunk_with_the_pretrained_one_on_the_same
     assert (table.n_images == 8).all()
     stats = pd.read_csv(out / "feature_map_stats.csv")
     assert {"pretrained_trunk", "seen_test", "unseen"} <= set(stats.condition)
+    # the same model on another folder's images: every condition on them, and the record knows them
+    cfg.FEATURE_MAP_DIR = str(tiny_folder / "u")
+    feature_maps.run(cfg)
+    stats = pd.read_csv(out / "feature_map_stats.csv")
+    assert "unseen" not in set(stats.condition) and stats.description.str.endswith("images of u/").all()
+    assert (pd.read_csv(out / "feature_map_finetune_vs_pretrained.csv").n_images == 8).all()
+    paths = locations.Paths.from_settings(cfg)
+    assert provenance.why_rerun(paths, "feature_maps", cfg) is None
+    measured = [p for p in provenance.read_record(paths, "feature_maps").inputs if "/u/" in p]
+    assert len(measured) == 8
+    Path(measured[0]).write_bytes(Path(measured[1]).read_bytes())  # an image replaced: run again
+    assert provenance.why_rerun(paths, "feature_maps", cfg) == "its inputs or outputs changed"
