@@ -439,8 +439,8 @@ def plot_finetune_comparison(table: pd.DataFrame, words: str, title: str, path) 
         ax.set_xticks(x, table.module, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.set_xlim(-0.6, len(table) - 0.4)
-        if stat == "nonpositive_share":
-            ax.set_ylim(0, 1)
+        top = table[[f"{stat}_pretrained", f"{stat}_finetuned"]].to_numpy().max()
+        ax.set_ylim(0, 1 if stat == "nonpositive_share" else top * 1.12)  # room for the values on the bars
         ax.grid(alpha=0.3, axis="y")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, 0.0))
