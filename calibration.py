@@ -62,16 +62,28 @@ def calibration_tables(subsets: dict[str, tuple[np.ndarray, np.ndarray]], temper
 def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path, not_fitted: str = "",
                      choice: calibrate.TemperatureChoice | None = None) -> None:
     """Two panels (before, after): accuracy per confidence bin against the diagonal, each bin's mean
-    confidence a red diamond joined to its bar (the gap), images per bin written above each bar."""
+    confidence a red diamond joined to its bar (the gap), images per bin written above each bar.
+    A bar's shade grows with its images (a bin of 2 images is pale, one of 200 full blue), and under
+    each panel a histogram of the images per bin (log scale) shows how much each bar weighs."""
     plt = plots.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
-    for ax, when in zip(axes, ("before", "after")):
+    fig, grid = plt.subplots(2, 2, figsize=(11, 6.6), sharex=True, gridspec_kw=dict(height_ratios=(3.2, 1)))
+    axes, counts_axes = grid[0], grid[1]
+    axes[1].sharey(axes[0])
+    most = max(int(bins[bins.subset == subset].images.max()), 1)
+    for ax, count_ax, when in zip(axes, counts_axes, ("before", "after")):
         part = bins[(bins.subset == subset) & (bins.when == when)]
         row = table[(table.subset == subset) & (table.when == when)].iloc[0]
         used = part[part.images > 0]
         width = 1.0 / calibrate.BINS
-        ax.bar(used.bin_low, used.accuracy, width=width, align="edge", color="tab:blue", edgecolor="black",
-               lw=0.5, label="accuracy in bin")
+        shades = [(0.12, 0.47, 0.71, 0.15 + 0.85 * np.sqrt(n / most)) for n in used.images]
+        ax.bar(used.bin_low, used.accuracy, width=width, align="edge", color=shades, edgecolor="black",
+               lw=0.5, label="accuracy in bin (paler: fewer images)")
+        count_ax.bar(used.bin_low, used.images, width=width, align="edge", color="grey", edgecolor="black", lw=0.5)
+        count_ax.set_yscale("log")
+        count_ax.set_ylim(0.7, most * 3)
+        count_ax.set_ylabel("images\n(log)", fontsize=8)
+        count_ax.set_xlabel("confidence (top softmax score)")
+        count_ax.grid(alpha=0.3, axis="y")
         centres = used.bin_low + width / 2
         ax.vlines(centres, used.accuracy, used.confidence, color="tab:red", lw=1.5)
         ax.plot(centres, used.confidence, "D", color="tab:red", ms=4, label="mean confidence in bin (red line: gap)")
@@ -81,7 +93,6 @@ def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path,
         ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.1)
-        ax.set_xlabel("confidence (top softmax score)")
         name = "before temperature scaling (T = 1)" if when == "before" else f"after temperature scaling (T = {row.temperature:.3f})"
         if when == "after" and not_fitted:
             name = "after: T not fitted, kept at 1\n(every validation image right: the NLL has no minimum)"

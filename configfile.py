@@ -59,11 +59,12 @@ COMPILE_AHEAD = True  # run_all.py: on a fresh numba cache, compile umap-learn's
 EXPORT_CSV = False  # also write the embeddings and UMAP coordinates as CSV (Parquet copies are always written)
 
 # ---- analysis -------------------------------------------------------------------------------
-UMAP_SAMPLES = 2000  # at most this many random samples from each of train, test and unseen
+DIMRED = "umap"  # dimensionality_reduction.py's 2-d plane: "umap" (umap-learn), "tsne" (scikit-learn's t-SNE, perplexity 30) or "pca" (scikit-learn's PCA)
+UMAP_SAMPLES = 2000  # at most this many random samples from each of train, test and unseen (whichever DIMRED)
 UMAP_NEIGHBORS = 15  # UMAP n_neighbors
 DISTANCE_SAMPLES = 20000  # class-pair distances use at most this many random samples per class (exact below; cost grows with its square)
 CLOSE_FAR_COUNT = 5  # images per row in the closest/furthest figures
-CLOSE_FAR_SPACE = "embedding"  # distances to the class centre in "embedding" (128-d) or "umap" (2-d, as the study did)
+CLOSE_FAR_SPACE = "embedding"  # distances to the class centre in "embedding" (128-d) or "umap" (the 2-d plane of DIMRED, as the study did with UMAP)
 TRANSFER_TEST_FRACTION = 0.30  # share of each unseen class kept for testing the transfer classifiers
 TRANSFER_REPEATS = 5  # random training subsets drawn per training-set size
 TRANSFER_MAX_TRAIN = 5000  # largest training set of the transfer classifiers (an RBF SVC's cost grows with its square or more)
@@ -95,7 +96,8 @@ OVERVIEW_SAMPLES = 8  # sample images per class in outputs/sample_images.png (da
 
 # ---- feature maps ---------------------------------------------------------------------------
 FEATURE_MODULES = "auto"  # modules whose outputs feature_maps.py hooks, named as in model.named_modules(), e.g. ["trunk.0", "head.0"]; "auto" = each trunk block and the head's convolutions
-FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images
+FEATURE_IMAGES = 200  # feature_maps.py: at most this many seen test images, and as many unseen images (or images of FEATURE_MAP_DIR)
+FEATURE_MAP_DIR = None  # feature_maps.py: a folder of images (searched at any depth, e.g. another data set) measured instead of the run's test and unseen images; None = the run's own images
 
 # ---- open-set detection, calibration, prediction --------------------------------------------
 OPEN_SET_K = 10  # open_set.py: the kNN score is the distance to the k-th nearest training embedding
@@ -116,7 +118,7 @@ ABUNDANCE_BOOTSTRAPS = 200  # predict.py: bootstrap draws behind each abundance 
 
 # ---- embedding quality, leaks between splits, few-shot transfer, suspicious labels ----------
 QUALITY_SAMPLES = 5000  # embedding_quality.py: at most this many random images per subset (silhouette and pair distances grow with its square)
-QUALITY_TRUST_NEIGHBORS = 10  # embedding_quality.py: neighbours of UMAP's trustworthiness (scikit-learn's n_neighbors)
+QUALITY_TRUST_NEIGHBORS = 10  # embedding_quality.py: neighbours of the 2-d plane's trustworthiness (scikit-learn's n_neighbors; the plane of DIMRED)
 LEAK_THRESHOLD = 0.005  # leaks.py: a val/test/unseen image whose cosine distance to a training image's pooled trunk features is at most this is a near-duplicate
 LEAK_GRID = 4  # leaks.py: trunk feature maps are average-pooled to LEAK_GRID x LEAK_GRID cells before comparing (keeps the layout, drops pixel noise)
 LEAK_FIGURE_PAIRS = 24  # leaks.py: at most this many pairs shown in outputs/leaks.png (closest first)

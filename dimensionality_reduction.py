@@ -1,19 +1,22 @@
-"""UMAP of the embeddings, and for each seen class the images closest to and furthest from its
-centre, with the closest images of other classes.
+"""A 2-d picture of the embeddings (UMAP, or t-SNE or PCA: DIMRED), and for each seen class the
+images closest to and furthest from its centre, with the closest images of other classes.
 
     python dimensionality_reduction.py
+    python dimensionality_reduction.py --DIMRED=tsne
 
 Reads:  outputs/embeddings_{train,test,unseen}.pkl (checked against checkpoints/best.pth), the images.
-Writes: outputs/umap_embeddings.png (train, test, unseen panels, coloured by class),
-        outputs/umap_coordinates.csv (and .parquet),
+Writes: outputs/<DIMRED>_embeddings.png (train, test, unseen panels, coloured by class: umap_embeddings.png,
+        tsne_embeddings.png or pca_embeddings.png), outputs/<DIMRED>_coordinates.csv (and .parquet),
         outputs/close_faraway_closeotherclass_class_<i>.png for each seen class i,
         outputs/close_far_images.csv (every image those figures show: figure, row, rank, class,
         distance to the centre, path), and last outputs/provenance_dimensionality_reduction.json.
+        Another method's figure and coordinates from an earlier run are removed, so that only the
+        plane of this run is there to be read.
 
-UMAP is fitted once, on all the points plotted (up to UMAP_SAMPLES from each set, standardised
-together). Close/far distances are measured to the class centre in the 128-d embedding space of the
-training images (CLOSE_FAR_SPACE="embedding"), or in the 2-d UMAP plane as the study did ("umap"),
-where only the sampled training images have coordinates.
+The method (plankton/projection.py's METHODS) is fitted once, on all the points plotted (up to
+UMAP_SAMPLES from each set, standardised together). Close/far distances are measured to the class
+centre in the 128-d embedding space of the training images (CLOSE_FAR_SPACE="embedding"), or in the
+2-d plane as the study did with UMAP ("umap"), where only the sampled training images have coordinates.
 """
 import textwrap
 import time
@@ -43,11 +46,14 @@ def plotted_points(frames: dict, limit: int, seed: int) -> tuple[np.ndarray, pd.
     return points, rows
 
 
-def plot_umap(coords: pd.DataFrame, colours: dict, unseen: list[str], path, multilabel: bool = False) -> None:
+def plot_plane(coords: pd.DataFrame, colours: dict, unseen: list[str], path, multilabel: bool = False,
+               method: str = "umap") -> None:
     """Train, test and unseen panels on one plane. Within a panel the points are drawn in a random
     order, so that no class is hidden under the one drawn after it. Multi-label: each image in the
-    hue of its rarest label (embed.py's class_name)."""
+    hue of its rarest label (embed.py's class_name). Legends sit below their panels, so that no
+    legend hides points, whatever the class names' lengths."""
     from matplotlib.lines import Line2D
+    label, axis = projection.METHODS[method].label, projection.METHODS[method].axis
     plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), sharex=True, sharey=True)  # one fit: one plane
     titles = dict(train="Training data (seen classes)", test="Test data (seen classes)", unseen="Unseen classes")
@@ -64,13 +70,14 @@ def plot_umap(coords: pd.DataFrame, colours: dict, unseen: list[str], path, mult
         handles = [Line2D([], [], ls="", marker=marker, color=colours[name], label=f"{name} ({counts[name]})")
                    for name in colours if name in counts]
         ax.set_title(f"{titles[subset]}: {len(part)} points")
-        ax.set_xlabel("UMAP 1")
-        ax.set_ylabel("UMAP 2")
+        ax.set_xlabel(f"{axis} 1")
+        ax.set_ylabel(f"{axis} 2")
         ax.legend(handles=handles, title="rarest label (points)" if multilabel else "class (points)", fontsize=8,
-                  loc="best", framealpha=0.8)
-    fig.suptitle("UMAP of the embeddings (one fit on all plotted points; each image in the hue of its rarest "
-                 "label, unseen labels as triangles)" if multilabel else "UMAP of the embeddings (one fit on all "
-                 "plotted points; each class its own hue, unseen classes as triangles)")
+                  loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2 if len(handles) > 6 else 1)
+    hues = ("each image in the hue of its rarest label, unseen labels as triangles" if multilabel else
+            "each class its own hue, unseen classes as triangles")
+    fig.suptitle(f"{label} of the embeddings (one fit on all plotted points; {hues})\n"
+                 f"{projection.METHODS[method].reading}")
     fig.tight_layout()
     plots.save_figure(fig, path)
 
@@ -128,10 +135,12 @@ def label_membership(train: pd.DataFrame, names: list[str]) -> tuple[np.ndarray,
 
 
 def close_far_selections(coords: pd.DataFrame, train: pd.DataFrame, seen: list[str], space: str,
-                         count: int) -> tuple[pd.DataFrame, list]:
+                         count: int, space_name: str = "") -> tuple[pd.DataFrame, list]:
     """For each seen class with training images, its closest and furthest training images and the
-    closest of other classes, measured in the embedding space or in the UMAP plane (sampled
-    training points only): the training rows used and (class index, name, rows of indices and distances)."""
+    closest of other classes, measured in the embedding space or in the 2-d plane (space "umap",
+    whichever DIMRED made it; sampled training points only): the training rows used and (class
+    index, name, rows of indices and distances). space_name is what the notes call the space."""
+    space_name = space_name or space
     if space == "umap":
         in_plane = coords[coords.subset == "train"]
         train = train.set_index("path").loc[in_plane.path].reset_index()[train.columns]
@@ -143,7 +152,7 @@ def close_far_selections(coords: pd.DataFrame, train: pd.DataFrame, seen: list[s
     for i, name in enumerate(seen):
         members = int(membership[:, i].sum())
         if not members:
-            print(f"note: no training images of {noun} {name} in the {space} space; figure skipped")
+            print(f"note: no training images of {noun} {name} in the {space_name} space; figure skipped")
             continue
         closest, furthest, closest_other, centre = close_and_far(space_points, membership[:, i], count)
         rows = [(idx, np.linalg.norm(space_points[idx] - centre, axis=1)) for idx in (closest, furthest, closest_other)]
@@ -189,34 +198,49 @@ def load_shown_images(train: pd.DataFrame, selections: list, root: Path) -> dict
     return pictures
 
 
+def remove_other_planes(out: Path, method: str) -> None:
+    """Another DIMRED's figure and coordinates from an earlier run would read as this run's: gone."""
+    for other in projection.METHODS:
+        gone = [name for name in projection.output_names(other) if other != method and (out / name).is_file()]
+        for name in gone:
+            (out / name).unlink()
+        if gone:
+            print(f"note: removed {', '.join(gone)} (DIMRED={other!r} of an earlier run; this run is DIMRED={method!r})")
+
+
 def run(cfg) -> None:
     paths = locations.prepare_output_dirs(cfg)
     frames = {s: embedding_files.open_embeddings(paths, s) for s in SUBSETS}
     points, coords = plotted_points(frames, cfg.UMAP_SAMPLES, cfg.SEED)
+    method = projection.METHODS[cfg.DIMRED]
     started = time.time()
-    xy = projection.fit_umap(points, cfg.UMAP_NEIGHBORS, cfg.SEED)
-    print(f"UMAP fit on {len(points)} points in {time.time() - started:.1f}s")
+    xy = method.fit(points, cfg.UMAP_NEIGHBORS, cfg.SEED)
+    print(f"{method.label} fit on {len(points)} points in {time.time() - started:.1f}s")
     coords["x"], coords["y"] = xy[:, 0], xy[:, 1]
     train_info = embedding_files.info(frames["train"])
     seen, unseen = list(train_info.class_names), list(embedding_files.info(frames["unseen"]).class_names)
     root = Path(train_info.data_dir)
-    train, selections = close_far_selections(coords, frames["train"], seen, cfg.CLOSE_FAR_SPACE, cfg.CLOSE_FAR_COUNT)
+    space = method.label if cfg.CLOSE_FAR_SPACE == "umap" else cfg.CLOSE_FAR_SPACE
+    train, selections = close_far_selections(coords, frames["train"], seen, cfg.CLOSE_FAR_SPACE, cfg.CLOSE_FAR_COUNT,
+                                             space)
     pictures = load_shown_images(train, selections, root)
     inputs = provenance.start_stage(paths, "dimensionality_reduction",
                                    [paths.best] + [paths.embeddings(s) for s in SUBSETS])
+    remove_other_planes(paths.out, cfg.DIMRED)
 
-    outputs = [paths.out / "umap_coordinates.csv", paths.out / "umap_embeddings.png"]
+    outputs = [paths.coordinates(cfg.DIMRED), paths.out / projection.figure_name(cfg.DIMRED)]
     fileio.save_csv(coords, outputs[0], index=False)
     outputs += embedding_files.export_table(coords, outputs[0])  # the .parquet copy (the CSV is always written)
-    plot_umap(coords, plots.class_colours(seen, unseen), unseen, outputs[1], train_info.task == "multilabel")
+    plot_plane(coords, plots.class_colours(seen, unseen), unseen, outputs[1], train_info.task == "multilabel",
+               cfg.DIMRED)
     outputs.append(paths.out / "close_far_images.csv")
     fileio.save_csv(shown_images_table(train, selections, root), outputs[-1], index=False)
     for i, name, rows in selections:
         outputs.append(paths.out / f"close_faraway_closeotherclass_class_{i}.png")
-        plot_close_far(train, rows, pictures, name, cfg.CLOSE_FAR_SPACE, outputs[-1], cfg.CLOSE_FAR_COUNT,
+        plot_close_far(train, rows, pictures, name, space, outputs[-1], cfg.CLOSE_FAR_COUNT,
                        "label" if "labels" in train.columns else "class")
     provenance.save_provenance(paths, "dimensionality_reduction", inputs, outputs, cfg)
-    print(f"-> {paths.out / 'umap_embeddings.png'}, {paths.out}/close_faraway_closeotherclass_class_*.png")
+    print(f"-> {outputs[1]}, {paths.out}/close_faraway_closeotherclass_class_*.png")
 
 
 def main(argv=None):

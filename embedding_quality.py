@@ -1,10 +1,11 @@
 """Embedding quality in numbers, one row per subset, so that two runs (another trunk, other weights,
-fine-tuned or not) can be compared by number rather than by looking at UMAP pictures.
+fine-tuned or not) can be compared by number rather than by looking at UMAP (t-SNE, PCA) pictures.
 
     python embedding_quality.py
 
 Reads:  outputs/embeddings_{test,unseen}.pkl (checked against checkpoints/best.pth),
-        outputs/umap_coordinates.csv (from dimensionality_reduction.py, for the trustworthiness).
+        outputs/<method>_coordinates.csv (from dimensionality_reduction.py, for the trustworthiness:
+        the plane of whichever DIMRED it ran, named in the table's `projection` column).
 Writes: outputs/embedding_quality.csv (one row per subset: test, unseen), and last
         outputs/provenance_embedding_quality.json.
 
@@ -18,11 +19,11 @@ The metrics, all on the 128-d embeddings as embed.py wrote them (no standardisin
 - mean_within / mean_between: the mean distance over all pairs of different images of the same
   class / of different classes (each unordered pair once); between_within_ratio is their ratio
   (above 1: classes are further from each other than their members are from one another).
-- trustworthiness: scikit-learn's trustworthiness of the 2-d UMAP coordinates against the
-  embeddings, for the subset's points that dimensionality_reduction.py plotted, with
-  QUALITY_TRUST_NEIGHBORS neighbours (1 = every 2-d neighbourhood holds only true neighbours).
-  UMAP was fitted on standardised train, test and unseen points together; this measures how well
-  the picture keeps each subset's own neighbourhoods.
+- trustworthiness: scikit-learn's trustworthiness of the 2-d coordinates (UMAP, t-SNE or PCA:
+  `projection`) against the embeddings, for the subset's points that dimensionality_reduction.py
+  plotted, with QUALITY_TRUST_NEIGHBORS neighbours (1 = every 2-d neighbourhood holds only true
+  neighbours). The plane was fitted on standardised train, test and unseen points together; this
+  measures how well the picture keeps each subset's own neighbourhoods.
 Every metric uses at most QUALITY_SAMPLES random images of a subset (the same sample for all;
 n_used says how many, and a note is printed when the cap applies): silhouette and the pairwise
 means grow with the square of the images.
@@ -92,9 +93,9 @@ def quality_row(x: np.ndarray, labels: np.ndarray) -> dict:
                 mean_within=within, mean_between=between, between_within_ratio=between / within)
 
 
-def umap_trustworthiness(x: np.ndarray, paths_used: list[str], coords: pd.DataFrame, subset: str,
-                         neighbours: int) -> tuple[float, int]:
-    """Trustworthiness of the subset's 2-d UMAP coordinates against its embeddings, over the
+def plane_trustworthiness(x: np.ndarray, paths_used: list[str], coords: pd.DataFrame, subset: str,
+                          neighbours: int) -> tuple[float, int]:
+    """Trustworthiness of the subset's 2-d coordinates against its embeddings, over the
     images that are both in `paths_used` and in the plotted sample; (NaN, n) when too few."""
     plotted = coords[coords.subset == subset].drop_duplicates("path").set_index("path")[["x", "y"]]
     keep = np.flatnonzero(pd.Index(paths_used).isin(plotted.index))
@@ -113,7 +114,7 @@ def subset_quality(frame: pd.DataFrame, coords: pd.DataFrame, subset: str, limit
     if n > limit:
         print(f"note: {subset}: the metrics use {limit} random images of {n} (QUALITY_SAMPLES={limit})")
     x, labels = embedding_files.embedding_matrix(frame)[used].astype(np.float64), frame.label.to_numpy()[used]
-    trust, n_trust = umap_trustworthiness(x, list(frame.path.iloc[used]), coords, subset, neighbours)
+    trust, n_trust = plane_trustworthiness(x, list(frame.path.iloc[used]), coords, subset, neighbours)
     row = dict(subset=subset, n_images=n, n_used=len(used))
     if len(used) < 3:
         print(f"note: {subset}: {len(used)} image(s), too few for the metrics")
@@ -126,11 +127,11 @@ def run(cfg) -> None:
     registry.require_task("embedding_quality", cfg.TASK)
     paths = locations.prepare_output_dirs(cfg)
     frames = {s: embedding_files.open_embeddings(paths, s) for s in SUBSETS}
-    coords = embedding_files.open_umap_coordinates(paths)
-    inputs = provenance.start_stage(paths, "embedding_quality", [paths.best, paths.umap_coordinates]
+    method, coords = embedding_files.open_projection_coordinates(paths)
+    inputs = provenance.start_stage(paths, "embedding_quality", [paths.best, paths.coordinates(method)]
                                    + [paths.embeddings(s) for s in SUBSETS])
     table = pd.DataFrame([subset_quality(frames[s], coords, s, cfg.QUALITY_SAMPLES, cfg.QUALITY_TRUST_NEIGHBORS,
-                                         cfg.SEED) for s in SUBSETS])
+                                         cfg.SEED) for s in SUBSETS]).assign(projection=method)
     output = paths.out / "embedding_quality.csv"
     fileio.save_csv(table, output, index=False)
     print("Embedding quality (Euclidean, leave-one-out recall; see embedding_quality.py):")

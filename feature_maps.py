@@ -4,28 +4,42 @@ averaged channel vectors (mean over height and width: one C-vector per image).
 
     python feature_maps.py
     python feature_maps.py --FEATURE_MODULES='["trunk.1", "head.3"]' --FEATURE_IMAGES=100
+    python feature_maps.py --FEATURE_MAP_DIR=/data/other_campaign     # images from another folder
 
 Conditions (each on up to FEATURE_IMAGES images, drawn with SEED):
-    seen_test     the trained model on the seen classes' test images
-    unseen        the trained model on the unseen classes' images
-    head_init     head modules only: the head as initialised before training (built with the
-                  checkpoint's SEED, as train.py built it), on the checkpoint's trunk; seen test images
-    random_trunk  trunk modules only: a freshly initialised random trunk (seed SEED + 1) in place of
-                  the checkpoint's frozen one; seen test images
-The trunk is frozen, so the trained model's trunk is the checkpoint's trunk (its weights are named in
-the figures' titles); a head module on a random trunk, or a trunk module at head initialisation,
-would repeat or mean nothing and is not measured.
+    seen_test         the trained model on the seen classes' test images
+    unseen            the trained model on the unseen classes' images
+    head_init         head modules only: the head as initialised before training (built with the
+                      checkpoint's SEED, as train.py built it), on the checkpoint's trunk; seen test images
+    random_trunk      trunk modules only: a freshly initialised random trunk (seed SEED + 1) in place
+                      of the checkpoint's; seen test images
+    pretrained_trunk  FINETUNE_BLOCKS > 0 only, trunk modules only: the trunk before fine-tuning (the
+                      same architecture with its weights loaded again as WEIGHTS says, built with the
+                      checkpoint's SEED; its frozen blocks must hash to the checkpoint's trunk_sha256,
+                      else it is skipped with a note); seen test images
+With FEATURE_MAP_DIR set, the images of that folder (any depth, up to FEATURE_IMAGES of them) take the
+place of the seen test images in every condition, and `unseen` is not measured.
+"auto" modules are each block of the frozen trunk and of the fine-tuned blocks (tuned_trunk.<name>)
+and the head's convolutions. A frozen trunk's blocks are the checkpoint's; a head module on a random
+trunk, or a trunk module at head initialisation, would repeat or mean nothing and is not measured.
 
 Reads:  checkpoints/best.pth, outputs/split.csv, the seen test and unseen images themselves (not the
-        trunk cache: the hooks need the trunk's inside).
-Writes: outputs/feature_map_stats.csv (module, condition, n_images, n_channels, nonpositive_share,
-        effective_rank, eig_1..eig_5), outputs/feature_map_spectra.csv (every eigenvalue),
-        outputs/feature_map_spectra.png, outputs/feature_map_nonpositive.png, and last
-        outputs/provenance_feature_maps.json (see plankton/provenance.py).
+        trunk cache: the hooks need the trunk's inside), or FEATURE_MAP_DIR's images (those measured
+        are fingerprinted in the provenance record, as split.csv fingerprints the run's own).
+Writes: outputs/feature_map_stats.csv (module, condition, description: which model on which images,
+        n_images, n_channels, nonpositive_share, effective_rank, eig_1..eig_5),
+        outputs/feature_map_spectra.csv (every eigenvalue), outputs/feature_map_spectra.png,
+        outputs/feature_map_nonpositive.png; with
+        FINETUNE_BLOCKS > 0, outputs/feature_map_finetune_vs_pretrained.csv (one row per trunk module:
+        the fine-tuned and the pretrained trunk's statistics side by side, on the same images) and
+        .png; and last outputs/provenance_feature_maps.json (see plankton/provenance.py).
 """
+import collections
 import contextlib
 import difflib
+import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,18 +47,20 @@ import torch
 
 import backbone
 import dataloader
-from plankton import checkpoints, fileio, locations, plots, provenance, runner
+from plankton import checkpoints, fileio, images, locations, plots, provenance, runner
 from plankton.errors import PipelineError
 
 TOP_EIGENVALUES = 5  # eig_1..eig_5 in feature_map_stats.csv
 MAX_CHANNELS = 4096  # a pooled output wider than this would need a covariance matrix too large to decompose
 CONDITIONS = {  # name: (what the legend says, image subset, which modules it measures)
-    "seen_test": ("trained model, seen test images", "test", "all"),
+    "seen_test": ("trained model, {test}", "test", "all"),
     "unseen": ("trained model, unseen images", "unseen", "all"),
-    "head_init": ("head at initialisation, seen test images", "test", "head"),
-    "random_trunk": ("fresh random trunk, seen test images", "test", "trunk"),
+    "head_init": ("head at initialisation, {test}", "test", "head"),
+    "random_trunk": ("fresh random trunk, {test}", "test", "trunk"),
+    "pretrained_trunk": ("trunk before fine-tuning, {test}", "test", "trunk"),
 }
-CONDITION_COLOURS = {"seen_test": "#1f77b4", "unseen": "#e6550d", "head_init": "#7f7f7f", "random_trunk": "#2ca02c"}
+CONDITION_COLOURS = {"seen_test": "#1f77b4", "unseen": "#e6550d", "head_init": "#7f7f7f", "random_trunk": "#2ca02c",
+                     "pretrained_trunk": "#9467bd"}
 
 
 
@@ -52,15 +68,37 @@ CONDITION_COLOURS = {"seen_test": "#1f77b4", "unseen": "#e6550d", "head_init": "
 # ---- the modules ---------------------------------------------------------------------------------
 
 def is_trunk_module(name: str) -> bool:
-    return name == "trunk" or name.startswith("trunk.")
+    """A module (or state-dict key) of the frozen trunk or of its fine-tuned blocks."""
+    return name.split(".")[0] in ("trunk", "tuned_trunk")
+
+
+def is_tuned_module(name: str) -> bool:
+    return name.split(".")[0] == "tuned_trunk"
 
 
 def auto_modules(model: torch.nn.Module) -> list[str]:
-    """Each block of the trunk that holds weights (a ResNet's ReLU and pooling are no blocks) and
-    each of the head's convolutions."""
-    trunk = [f"trunk.{name}" for name, child in model.trunk.named_children() if any(True for _ in child.parameters())]
+    """Each block of the trunk that holds weights (a ResNet's ReLU and pooling are no blocks), the
+    fine-tuned blocks included (tuned_trunk.<name>), and each of the head's convolutions."""
+    trunk = [f"{part}.{name}" for part in ("trunk", "tuned_trunk")
+             for name, child in getattr(model, part).named_children() if any(True for _ in child.parameters())]
     head = [f"head.{name}" for name, child in model.head.named_children() if isinstance(child, torch.nn.Conv2d)]
     return trunk + head
+
+
+def module_kind(module: torch.nn.Module) -> str:
+    """A module's layer type for a title; a container (a Sequential block) by what it holds, one
+    level further down when it holds containers: "2 x FusedMBConv", "Conv2d, BatchNorm2d, ReLU",
+    "3 stages: 1 DepthwiseSeparableConv, 4 InvertedResidual"."""
+    children = list(module.children())
+    if not children or not isinstance(module, torch.nn.Sequential):
+        return type(module).__name__
+    if all(isinstance(c, torch.nn.Sequential) for c in children):
+        inner = collections.Counter(type(g).__name__ for c in children for g in c.children())
+        return f"{len(children)} stages: " + ", ".join(f"{n} {kind}" for kind, n in inner.items())
+    kinds = [type(c).__name__ for c in children]
+    if len(set(kinds)) == 1:
+        return f"{len(kinds)} x {kinds[0]}"
+    return ", ".join(kinds) if len(kinds) <= 3 else f"{', '.join(kinds[:2])} … ({len(kinds)} layers)"
 
 
 def resolve_modules(model: torch.nn.Module, setting) -> list[str]:
@@ -147,7 +185,7 @@ def collect(model: torch.nn.Module, names: list[str], root, relpaths: list[str],
     """Run the images through the model in batches (float32, no autocast) with the named modules hooked.
     Only the trunk runs when every module is in it."""
     dataset = dataloader.ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess)
-    forward = model.trunk if all(is_trunk_module(n) for n in names) else model
+    forward = model.whole_trunk() if all(is_trunk_module(n) for n in names) else model
     with hooked(model, names) as stats, torch.inference_mode():
         for images, _ in dataloader.image_loader(dataset, runtime):
             images = images.to(runtime.device)
@@ -158,18 +196,39 @@ def collect(model: torch.nn.Module, names: list[str], root, relpaths: list[str],
 def variant_model(arch: dict, trained: torch.nn.Module, seed: int, keep: str,
                   runtime: dataloader.Runtime) -> torch.nn.Module:
     """A fresh build_model(arch) drawn with `seed` (the global random state is left as it was),
-    keeping the trained model's trunk (keep="trunk": the head as initialised) or its head
-    (keep="head": a random trunk)."""
+    keeping the trained model's trunk, tuned blocks included (keep="trunk": the head as initialised)
+    or its head (keep="head": a random trunk)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = backbone.build_model(arch)
     trained_state = {k: v.cpu() for k, v in trained.state_dict().items()}
-    model.load_state_dict({k: (trained_state[k] if k.startswith("trunk.") == (keep == "trunk") else v)
+    model.load_state_dict({k: (trained_state[k] if is_trunk_module(k) == (keep == "trunk") else v)
                            for k, v in model.state_dict().items()})
+    return placed(model, runtime)
+
+
+def placed(model: torch.nn.Module, runtime: dataloader.Runtime) -> torch.nn.Module:
     model.to(runtime.device).eval()
     if runtime.channels_last:
         model.trunk.to(memory_format=torch.channels_last)
+        model.tuned_trunk.to(memory_format=torch.channels_last)
     return model
+
+
+def pretrained_model(checkpoint: checkpoints.Checkpoint, weights_setting,
+                     runtime: dataloader.Runtime) -> torch.nn.Module | None:
+    """The model before fine-tuning: build_model(arch) with the checkpoint's seed and the trunk's
+    weights loaded as WEIGHTS says, as train.py began. Its frozen blocks must hash to the checkpoint's
+    trunk_sha256 (the same weights source); otherwise None, with a note saying why."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(checkpoint.seed)
+        model = backbone.build_model(checkpoint.arch)
+        source = backbone.load_trunk_weights(model, weights_setting)
+    if backbone.frozen_trunk_sha256(model) != checkpoint.trunk_sha256:
+        print(f"note: pretrained_trunk skipped: WEIGHTS={weights_setting!r} loads {source}, whose frozen blocks are "
+              f"not the checkpoint's (trained with {checkpoint.weights_source}); set WEIGHTS as in training")
+        return None
+    return placed(model, runtime)
 
 
 def sample(relpaths: list[str], limit: int, seed: int) -> list[str]:
@@ -180,27 +239,77 @@ def sample(relpaths: list[str], limit: int, seed: int) -> list[str]:
     return [relpaths[i] for i in chosen]
 
 
-def measure(trained: checkpoints.TrainedModel, names: list[str], limit: int, seed: int,
-            runtime: dataloader.Runtime) -> dict[str, tuple[int, dict[str, ModuleStats]]]:
-    """{condition: (images used, {module: stats})} for every condition that has modules to measure."""
-    images = {subset: sample(trained.split.subset(subset)[0], limit, seed) for subset in ("test", "unseen")}
-    run_seed = trained.checkpoint.seed
+@dataclass(frozen=True)
+class ImageSets:
+    """The images measured: `test` (the seen test images, or FEATURE_MAP_DIR's) and `unseen` (empty
+    with a folder), each under its root; `words` is what legends call the test set."""
+    test_root: Path
+    test: list[str]
+    unseen_root: Path
+    unseen: list[str]
+    words: str = "seen test images"
+
+    def subset(self, name: str) -> tuple[Path, list[str]]:
+        return (self.test_root, self.test) if name == "test" else (self.unseen_root, self.unseen)
+
+
+def run_images(trained: checkpoints.TrainedModel, limit: int, seed: int) -> ImageSets:
+    root = trained.split.root
+    return ImageSets(root, sample(trained.split.subset("test")[0], limit, seed),
+                     root, sample(trained.split.subset("unseen")[0], limit, seed))
+
+
+def folder_images(folder, limit: int, seed: int, scan_cache: Path) -> ImageSets:
+    """Up to `limit` readable images of FEATURE_MAP_DIR (any depth), drawn with the seed; a missing
+    folder, or one without a readable image, is one error line."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise PipelineError(f"FEATURE_MAP_DIR={str(folder)!r} is not a folder; give a folder of images "
+                            f"(searched at any depth), or None for the run's own images")
+    found = images.list_folder_images(root).images
+    picked = sample(found, limit, seed)
+    bad, _ = images.scan_images(root, picked, scan_cache)
+    usable = [p for p in picked if p not in bad]
+    if not usable:
+        raise PipelineError(f"FEATURE_MAP_DIR={str(folder)!r} holds no readable image "
+                            f"({len(found)} image file(s) found, {len(bad)} of those tried unreadable)")
+    if bad:
+        print(f"note: FEATURE_MAP_DIR: {len(bad)} unreadable image(s) left out, e.g. {images.printable(next(iter(bad)))}")
+    return ImageSets(root, usable, root, [], f"images of {root.name}/")
+
+
+def measure(trained: checkpoints.TrainedModel, names: list[str], image_sets: ImageSets, runtime: dataloader.Runtime,
+            weights_setting=None) -> dict[str, tuple[int, dict[str, ModuleStats]]]:
+    """{condition: (images used, {module: stats})} for every condition that has modules and images
+    to measure; pretrained_trunk only with fine-tuned blocks (and its weights found again)."""
+    checkpoint, run_seed = trained.checkpoint, trained.checkpoint.seed
     models = {"seen_test": lambda: trained.model, "unseen": lambda: trained.model,
-              "head_init": lambda: variant_model(trained.checkpoint.arch, trained.model, run_seed, "trunk", runtime),
-              "random_trunk": lambda: variant_model(trained.checkpoint.arch, trained.model, run_seed + 1, "head", runtime)}
+              "head_init": lambda: variant_model(checkpoint.arch, trained.model, run_seed, "trunk", runtime),
+              "random_trunk": lambda: variant_model(checkpoint.arch, trained.model, run_seed + 1, "head", runtime),
+              "pretrained_trunk": lambda: pretrained_model(checkpoint, weights_setting, runtime)}
     results = {}
     for condition, (_, subset, scope) in CONDITIONS.items():
         wanted = [n for n in names if scope == "all" or is_trunk_module(n) == (scope == "trunk")]
-        if wanted:
-            print(f"{condition}: {len(wanted)} module(s), {len(images[subset])} images")
-            results[condition] = (len(images[subset]), collect(models[condition](), wanted, trained.split.root,
-                                                               images[subset], trained.preprocess, runtime))
+        root, relpaths = image_sets.subset(subset)
+        if condition == "pretrained_trunk" and not trained.model.finetune_blocks:
+            continue
+        if wanted and relpaths:
+            model = models[condition]()
+            if model is None:
+                continue
+            print(f"{condition}: {len(wanted)} module(s), {len(relpaths)} images")
+            results[condition] = (len(relpaths), collect(model, wanted, root, relpaths, trained.preprocess, runtime))
     return results
 
 
 # ---- tables and figures --------------------------------------------------------------------------
 
-def tables(results: dict, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def describe(condition: str, words: str = "seen test images") -> str:
+    """What a legend says of a condition, its test images named as `words`."""
+    return CONDITIONS[condition][0].format(test=words)
+
+
+def tables(results: dict, names: list[str], words: str = "seen test images") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per module and condition, one row per eigenvalue), modules in FEATURE_MODULES order."""
     rows, spectra = [], []
     for name in names:
@@ -210,7 +319,7 @@ def tables(results: dict, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]
             eigenvalues = spectrum(stats[name].pooled_matrix())
             top = {f"eig_{i + 1}": float(eigenvalues[i]) if i < len(eigenvalues) else np.nan
                    for i in range(TOP_EIGENVALUES)}
-            rows.append(dict(module=name, condition=condition, description=CONDITIONS[condition][0],
+            rows.append(dict(module=name, condition=condition, description=describe(condition, words),
                              n_images=n_images, n_channels=len(eigenvalues),
                              nonpositive_share=stats[name].nonpositive_share,
                              effective_rank=effective_rank(eigenvalues), **top))
@@ -227,8 +336,10 @@ def trunk_words(weights_source: str, fresh_seed: int) -> str:
 
 
 def plot_spectra(spectra: pd.DataFrame, stats: pd.DataFrame, names: list[str], kinds: dict[str, str], title: str,
-                 path) -> None:
-    """One panel per module (its name and layer type), one line per condition, log scale."""
+                 path, words: str = "seen test images") -> None:
+    """One panel per module (its name, as FEATURE_MODULES takes it, and what it is), one line per
+    condition, log scale; the conditions in one legend under the panels, each panel's legend only
+    the effective ranks in the conditions' colours."""
     plt = plots.pyplot()
     columns = min(3, len(names))
     rows = -(-len(names) // columns)
@@ -241,27 +352,30 @@ def plot_spectra(spectra: pd.DataFrame, stats: pd.DataFrame, names: list[str], k
             shown = values[values > max(values[0], 1e-300) * 1e-12]  # zeros (and rounding below them) have no log
             rank = stats[(stats.module == name) & (stats.condition == condition)].effective_rank.iloc[0]
             ax.plot(np.arange(1, len(shown) + 1), shown, color=CONDITION_COLOURS[condition], linewidth=1.5,
-                    label=f"{CONDITIONS[condition][0]} (eff. rank {rank:.1f})")
+                    label=f"eff. rank {rank:.1f}")
         channels = int(stats[stats.module == name].n_channels.iloc[0])
         ax.set_yscale("log")
-        ax.set_title(f"{name}: {kinds[name]} ({channels} channels)", fontsize=10)
+        ax.set_title(f"{name}\n{textwrap.shorten(kinds[name], 62, placeholder='…')}, {channels} channels", fontsize=9)
         ax.set_xlabel("eigenvalue rank (largest first)", fontsize=8)
         ax.set_ylabel("eigenvalue (variance)", fontsize=8)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=6.5, loc="upper right")
+        ax.legend(fontsize=8, loc="upper right", handlelength=1.2)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    present = [c for c in CONDITIONS if c in set(stats.condition)]
+    fig.legend([plt.Line2D([], [], color=CONDITION_COLOURS[c], lw=2) for c in present],
+               [describe(c, words) for c in present], loc="lower center", ncol=min(3, len(present)), fontsize=9)
     used = stats.groupby("condition").n_images.first()
-    counts = f"{used.get('seen_test', 0)} seen test and {used.get('unseen', 0)} unseen"
+    counts = f"{used.get('seen_test', 0)} {words}" + (f" and {used['unseen']} unseen" if "unseen" in used else "")
     if (stats.n_images - 1 < stats.n_channels).any():
         counts += "; n images give at most n - 1 non-zero eigenvalues, the zeros are not drawn"
     fig.suptitle(f"Eigenvalues (log scale, largest first) of the covariance of each module's output averaged over "
-                 f"height and width ({counts} images)\n{title}", fontsize=10)
-    fig.tight_layout()
+                 f"height and width\n({counts})\n{title}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1 / rows if len(present) > 3 else 0.06 / rows, 1, 1))
     plots.save_figure(fig, path)
 
 
-def plot_nonpositive(stats: pd.DataFrame, names: list[str], title: str, path) -> None:
+def plot_nonpositive(stats: pd.DataFrame, names: list[str], title: str, path, words: str = "seen test images") -> None:
     """Grouped bars: for each module, one bar per condition measured there, its share written on it."""
     plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(names) + 2), 4.6))
@@ -275,7 +389,7 @@ def plot_nonpositive(stats: pd.DataFrame, names: list[str], title: str, path) ->
             ax.bar(position, share, width, color=CONDITION_COLOURS[condition])
             ax.text(position, share + 0.01, f"{share:.2f}", ha="center", va="bottom", fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=CONDITION_COLOURS[c]) for c in CONDITIONS if c in set(stats.condition)]
-    ax.legend(handles, [CONDITIONS[c][0] for c in CONDITIONS if c in set(stats.condition)], fontsize=8,
+    ax.legend(handles, [describe(c, words) for c in CONDITIONS if c in set(stats.condition)], fontsize=8,
               loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_xticks(range(len(names)), names, rotation=30 if max(map(len, names)) > 8 else 0,
                   ha="right" if max(map(len, names)) > 8 else "center")
@@ -285,16 +399,72 @@ def plot_nonpositive(stats: pd.DataFrame, names: list[str], title: str, path) ->
     plots.save_figure(fig, path)
 
 
+COMPARED = ("nonpositive_share", "effective_rank", "eig_1")  # the side-by-side table's statistics
+
+
+def finetune_comparison(stats: pd.DataFrame) -> pd.DataFrame:
+    """One row per trunk module measured both ways: the fine-tuned trunk's statistics (seen_test)
+    beside the pretrained trunk's (pretrained_trunk), on the same images, and their differences.
+    Frozen blocks have the same weights both ways, so their rows must agree: a check on the rest."""
+    tuned = stats[stats.condition == "seen_test"].set_index("module")
+    before = stats[stats.condition == "pretrained_trunk"].set_index("module")
+    rows = []
+    for module in before.index:
+        row = dict(module=module, part="fine-tuned block" if is_tuned_module(module) else "frozen block",
+                   n_images=int(before.loc[module, "n_images"]), n_channels=int(before.loc[module, "n_channels"]))
+        for stat in COMPARED:
+            row[f"{stat}_pretrained"] = float(before.loc[module, stat])
+            row[f"{stat}_finetuned"] = float(tuned.loc[module, stat])
+            row[f"{stat}_change"] = row[f"{stat}_finetuned"] - row[f"{stat}_pretrained"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_finetune_comparison(table: pd.DataFrame, words: str, title: str, path) -> None:
+    """Side by side for each trunk module: the pretrained and the fine-tuned trunk's share of
+    non-positive values (left) and effective rank (right), the fine-tuned blocks shaded."""
+    plt = plots.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 1.1 * len(table) + 5), 4.8))
+    x = np.arange(len(table))
+    tuned = np.flatnonzero(table.part == "fine-tuned block")
+    for ax, stat, label in zip(axes, ("nonpositive_share", "effective_rank"),
+                               ("share of output values <= 0", "effective rank of the pooled channels")):
+        for offset, (which, colour) in zip((-0.2, 0.2), (("pretrained", CONDITION_COLOURS["pretrained_trunk"]),
+                                                          ("finetuned", CONDITION_COLOURS["seen_test"]))):
+            bars = ax.bar(x + offset, table[f"{stat}_{which}"], 0.4, color=colour,
+                          label="trunk before fine-tuning" if which == "pretrained" else "fine-tuned trunk (trained model)")
+            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
+        if len(tuned):
+            ax.axvspan(tuned[0] - 0.5, tuned[-1] + 0.5, color="#fdd49e", alpha=0.5, zorder=0, label="fine-tuned blocks")
+        ax.set_xticks(x, table.module, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_xlim(-0.6, len(table) - 0.4)
+        top = table[[f"{stat}_pretrained", f"{stat}_finetuned"]].to_numpy().max()
+        ax.set_ylim(0, 1 if stat == "nonpositive_share" else top * 1.12)  # room for the values on the bars
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"Fine-tuned vs pretrained trunk on the same {int(table.n_images.iloc[0])} {words} (frozen blocks: "
+                 f"equal by construction)\n{title}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    plots.save_figure(fig, path)
+
+
 def run(cfg) -> None:
     paths = locations.prepare_output_dirs(cfg)
+    image_sets = None if cfg.FEATURE_MAP_DIR is None else folder_images(
+        cfg.FEATURE_MAP_DIR, cfg.FEATURE_IMAGES, cfg.SEED, paths.scan_cache(Path(cfg.FEATURE_MAP_DIR)))
     runtime = dataloader.runtime_from_settings(cfg)
     trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
     names = resolve_modules(trained.model, cfg.FEATURE_MODULES)
-    inputs = provenance.start_stage(paths, "feature_maps", [paths.best, paths.split])
+    image_sets = image_sets or run_images(trained, cfg.FEATURE_IMAGES, cfg.SEED)
+    # FEATURE_MAP_DIR's images are no part of split.csv: the record fingerprints the ones measured
+    folder_files = [image_sets.test_root / p for p in image_sets.test] if cfg.FEATURE_MAP_DIR is not None else []
+    inputs = provenance.start_stage(paths, "feature_maps", [paths.best, paths.split] + folder_files)
     checkpoint = trained.checkpoint
     print(f"feature_maps.py  {paths.best} (trunk: {checkpoint.weights_source}), modules: {', '.join(names)}")
-    results = measure(trained, names, cfg.FEATURE_IMAGES, cfg.SEED, runtime)
-    stats, spectra = tables(results, names)
+    results = measure(trained, names, image_sets, runtime, cfg.WEIGHTS)
+    stats, spectra = tables(results, names, image_sets.words)
     outputs = [paths.out / name for name in ("feature_map_stats.csv", "feature_map_spectra.csv",
                                              "feature_map_spectra.png", "feature_map_nonpositive.png")]
     fileio.save_csv(stats, outputs[0], index=False)
@@ -302,11 +472,21 @@ def run(cfg) -> None:
     fresh_seed = checkpoint.seed + 1
     title = trunk_words(checkpoint.weights_source, fresh_seed)
     modules = dict(trained.model.named_modules())
-    plot_spectra(spectra, stats, names, {n: type(modules[n]).__name__ for n in names}, title, outputs[2])
-    plot_nonpositive(stats, names, title, outputs[3])
+    plot_spectra(spectra, stats, names, {n: module_kind(modules[n]) for n in names}, title, outputs[2],
+                 image_sets.words)
+    plot_nonpositive(stats, names, title, outputs[3], image_sets.words)
+    if "pretrained_trunk" in results:
+        comparison = finetune_comparison(stats)
+        outputs += [paths.out / "feature_map_finetune_vs_pretrained.csv",
+                    paths.out / "feature_map_finetune_vs_pretrained.png"]
+        fileio.save_csv(comparison, outputs[-2], index=False)
+        plot_finetune_comparison(comparison, image_sets.words, f"trunk: {checkpoint.weights_source}, "
+                                 f"FINETUNE_BLOCKS={trained.model.finetune_blocks}", outputs[-1])
+        print(comparison[["module", "part", "nonpositive_share_pretrained", "nonpositive_share_finetuned",
+                          "effective_rank_pretrained", "effective_rank_finetuned"]].round(4).to_string(index=False))
     provenance.save_provenance(paths, "feature_maps", inputs, outputs, cfg)
     print(stats[["module", "condition", "n_images", "nonpositive_share", "effective_rank"]].to_string(index=False))
-    print(f"-> {outputs[0]}, {outputs[2]}, {outputs[3]}")
+    print(f"-> {', '.join(str(o) for o in outputs if o.suffix == '.png')}")
 
 
 def main(argv=None):

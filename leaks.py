@@ -8,7 +8,9 @@ Reads:  checkpoints/best.pth (its trunk), outputs/split.csv (its sha256 column),
         features (through the trunk cache, as evaluate.py reads them), the images shown.
 Writes: outputs/leaks.csv (one row per val/test/unseen image that duplicates a training image:
         subset, path, class_name, train_path, train_class, same_class, distance, kind),
-        outputs/leaks.png (thumbnails of up to LEAK_FIGURE_PAIRS pairs, closest first),
+        outputs/leaks.png (thumbnails of up to LEAK_FIGURE_PAIRS pairs, closest first; with no leaks,
+        the distribution of each image's distance to its nearest training image, with the threshold,
+        so a reader sees how far from a leak the closest images were),
         outputs/leaks_summary.json (counts per subset and kind, the threshold, the nearest-distance
         quantiles; read beside evaluate.py's test_metrics.json), and last outputs/provenance_leaks.json.
 
@@ -134,19 +136,40 @@ def print_summary(summary: dict) -> None:
                   f"see leaks.csv and leaks.png")
 
 
-def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, checked: str = "") -> None:
+def plot_nearest_distances(nearest: dict, threshold: float, path, checked: str = "") -> None:
+    """No leaks: per query subset, a histogram of each image's cosine distance to its nearest
+    training image (log scale), with LEAK_THRESHOLD as a line, so the gap between the closest pair
+    and a leak can be read off."""
+    plt = plots.pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.4))
+    distances = {s: d for s, (_, d) in nearest.items() if len(d)}
+    floor = threshold / 10  # an exact copy of the features (distance 0) still has a place on the log axis
+    everything = np.concatenate(list(distances.values())) if distances else np.array([threshold])
+    edges = np.geomspace(floor, max(float(everything.max()), threshold) * 1.5, 40)
+    for subset, d in distances.items():
+        ax.hist(np.clip(d, floor, None), bins=edges, histtype="step", lw=1.8, label=f"{subset} ({len(d)} images)")
+    ax.axvline(threshold, color="darkred", ls="--", lw=1.2, label=f"LEAK_THRESHOLD = {threshold}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cosine distance of the pooled trunk features to the nearest training image (log scale)")
+    ax.set_ylabel("images")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    closest = float(everything.min())
+    ax.set_title(f"No leaks: no validation, test or unseen image is within {threshold} of a training image, nor the "
+                 f"same file.\nThe closest is at {closest:.4f} ({closest / threshold:.1f}x the threshold). "
+                 f"{checked[:1].upper() + checked[1:]}.", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plots.save_figure(fig, path)
+
+
+def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, checked: str = "",
+               nearest: dict | None = None) -> None:
     """Each pair side by side (the val/test/unseen image, then its training image), closest first;
-    a panel saying so, and what was checked (`checked`), when there are none."""
+    with none, plot_nearest_distances (the distances to the nearest training image)."""
     plt = plots.pyplot()
     shown = leaks.head(limit)
     if shown.empty:
-        fig, ax = plt.subplots(figsize=(7, 2.5))
-        ax.text(0.5, 0.5, f"No leaks found: no validation, test or unseen image is a copy of a training image\n"
-                          f"(exact: same file content; near: cosine distance <= {threshold})\n{checked}",
-                ha="center", va="center", fontsize=11)
-        ax.set_axis_off()
-        ax.set_title("Leaks between splits")
-        plots.save_figure(fig, path)
+        plot_nearest_distances(nearest or {}, threshold, path, checked)
         return
     pairs_per_row = min(4, len(shown))
     rows = -(-len(shown) // pairs_per_row)
@@ -197,7 +220,7 @@ def run(cfg) -> None:
     fileio.save_csv(leaks, outputs[0], index=False)
     checked = "checked: " + ", ".join(f"{c['images']} {s}" for s, c in summary["subsets"].items()) + \
         f" images against {int((table.subset == 'train').sum())} training images"
-    plot_leaks(leaks, trained.split.root, cfg.LEAK_THRESHOLD, cfg.LEAK_FIGURE_PAIRS, outputs[1], checked)
+    plot_leaks(leaks, trained.split.root, cfg.LEAK_THRESHOLD, cfg.LEAK_FIGURE_PAIRS, outputs[1], checked, nearest)
     fileio.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, **summary), outputs[2])
     provenance.save_provenance(paths, "leaks", inputs, outputs, cfg)
     print(f"-> {outputs[0]}, {outputs[1]}, {outputs[2]}")

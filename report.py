@@ -6,9 +6,10 @@ self-contained HTML file that opens offline in any browser, with no server.
 Reads:  the settings; outputs/class_counts.csv/.png, sample_images.png, model_summary.txt, the training
         curves, test_metrics.csv and the confusion matrix; then each stage's files as its
         outputs/provenance_<stage>.json names them (without one: the registry's output patterns);
-        outputs/umap_coordinates.csv and the images it names (thumbnails); checkpoints/best.pth (classes,
-        data folder, trunk weights); outputs/stage_times.json.
-Writes: outputs/report.html (figures as embedded PNGs, tables as HTML, the UMAP as an interactive Bokeh
+        outputs/<method>_coordinates.csv (umap_, tsne_ or pca_: whichever dimensionality_reduction.py
+        ran) and the images it names (thumbnails); checkpoints/best.pth (classes, data folder, trunk
+        weights); outputs/stage_times.json.
+Writes: outputs/report.html (figures as embedded PNGs, tables as HTML, the 2-d plane as an interactive Bokeh
         plot with its JavaScript and thumbnails inside the file), and last outputs/provenance_report.json.
 
 Sections: settings, data overview, model summary, training curves, test metrics, then one section per
@@ -33,6 +34,7 @@ from plankton import (
     images,
     locations,
     plots,
+    projection,
     provenance,
     registry,
     runner,
@@ -366,15 +368,17 @@ MARKERS = {"train": dict(marker="circle", fill_alpha=0.45, line_alpha=0.0),
 LEGEND_GREYS = {"train": "#c4c4c4", "test": "#505050", "unseen": "#8a8a8a"}  # the subset legend's markers
 
 
-def umap_plot(coords: pd.DataFrame, colours: dict[str, str]):
-    """A Bokeh scatter of the UMAP plane: one renderer per class and subset, so that a click on a class
-    or subset in the legends hides it; hover shows the thumbnail, class, subset and path."""
+def umap_plot(coords: pd.DataFrame, colours: dict[str, str], method: str = "umap"):
+    """A Bokeh scatter of the 2-d plane (of method: "umap", "tsne" or "pca"): one renderer per class and
+    subset, so that a click on a class or subset in the legends hides it; hover shows the thumbnail,
+    class, subset and path."""
     from bokeh.models import ColumnDataSource, CustomJS, HoverTool, Legend, LegendItem
     from bokeh.plotting import figure
+    label, axis = projection.METHODS[method].label, projection.METHODS[method].axis
     nan = float("nan")  # the grey legend markers' one point, never drawn on the plane
     plot = figure(name="umap", width=960, height=680, tools="pan,wheel_zoom,box_zoom,reset,tap,save",
-                  title=f"UMAP of the embeddings: {len(coords)} points (hover: image; click: image at the right)",
-                  x_axis_label="UMAP 1", y_axis_label="UMAP 2")
+                  title=f"{label} of the embeddings: {len(coords)} points (hover: image; click: image at the right)",
+                  x_axis_label=f"{axis} 1", y_axis_label=f"{axis} 2")
     class_items, by_subset, renderers = [], {}, []
     for name, colour in colours.items():
         mine = []
@@ -401,35 +405,39 @@ def umap_plot(coords: pd.DataFrame, colours: dict[str, str]):
 
 
 def interactive_umap(paths: locations.Paths) -> str:
-    """The interactive UMAP of umap_coordinates.csv with the thumbnails of its images, or a line saying why not."""
-    if not paths.umap_coordinates.is_file() or not paths.best.is_file():
-        return note(f"No interactive UMAP: {paths.umap_coordinates.name} or best.pth is missing.")
+    """The interactive plane (UMAP, t-SNE or PCA: whichever dimensionality_reduction.py ran, as its
+    record says) with the thumbnails of its images, or a line saying why not."""
+    method = embedding_files.projection_method(paths) or "umap"
+    if not paths.coordinates(method).is_file() or not paths.best.is_file():
+        return note(f"No interactive plane: {paths.coordinates(method).name} or best.pth is missing.")
     try:  # its owner reads it: refused unless dimensionality_reduction's provenance vouches for it
-        coords = embedding_files.open_umap_coordinates(paths)
+        coords = embedding_files.open_coordinates(paths, method)
     except PipelineError as err:
-        return f'<p class="warn">No interactive UMAP: {esc(err)}</p>'
+        return f'<p class="warn">No interactive {esc(projection.METHODS[method].label)}: {esc(err)}</p>'
     checkpoint = checkpoints.open_checkpoint(paths.best)
-    return umap_html(coords, Path(checkpoint.data_dir), list(checkpoint.class_names), list(checkpoint.unseen_classes))
+    return umap_html(coords, Path(checkpoint.data_dir), list(checkpoint.class_names), list(checkpoint.unseen_classes),
+                     method)
 
 
-def umap_html(coords: pd.DataFrame, root: Path, seen: list[str], unseen: list[str]) -> str:
+def umap_html(coords: pd.DataFrame, root: Path, seen: list[str], unseen: list[str], method: str = "umap") -> str:
     """The Bokeh plot (its data inline; the library is in the page's head) with a panel for a clicked
-    point, coloured as umap_embeddings.png is (plots.class_colours)."""
+    point, coloured as <method>_embeddings.png is (plots.class_colours)."""
+    label = projection.METHODS[method].label
     from bokeh.embed import components
     from matplotlib.colors import to_hex
     inside = root.resolve()  # a path that leads out of the data folder (.., a link) gets no thumbnail
     coords = coords.assign(thumb=[thumbnail_uri(root / p) if (root / p).resolve().is_relative_to(inside) else ""
                                   for p in coords.path])
     colours = {c: to_hex(rgba) for c, rgba in plots.class_colours(seen, unseen).items()}
-    script, div = components(umap_plot(coords, colours))
+    script, div = components(umap_plot(coords, colours, method))
     missing = int((coords.thumb == "").sum())
     lost = note(f"{missing} images could not be read for thumbnails.") if missing else ""
-    return (f"<h3>Interactive UMAP</h3>{note(UMAP_HELP)}{lost}"
+    return (f"<h3>Interactive {esc(label)}</h3>{note(UMAP_HELP.format(figure=projection.figure_name(method)))}{lost}"
             f'<div class="umap-row">{div}<div id="umap-tapped"><i>Click a point to see its image here.</i>'
             f"</div></div>{script}")
 
 
-UMAP_HELP = ("The plane of umap_embeddings.png. Hover over a point for its image, class and subset; click a point "
+UMAP_HELP = ("The plane of {figure}. Hover over a point for its image, class and subset; click a point "
              "to keep its image at the right; click a class or subset in the legends to hide or show it. Seen "
              "classes are circles (training points lighter), unseen classes triangles.")
 

@@ -41,7 +41,7 @@ from plankton.errors import PipelineError
 
 def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path) -> None:
     plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(7.8, 5.0))
+    fig, ax = plt.subplots(figsize=(10.2, 5.0))
     n_classes = round(1 / chance)
     for method in methods:
         probe = probes.PROBES[method]
@@ -60,14 +60,15 @@ def plot_curves(results: pd.DataFrame, methods, chance: float, title: str, path)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: never on the chance line
+    fig.tight_layout()
     plots.save_figure(fig, path)
 
 
 def plot_fewshot(summary: pd.DataFrame, chance: float, title: str, path) -> None:
     """Every probe's mean balanced accuracy against k images per class, its 95% interval as a band."""
     plt = plots.pyplot()
-    fig, ax = plt.subplots(figsize=(8.4, 5.2))
+    fig, ax = plt.subplots(figsize=(10.8, 5.2))
     for method, probe in probes.PROBES.items():
         part = summary[summary.method == method].sort_values("shots")
         line, = ax.plot(part.shots, part["mean"], f"{probe.marker}-", color=probe.colour, label=probe.label)
@@ -82,7 +83,9 @@ def plot_fewshot(summary: pd.DataFrame, chance: float, title: str, path) -> None
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8, title="probe (band: 95% t-interval)", title_fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="probe (band: 95% t-interval)",
+              title_fontsize=8)  # beside the axes: never on the chance line or a curve
+    fig.tight_layout()
     plots.save_figure(fig, path)
 
 
@@ -92,7 +95,7 @@ def plot_per_class(runs: pd.DataFrame, class_names: list[str], title: str, path)
     plt = plots.pyplot()
     largest = runs[runs.shots == runs.shots.max()]
     width = 0.8 / len(probes.PROBES)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(class_names) + 3), 4.8))
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.3 * len(class_names) + 5), 4.8))
     for i, method in enumerate(probes.PROBES):
         part = largest[largest.method == method]
         cells = [probes.t_interval(part[f"acc_{name}"]) for name in class_names]
@@ -100,13 +103,15 @@ def plot_per_class(runs: pd.DataFrame, class_names: list[str], title: str, path)
         errors = np.array([[c[0] - c[1] for c in cells], [c[2] - c[0] for c in cells]])
         ax.bar(np.arange(len(class_names)) + (i - (len(probes.PROBES) - 1) / 2) * width, means, width,
                yerr=np.nan_to_num(errors), capsize=2, color=probes.PROBES[method].colour, label=probes.PROBES[method].label)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=30 if max(map(len, class_names)) > 6 else 0)
+    slant = max(map(len, class_names)) > 6
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30 if slant else 0, ha="right" if slant else "center")
     ax.set_xlabel("unseen class")
     ax.set_ylabel("accuracy on the class's test images")
-    ax.set_ylim(0, 1.15)
+    ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper center", ncol=min(3, len(probes.PROBES)), fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes: never on a bar
+    fig.tight_layout()
     plots.save_figure(fig, path)
 
 

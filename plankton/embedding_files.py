@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from plankton import labelsets, safepickle
+from plankton import labelsets, projection, safepickle
 from plankton.errors import PipelineError
 from plankton.fileio import atomic_path, read_csv, save_csv
 from plankton.hashing import file_sha256
 from plankton.locations import Paths
 from plankton.plots import note_trunk_weights
-from plankton.provenance import stale_outputs
+from plankton.provenance import read_record, stale_outputs
 
 EMBEDDED_SUBSETS = ("train", "test", "unseen")
 
@@ -140,15 +140,41 @@ def check_table(frame: pd.DataFrame, source: EmbeddingsInfo, path: Path) -> None
         raise PipelineError(f"{path}: its class_name column disagrees with its labels; {redo}")
 
 
-UMAP_COLUMNS = ["label", "class_name", "path", "subset", "x", "y"]
+UMAP_COLUMNS = ["label", "class_name", "path", "subset", "x", "y"]  # <method>_coordinates.csv, whichever DIMRED
+
+
+def projection_method(paths: Paths) -> str | None:
+    """Which method of projection.METHODS dimensionality_reduction.py's record says it ran (the one
+    whose <method>_coordinates.csv it wrote), or None without a readable record naming one."""
+    try:
+        record = read_record(paths, "dimensionality_reduction")
+    except PipelineError:
+        return None
+    ran = [m for m in projection.METHODS if projection.coordinates_name(m) in (record.outputs if record else {})]
+    return ran[0] if ran else None
+
+
+def open_projection_coordinates(paths: Paths) -> tuple[str, pd.DataFrame]:
+    """The 2-d plane dimensionality_reduction.py made last (DIMRED: umap, tsne or pca) and its
+    <method>_coordinates.csv, refused unless its provenance vouches for it (written by the recorded
+    run, from the current best.pth and embeddings)."""
+    method = projection_method(paths)
+    if method is None:
+        raise PipelineError(f"no 2-d coordinates (umap_coordinates.csv or another DIMRED's) recorded in {paths.out} "
+                            f"— run dimensionality_reduction.py first")
+    return method, open_coordinates(paths, method)
 
 
 def open_umap_coordinates(paths: Paths) -> pd.DataFrame:
-    """umap_coordinates.csv, refused unless dimensionality_reduction.py's provenance vouches for it
-    (written by the recorded run, from the current best.pth and embeddings)."""
-    path = paths.umap_coordinates
+    """umap_coordinates.csv (DIMRED="umap"), vouched for by dimensionality_reduction.py's provenance."""
+    return open_coordinates(paths, "umap")
+
+
+def open_coordinates(paths: Paths, method: str) -> pd.DataFrame:
+    path = paths.coordinates(method)
     if not path.is_file():
-        raise PipelineError(f"no UMAP coordinates at {path} — run dimensionality_reduction.py first")
+        raise PipelineError(f"no {method} coordinates at {path} — run dimensionality_reduction.py "
+                            f"(with DIMRED={method!r}) first")
     if str(path) in stale_outputs(paths, "dimensionality_reduction"):
         raise PipelineError(f"{path} was not made from the current checkpoint and embeddings (or its provenance "
                             f"record is missing) — re-run dimensionality_reduction.py")

@@ -35,6 +35,10 @@ class Paths:
     umap_coordinates = property(lambda self: self.out / "umap_coordinates.csv")  # dimensionality_reduction.py
     leaks_summary = property(lambda self: self.out / "leaks_summary.json")  # leaks.py: counts beside evaluate's
 
+    def coordinates(self, method: str) -> Path:
+        """dimensionality_reduction.py's 2-d plane of DIMRED=method (umap_coordinates.csv, tsne_..., pca_...)."""
+        return self.out / f"{method}_coordinates.csv"
+
     def embeddings(self, subset: str) -> Path:
         return self.out / f"embeddings_{subset}.pkl"
 

@@ -1,13 +1,16 @@
-"""The 2-D map of the embeddings: UMAP on exact neighbours, with umap-learn's numba code cached on
-disk and optionally compiled ahead in a low-priority process while earlier stages run."""
+"""The 2-D map of the embeddings, one method of METHODS (the DIMRED setting): UMAP on exact
+neighbours (umap-learn's numba code cached on disk and optionally compiled ahead in a low-priority
+process while earlier stages run), scikit-learn's t-SNE, or scikit-learn's PCA. Every method is fitted
+on the same standardised points. A new method is one entry in METHODS."""
 import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from plankton import system
 
@@ -43,6 +46,7 @@ def exact_neighbours(points: np.ndarray, k: int, block: int = 2048) -> tuple[np.
     umap-learn finds neighbours exactly below 4,096 points and with pynndescent's approximate search
     above; pynndescent's compiled code is not kept between processes and took 26 s of a 31 s first
     fit on 4,600 points. The exact search here costs O(n^2 d) multiply-adds: 0.1 s for 6,000 points."""
+    import torch
     x = torch.as_tensor(points, dtype=torch.float32)
     squares = (x * x).sum(1)
     indices, distances = [], []
@@ -117,3 +121,57 @@ def fit_umap(points: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
     with warnings.catch_warnings():  # "no search index: transform() unavailable": never used here
         warnings.filterwarnings("ignore", message="precomputed_knn")
         return reducer.fit_transform(scaled)
+
+
+def fit_tsne(points: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
+    """Standardise, then scikit-learn's t-SNE to 2-d (Barnes-Hut, PCA initialisation). Its
+    perplexity is scikit-learn's default, 30, below the number of points; n_neighbors is not used.
+
+    One OpenMP thread: beside torch's own OpenMP runtime, whose idle threads keep spinning, scikit-
+    learn's threads fought them for the cores (30 points took 16.6 s after a torch matrix product,
+    0.3 s on one thread); one thread also makes the sums, and so the plane, the same on every machine."""
+    from sklearn.manifold import TSNE
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+    scaled = StandardScaler().fit_transform(points).astype(np.float32)
+    perplexity = min(30.0, max(1.0, (len(points) - 1) / 3))
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(scaled)
+
+
+def fit_pca(points: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
+    """Standardise, then the first two principal components (scikit-learn's PCA, exact SVD)."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+    scaled = StandardScaler().fit_transform(points)
+    return PCA(n_components=2, svd_solver="full", random_state=seed).fit_transform(scaled)
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str  # what figures call it ("t-SNE")
+    axis: str  # the axes are "<axis> 1" and "<axis> 2"
+    fit: Callable[[np.ndarray, int, int], np.ndarray]  # (points, UMAP_NEIGHBORS, seed) -> (n, 2)
+    reading: str  # how to read the plane, one sentence for the figure's title
+
+
+METHODS = {  # the DIMRED setting's choices; the stage writes <name>_embeddings.png, <name>_coordinates.csv
+    "umap": Method("UMAP", "UMAP", fit_umap, "UMAP keeps neighbourhoods; distances between clusters mean little."),
+    "tsne": Method("t-SNE", "t-SNE", fit_tsne, "t-SNE keeps neighbourhoods; distances between clusters and "
+                                               "cluster sizes mean little."),
+    "pca": Method("PCA", "PC", fit_pca, "PCA is a linear view along the two directions of largest variance; "
+                                         "classes that differ elsewhere overlap here."),
+}
+
+
+def coordinates_name(method: str) -> str:
+    return f"{method}_coordinates.csv"
+
+
+def figure_name(method: str) -> str:
+    return f"{method}_embeddings.png"
+
+
+def output_names(method: str) -> tuple[str, str, str]:
+    """The plane's files for one method: figure, coordinates CSV and its Parquet copy."""
+    return figure_name(method), coordinates_name(method), coordinates_name(method).replace(".csv", ".parquet")

@@ -13,6 +13,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from plankton.errors import PipelineError
+from plankton.projection import METHODS as PROJECTIONS
+from plankton.projection import output_names as projection_outputs
 from plankton.tasks import ALL_TASKS
 
 
@@ -90,15 +92,16 @@ STAGES: list[Stage] = [
           ("ranked_*_*.png",), reads=("train", "evaluate"),
           tasks=("multiclass",), not_for="ranks each class's softmax score"),
     Stage("embed", "embeddings of the train, test and unseen images", EMBEDDINGS, reads=("train",)),
-    Stage("feature_maps", "statistics and spectra of the trunk's feature maps",
+    Stage("feature_maps", "statistics and spectra of the trunk's feature maps (fine-tuned vs pretrained trunk)",
           ("feature_map_stats.csv", "feature_map_spectra.csv", "feature_map_spectra.png",
-           "feature_map_nonpositive.png"), reads=("train",)),
+           "feature_map_nonpositive.png", "feature_map_finetune_vs_pretrained.csv",
+           "feature_map_finetune_vs_pretrained.png"), reads=("train",)),
     Stage("compute_average_distances", "average Euclidean and cosine distances between classes",
           ("average_*_distances_*.csv", "average_*_distances_*.png"), reads=("embed",)),
-    Stage("dimensionality_reduction", "UMAP of the embeddings, closest and furthest images",
-          ("umap_embeddings.png", "umap_coordinates.csv", "umap_coordinates.parquet",
+    Stage("dimensionality_reduction", "UMAP (or t-SNE, PCA: DIMRED) of the embeddings, closest and furthest images",
+          (*(name for method in PROJECTIONS for name in projection_outputs(method)),
            "close_faraway_closeotherclass_class_*.png", "close_far_images.csv"), reads=("embed",)),
-    Stage("embedding_quality", "silhouette, neighbour recall and UMAP trustworthiness",
+    Stage("embedding_quality", "silhouette, neighbour recall and the 2-d plane's trustworthiness",
           ("embedding_quality.csv",), reads=("embed", "dimensionality_reduction"),
           tasks=("multiclass",), not_for="silhouette and recall need one class per image"),
     Stage("transfer_learning", "classifiers trained on the unseen classes' embeddings; few-shot",

@@ -43,7 +43,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import backbone
-from plankton import drift, ecotaxa, fileio, heads, openset, orientations, tasks, training
+from plankton import drift, ecotaxa, fileio, heads, openset, orientations, projection, tasks, training
 from plankton.errors import PipelineError
 from plankton.system import REPO_DIR
 
@@ -107,6 +107,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "COMPILE_AHEAD": Rule("bool"),
     "EXPORT_CSV": Rule("bool"),
     # analysis
+    "DIMRED": Rule("str", choices=projection.METHODS),
     "UMAP_SAMPLES": Rule("int", "[2, inf)"),
     "UMAP_NEIGHBORS": Rule("int", "[2, inf)"),
     "DISTANCE_SAMPLES": Rule("int", "[2, inf)"),
@@ -139,6 +140,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     # feature maps
     "FEATURE_MODULES": Rule("modules", choices=("auto",)),
     "FEATURE_IMAGES": Rule("int", "[2, inf)"),
+    "FEATURE_MAP_DIR": Rule("path", none_ok=True),
     # open-set detection, calibration, prediction
     "OPEN_SET_K": Rule("int", "[1, inf)"),
     "OPEN_SET_TRAIN_SAMPLES": Rule("int", "[1, inf)"),
@@ -185,7 +187,7 @@ MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis 
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")
 # folders that are created and swept of leftover temporary files: never the repository or a root
 OWN_FOLDERS = ("OUTPUT_DIR", "CHECKPOINT_DIR", "CACHE_DIR")
-FOLDERS = OWN_FOLDERS + ("DATA_DIR", "BUILTIN_DATA_DIR", "PREDICT_DIR", "BUILTIN_MULTILABEL_DIR")
+FOLDERS = OWN_FOLDERS + ("DATA_DIR", "BUILTIN_DATA_DIR", "PREDICT_DIR", "BUILTIN_MULTILABEL_DIR", "FEATURE_MAP_DIR")
 KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "path": "a non-empty path",
               "classes": f"a list of at least {MIN_CLASSES} different, non-empty class names",
               "names": "a list of different, non-empty class names (may be empty)",
@@ -375,7 +377,7 @@ def check_ecotaxa(values: dict) -> None:
 def check_folders(values: dict) -> None:
     """Folder settings name folders (or nothing yet), never a file or a device; OUTPUT_DIR,
     CHECKPOINT_DIR and CACHE_DIR are neither the repository, a root, nor inside the images (DATA_DIR,
-    or the built-in data it stands for, or PREDICT_DIR): figures would land among the user's images.
+    or the built-in data it stands for, PREDICT_DIR or FEATURE_MAP_DIR): figures would land among the user's images.
     Paths are compared as real paths, so a link into the data is inside it too."""
     for name in FOLDERS:
         if values[name] is not None:
@@ -408,7 +410,7 @@ def _image_folders(values: dict) -> list[str]:
         data = ["DATA_DIR"]
     else:
         data = ["BUILTIN_MULTILABEL_DIR" if values["TASK"] == "multilabel" else "BUILTIN_DATA_DIR"]
-    return data + (["PREDICT_DIR"] if values["PREDICT_DIR"] is not None else [])
+    return data + [name for name in ("PREDICT_DIR", "FEATURE_MAP_DIR") if values[name] is not None]
 
 
 def _existing_non_folder(path: Path) -> Path | None:

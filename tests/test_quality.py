@@ -72,7 +72,7 @@ def test_trustworthiness_uses_the_subsets_plotted_points_and_equals_sklearns():
     coords = pd.DataFrame(dict(label=0, class_name="c", path=[paths[i] for i in plotted], subset="test",
                                x=xy[plotted, 0], y=xy[plotted, 1]))
     other = coords.assign(subset="unseen", x=0.0, y=0.0)  # same paths in another subset: ignored
-    value, n = embedding_quality.umap_trustworthiness(x, paths, pd.concat([other, coords]), "test", 5)
+    value, n = embedding_quality.plane_trustworthiness(x, paths, pd.concat([other, coords]), "test", 5)
     keep = np.sort(plotted)
     assert n == 30 and value == pytest.approx(trustworthiness(x[keep], xy[keep], n_neighbors=5))
 

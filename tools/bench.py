@@ -46,7 +46,18 @@ import backbone  # noqa: E402
 import compute_average_distances as cad
 import dataloader
 from dataloader import Runtime
-from plankton import embedding_files, fileio, locations, provenance, runner, settings, splits, system, training
+from plankton import (
+    embedding_files,
+    fileio,
+    locations,
+    projection,
+    provenance,
+    runner,
+    settings,
+    splits,
+    system,
+    training,
+)
 from plankton.errors import PipelineError
 from plankton.trunk_cache import TrunkCache
 
@@ -334,8 +345,8 @@ def measure_umap(cfg) -> dict:
     paths = locations.Paths.from_settings(cfg)
     frames = {s: embedding_files.open_embeddings(paths, s) for s in dr.SUBSETS}
     points, _ = dr.plotted_points(frames, cfg.UMAP_SAMPLES, cfg.SEED)
-    dr.fit_umap(points[:300], cfg.UMAP_NEIGHBORS, cfg.SEED)
-    _, seconds = timed(lambda: dr.fit_umap(points, cfg.UMAP_NEIGHBORS, cfg.SEED), torch.device("cpu"))
+    projection.fit_umap(points[:300], cfg.UMAP_NEIGHBORS, cfg.SEED)
+    _, seconds = timed(lambda: projection.fit_umap(points, cfg.UMAP_NEIGHBORS, cfg.SEED), torch.device("cpu"))
     return dict(points=len(points), seconds=seconds)
 
 
