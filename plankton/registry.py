@@ -59,13 +59,14 @@ class Stage:
         return self.run_all and (self.when_set is None or getattr(cfg, self.when_set) is not None)
 
 
+OVERVIEW = ("class_counts.csv", "class_counts.png", "label_counts.csv", "label_counts.png",  # label_*: multilabel
+            "label_cooccurrence.csv", "label_cooccurrence.png", "sample_images.png")
 EMBEDDINGS = tuple(f"embeddings_{s}.{ext}" for s in ("train", "test", "unseen") for ext in ("pkl", "parquet", "csv"))
 
 STAGES: list[Stage] = [
-    Stage("dataset_overview", "class counts per subset and a grid of sample images",
-          ("class_counts.csv", "class_counts.png", "sample_images.png"),
-          tasks=("multiclass",), not_for="counts and samples are per class folder",
-          front=(("Data overview", ("class_counts.csv", "class_counts.png", "sample_images.png")),)),
+    Stage("dataset_overview", "class (or label) counts per subset, label co-occurrence, a grid of sample images",
+          OVERVIEW,
+          front=(("Data overview", OVERVIEW),)),
     Stage("train", "trains the head on the frozen trunk; writes best.pth and the training curves",
           ("model_summary.txt", "training_history.csv", "training_plot.png", "training_classwise_accuracy.png",
            "training_classwise_ap.png"), recorded=False,
@@ -86,9 +87,8 @@ STAGES: list[Stage] = [
           tasks=("multiclass",), not_for="doubts each image's one given class"),
     Stage("reproduce", "recomputes the test scores and compares them with the saved ones",
           ("reproduction_check.csv", "reproduction_check.json"), reads=("train", "evaluate")),
-    Stage("ranked_images", "top and bottom 10 test images of each class by its score",
-          ("ranked_*_*.png",), reads=("train", "evaluate"),
-          tasks=("multiclass",), not_for="ranks each class's softmax score"),
+    Stage("ranked_images", "top and bottom 10 test images of each class (or label) by its score",
+          ("ranked_*_*.png",), reads=("train", "evaluate")),
     Stage("embed", "embeddings of the train, test and unseen images", EMBEDDINGS, reads=("train",)),
     Stage("feature_maps", "statistics and spectra of the trunk's feature maps",
           ("feature_map_stats.csv", "feature_map_spectra.csv", "feature_map_spectra.png",

@@ -1,0 +1,86 @@
+"""The analysis stages on a multi-label run (TASK="multilabel"): each writes its files with the
+right content, checked against a brute-force count or scikit-learn. One tiny multi-label run
+(train, evaluate, embed) is shared by the whole module."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_config
+from test_multilabel import make_multilabel_folder
+
+from plankton import labelsets, locations, registry, saved_predictions
+
+SEEN, UNSEEN = ["a", "b", "c"], ["u", "v"]
+
+
+@pytest.fixture(scope="module")
+def run_cfg(tmp_path_factory):
+    """A trained, evaluated and embedded tiny multi-label run (one epoch: the stages need files, not skill)."""
+    import embed
+    import evaluate
+    import train
+    tmp = tmp_path_factory.mktemp("multilabel_run")
+    folder = make_multilabel_folder(tmp / "data", n=72)
+    cfg = tiny_config(tmp, folder, TASK="multilabel", MAX_EPOCHS=1)
+    for stage in (train, evaluate, embed):
+        stage.run(cfg)
+    return cfg
+
+
+def split_table(cfg) -> pd.DataFrame:
+    return pd.read_csv(Path(cfg.OUTPUT_DIR) / "split.csv", dtype=str)
+
+
+# ---- ranked images ---------------------------------------------------------------------------------
+
+def test_ranked_picks_the_top_and_bottom_scores_of_a_label_among_its_carriers_or_all():
+    import ranked_images
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, (30, 3))
+    scores = rng.random((30, 3))
+    highest, lowest = ranked_images.ranked(scores, labels, 1, "class", count=4)
+    carriers = np.flatnonzero(labels[:, 1] > 0)
+    assert set(highest) <= set(carriers) and set(lowest) <= set(carriers)
+    assert scores[highest, 1].tolist() == sorted(scores[carriers, 1], reverse=True)[:4]
+    assert scores[lowest, 1].tolist() == sorted(scores[carriers, 1])[:4]
+    highest, _ = ranked_images.ranked(scores, labels, 1, "all", count=4)
+    assert scores[highest, 1].tolist() == sorted(scores[:, 1], reverse=True)[:4]
+
+
+def test_ranked_images_of_a_multilabel_run_one_figure_per_label_captioned_with_label_sets(run_cfg):
+    import ranked_images
+    ranked_images.run(run_cfg)
+    out = Path(run_cfg.OUTPUT_DIR)
+    assert sorted(p.name for p in out.glob("ranked_*.png")) == ["ranked_0_a.png", "ranked_1_b.png", "ranked_2_c.png"]
+    predictions = saved_predictions.open_predictions(locations.Paths.from_settings(run_cfg))
+    i = int(np.flatnonzero(predictions.labels[:, 0] == 0)[0])  # an image without label a
+    text, carries = ranked_images.caption_truth(predictions, i, 0)
+    carried = [n for n, on in zip(SEEN, predictions.labels[i]) if on]
+    assert not carries and text == "labels " + "+".join(carried)
+
+
+# ---- dataset overview ------------------------------------------------------------------------------
+
+def test_label_counts_and_cooccurrence_match_the_label_sets(run_cfg):
+    import dataset_overview
+    dataset_overview.run(run_cfg)
+    out = Path(run_cfg.OUTPUT_DIR)
+    table = split_table(run_cfg)
+    sets = [set(text.split(";")) for text in table.labels]
+    counts = pd.read_csv(out / "label_counts.csv").set_index("label")
+    for name in SEEN + UNSEEN:
+        for subset in ("train", "val", "test", "unseen"):
+            expected = sum(name in s for s, sub in zip(sets, table.subset) if sub == subset)
+            assert counts.loc[name, subset] == expected, (name, subset)
+    assert counts.loc[labelsets.ALL_IMAGES, "total"] == len(table)
+    matrix = pd.read_csv(out / "label_cooccurrence.csv", index_col=0)
+    names = SEEN + UNSEEN
+    assert list(matrix.index) == names and list(matrix.columns) == names
+    for x in names:
+        for y in names:
+            assert matrix.loc[x, y] == sum(x in s and y in s for s in sets), (x, y)
+    assert {"label_counts.png", "label_cooccurrence.png", "sample_images.png"} <= {p.name for p in out.iterdir()}
+    assert not (out / "class_counts.csv").exists()
+    record = (out / "provenance_dataset_overview.json").read_text()
+    assert "label_cooccurrence.csv" in record and registry.stage_of("label_cooccurrence.png") == "dataset_overview"
