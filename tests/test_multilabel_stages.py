@@ -84,3 +84,60 @@ def test_label_counts_and_cooccurrence_match_the_label_sets(run_cfg):
     assert not (out / "class_counts.csv").exists()
     record = (out / "provenance_dataset_overview.json").read_text()
     assert "label_cooccurrence.csv" in record and registry.stage_of("label_cooccurrence.png") == "dataset_overview"
+
+
+# ---- calibration -----------------------------------------------------------------------------------
+
+def test_label_reliability_bins_match_sklearn_calibration_curve():
+    from sklearn.calibration import calibration_curve
+
+    from plankton import calibrate
+    rng = np.random.default_rng(5)
+    scores = np.concatenate([rng.random(200), [0.0, 1.0, 2 / 15, 1 / 15]])  # bin edges and ends included
+    targets = (rng.random(len(scores)) < scores).astype(int)
+    bins = calibrate.label_reliability_bins(scores, targets)
+    used = bins[bins.images > 0]
+    fraction, mean_score = calibration_curve(targets, scores, n_bins=calibrate.BINS, strategy="uniform")
+    assert used.fraction_positive.to_numpy() == pytest.approx(fraction)
+    assert used.confidence.to_numpy() == pytest.approx(mean_score)
+    assert bins.images.sum() == len(scores)
+
+
+def test_the_label_temperature_lowers_the_validation_bce_and_label_thresholds_reach_the_precision():
+    from plankton import calibrate, routing
+    rng = np.random.default_rng(2)
+    targets = rng.integers(0, 2, (300, 3))
+    logits = 8.0 * (targets - 0.5) + rng.normal(0, 3, targets.shape)  # overconfident: T > 1 helps
+    t, why = calibrate.validation_label_temperature(logits, targets)
+    assert not why and t > 1
+    assert calibrate.binary_negative_log_likelihood(logits, targets, t) < calibrate.binary_negative_log_likelihood(
+        logits, targets)
+    assert calibrate.validation_label_temperature(np.where(targets > 0, 3.0, -3.0), targets)[1].startswith("not fitted")
+    scores = calibrate.sigmoid_probabilities(logits, t)
+    table = routing.label_thresholds(scores, targets, ["a", "b", "c"], 0.95)
+    for i, row in table.iterrows():
+        above = scores[:, i] >= row.threshold
+        assert (targets[above, i] > 0).mean() >= 0.95 and row.val_above == above.sum()
+        below = scores[:, i][scores[:, i] < row.threshold]
+        if len(below):  # one image more (the next lower score) would miss the precision
+            nxt = scores[:, i] >= below.max()
+            assert (targets[nxt, i] > 0).mean() < 0.95
+
+
+def test_calibration_of_a_multilabel_run_per_label_with_bins_summing_to_the_images(run_cfg):
+    import calibration
+    calibration.run(run_cfg)
+    out = Path(run_cfg.OUTPUT_DIR)
+    predictions = saved_predictions.open_predictions(locations.Paths.from_settings(run_cfg))
+    table = pd.read_csv(out / "calibration_labels.csv")
+    test_before = table[(table.subset == "test") & (table.when == "before")].set_index("label")
+    assert list(test_before.index) == SEEN + ["mean"]
+    for i, name in enumerate(SEEN):
+        assert test_before.loc[name, "positives"] == predictions.labels[:, i].sum()
+        assert test_before.loc[name, "images"] == len(predictions.relpaths)
+    bins = pd.read_csv(out / "calibration_label_bins.csv")
+    sums = bins.groupby(["subset", "when", "label"]).images.sum()
+    assert (sums.xs("test", level="subset") == len(predictions.relpaths)).all() and len(sums) == 2 * 2 * len(SEEN)
+    thresholds = pd.read_csv(out / "label_thresholds.csv")
+    assert list(thresholds.label) == SEEN + ["all"]
+    assert (out / "reliability_diagram_labels.png").is_file() and not (out / "reliability_diagram.png").exists()
