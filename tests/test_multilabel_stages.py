@@ -141,3 +141,42 @@ def test_calibration_of_a_multilabel_run_per_label_with_bins_summing_to_the_imag
     thresholds = pd.read_csv(out / "label_thresholds.csv")
     assert list(thresholds.label) == SEEN + ["all"]
     assert (out / "reliability_diagram_labels.png").is_file() and not (out / "reliability_diagram.png").exists()
+
+
+# ---- embedding quality -----------------------------------------------------------------------------
+
+def test_label_quality_rows_match_a_brute_force_one_vs_rest_computation():
+    from sklearn.metrics import pairwise_distances, silhouette_score
+
+    import embedding_quality
+    rng = np.random.default_rng(4)
+    carried = rng.integers(0, 2, (25, 3))
+    carried[:, 2] = 0
+    carried[0, 2] = 1  # label z: one image, nothing to recall, no silhouette
+    x = rng.normal(size=(25, 4)) + carried[:, :1] * 2.0
+    rows = {r["label"]: r for r in embedding_quality.label_quality_rows(x, carried, ["x", "y", "z"])}
+    d = pairwise_distances(x)
+    for i, name in enumerate("xy"):
+        mine = carried[:, i] > 0
+        pairs = ~np.eye(25, dtype=bool)
+        assert rows[name]["mean_within"] == pytest.approx(d[np.outer(mine, mine) & pairs].mean())
+        assert rows[name]["mean_between"] == pytest.approx(d[np.outer(mine, ~mine) | np.outer(~mine, mine)].mean())
+        assert rows[name]["silhouette"] == pytest.approx(silhouette_score(x, mine))
+        nearest = np.argsort(np.where(pairs, d, np.inf), axis=1, kind="stable")[:, :5]
+        assert rows[name]["recall_at_5"] == pytest.approx(mine[nearest][mine].any(1).mean())
+    assert rows["z"]["n_recall"] == 0 and np.isnan(rows["z"]["recall_at_1"]) and np.isnan(rows["z"]["silhouette"])
+
+
+@pytest.mark.slow
+def test_embedding_quality_of_a_multilabel_run_one_row_per_label_and_subset(run_cfg):
+    import dimensionality_reduction
+    import embedding_quality
+    dimensionality_reduction.run(run_cfg)
+    embedding_quality.run(run_cfg)
+    table = pd.read_csv(Path(run_cfg.OUTPUT_DIR) / "embedding_quality_labels.csv")
+    assert list(table.label) == SEEN + ["(mean)"] + UNSEEN + ["(mean)"]
+    test = table[table.subset == "test"].set_index("label")
+    predictions = saved_predictions.open_predictions(locations.Paths.from_settings(run_cfg))
+    assert test.loc[SEEN, "n_carrying"].tolist() == predictions.labels.sum(0).tolist()
+    assert test.loc["(mean)", "silhouette"] == pytest.approx(test.loc[SEEN, "silhouette"].mean())
+    assert 0 <= test.loc["(mean)", "trustworthiness"] <= 1
