@@ -33,7 +33,8 @@ Multi-label runs (TASK="multilabel") measure each label one-vs-rest, over the su
 subset's trustworthiness, which needs no labels):
 - silhouette of the two groups "carries the label" / "does not" (NaN with fewer than 2 of either);
 - recall_at_k: among the images carrying the label that share it with another image, the share with
-  at least one other image carrying it among their k nearest (leave-one-out, as above);
+  at least one other image carrying it among their k nearest (leave-one-out, as above); compare it
+  with carrying_share, the share of the images that carry the label (what a random neighbour gives);
 - mean_within: mean distance over pairs of different images that both carry the label;
   mean_between: over pairs of which exactly one carries it; their ratio as above.
 """
@@ -167,7 +168,7 @@ def label_quality_rows(x: np.ndarray, carried: np.ndarray, names: list[str]) -> 
             silhouette = silhouette_score(x, mine) if 2 <= mine.sum() <= len(x) - 2 else np.nan
         mean_within = within[i] / n_within[i] if n_within[i] else np.nan
         mean_between = between[i] / n_between[i] if n_between[i] else np.nan
-        rows.append(dict(label=name, n_carrying=int(mine.sum()), silhouette=float(silhouette), **recalls,
+        rows.append(dict(label=name, n_carrying=int(mine.sum()), carrying_share=float(mine.mean()), silhouette=float(silhouette), **recalls,
                          n_recall=int(counted.sum()), mean_within=mean_within, mean_between=mean_between,
                          between_within_ratio=mean_between / mean_within if mean_within else np.nan))
     return rows

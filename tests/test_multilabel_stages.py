@@ -1,6 +1,7 @@
 """The analysis stages on a multi-label run (TASK="multilabel"): each writes its files with the
 right content, checked against a brute-force count or scikit-learn. One tiny multi-label run
 (train, evaluate, embed) is shared by the whole module."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,11 @@ def run_cfg(tmp_path_factory):
     import train
     tmp = tmp_path_factory.mktemp("multilabel_run")
     folder = make_multilabel_folder(tmp / "data", n=72)
+    labels = pd.read_csv(folder / "labels.csv")
+    copies = labels.iloc[:12].assign(path=[p.replace("img_", "copy_") for p in labels.path[:12]])
+    for old, new in zip(labels.path[:12], copies.path):  # exact copies, for leaks.py to find
+        shutil.copyfile(folder / old, folder / new)
+    pd.concat([labels, copies]).to_csv(folder / "labels.csv", index=False)
     cfg = tiny_config(tmp, folder, TASK="multilabel", MAX_EPOCHS=1)
     for stage in (train, evaluate, embed):
         stage.run(cfg)
@@ -180,3 +186,26 @@ def test_embedding_quality_of_a_multilabel_run_one_row_per_label_and_subset(run_
     assert test.loc[SEEN, "n_carrying"].tolist() == predictions.labels.sum(0).tolist()
     assert test.loc["(mean)", "silhouette"] == pytest.approx(test.loc[SEEN, "silhouette"].mean())
     assert 0 <= test.loc["(mean)", "trustworthiness"] <= 1
+
+
+# ---- leaks -----------------------------------------------------------------------------------------
+
+def test_leaks_of_a_multilabel_run_name_label_sets(run_cfg):
+    import json
+
+    import leaks
+    leaks.run(run_cfg)
+    out = Path(run_cfg.OUTPUT_DIR)
+    table = pd.read_csv(out / "leaks.csv", dtype=str)
+    assert list(table.columns) == ["subset", "path", "labels", "train_path", "train_labels", "same_labels", "distance",
+                                   "kind"]
+    assert (table.same_labels == (table.labels == table.train_labels).astype(str)).all()
+    exact = table[table.kind == "exact"]
+    assert len(exact) >= 1 and (exact.same_labels == "True").all()  # the planted copies carry their original's set
+    assert all(p.replace("copy_", "img_") == t or t.replace("copy_", "img_") == p
+               for p, t in zip(exact.path, exact.train_path))
+    summary = json.loads((out / "leaks_summary.json").read_text())
+    split = split_table(run_cfg)
+    for subset in ("val", "test", "unseen"):
+        assert summary["subsets"][subset]["images"] == (split.subset == subset).sum()
+        assert summary["subsets"][subset]["exact"] + summary["subsets"][subset]["near"] == (table.subset == subset).sum()
