@@ -209,3 +209,55 @@ def test_leaks_of_a_multilabel_run_name_label_sets(run_cfg):
     for subset in ("val", "test", "unseen"):
         assert summary["subsets"][subset]["images"] == (split.subset == subset).sum()
         assert summary["subsets"][subset]["exact"] + summary["subsets"][subset]["near"] == (table.subset == subset).sum()
+
+
+# ---- transfer learning and few-shot ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_transfer_learning_of_a_multilabel_run_each_unseen_label_one_vs_rest(run_cfg):
+    import transfer_learning
+    transfer_learning.run(run_cfg)
+    out = Path(run_cfg.OUTPUT_DIR)
+    curves = pd.read_csv(out / "transfer_learning_labels.csv")
+    shots = pd.read_csv(out / "fewshot_labels.csv")
+    unseen = split_table(run_cfg).query("subset == 'unseen'")
+    for name in UNSEEN:
+        carrying = unseen.labels.str.split(";").map(lambda s, name=name: name in s).sum()
+        part = curves[curves.label == name]
+        n_test = part.n_test.iloc[0]
+        assert n_test == round(0.3 * carrying) + round(0.3 * (len(unseen) - carrying))  # stratified, both sides
+        assert part.balanced_accuracy.between(0, 1).all()
+        few = shots[shots.label == name]
+        assert (few.n_train == 2 * few.shots).all()  # k with the label and k without
+        assert ((few.acc_with + few.acc_without) / 2 == pytest.approx(few.balanced_accuracy)).all()
+    assert (out / "transfer_learning_labels.png").is_file() and (out / "fewshot_labels.png").is_file()
+
+
+# ---- open set --------------------------------------------------------------------------------------
+
+def test_joint_energy_and_max_sigmoid_by_hand():
+    from plankton import openset
+    logits = np.array([[2.0, -1.0], [-3.0, -4.0]])
+    scores = {n: f(logits, None, None) for n, f in openset.MULTILABEL_SCORES.items() if n in ("max_sigmoid",
+                                                                                              "joint_energy")}
+    assert scores["joint_energy"] == pytest.approx([-(np.log1p(np.exp(2)) + np.log1p(np.exp(-1))),
+                                                    -(np.log1p(np.exp(-3)) + np.log1p(np.exp(-4)))])
+    assert scores["max_sigmoid"] == pytest.approx([1 - 1 / (1 + np.exp(-2)), 1 - 1 / (1 + np.exp(3))])
+
+
+def test_open_set_of_a_multilabel_run_scores_images_with_an_unseen_label(run_cfg):
+    from sklearn.metrics import roc_auc_score
+
+    import open_set
+    open_set.run(run_cfg)
+    out = Path(run_cfg.OUTPUT_DIR)
+    images = pd.read_csv(out / "open_set_image_scores.csv", dtype={"labels": str})
+    table = pd.read_csv(out / "open_set_scores.csv").set_index("score")
+    assert list(table.index) == ["max_sigmoid", "joint_energy", "knn", "mahalanobis"]
+    split = split_table(run_cfg).set_index("relpath")
+    assert (images.labels == split.labels.loc[images.path].to_numpy()).all()
+    known, unknown = images[images.subset == "test"], images[images.subset == "unseen"]
+    assert all({"u", "v"} & set(s.split(";")) for s in unknown.labels)
+    for name in table.index:
+        y = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
+        assert table.loc[name, "auroc"] == pytest.approx(roc_auc_score(y, -np.r_[known[name], unknown[name]]))
