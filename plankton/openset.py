@@ -147,8 +147,9 @@ def reference_from_model(trained, cache, runtime, cfg) -> Reference:
     """The training images' Reference as the settings ask (OPEN_SET_K, OPEN_SET_KNN_METRIC,
     OPEN_SET_TRAIN_SAMPLES, SEED); says when the kNN reference is a sample."""
     _, embeddings, labels = subset_outputs(trained, cache, runtime, "train")
-    if labels.ndim == 2:  # multi-label: the class means are those of each image's rarest label (as embed.py)
-        labels = labelsets.rarest_labels(labels, labels.sum(0))
+    if labels.ndim == 2:  # multi-label: the class means are those of each image's rarest label (as embed.py),
+        # numbered 0, 1, ... over the labels that are some image's rarest (a label may be none's)
+        labels = np.unique(labelsets.rarest_labels(labels, labels.sum(0)), return_inverse=True)[1]
     if len(embeddings) > cfg.OPEN_SET_TRAIN_SAMPLES:
         print(f"note: the kNN score compares with {cfg.OPEN_SET_TRAIN_SAMPLES} random training embeddings of "
               f"{len(embeddings)} (OPEN_SET_TRAIN_SAMPLES); class means and covariance use them all")
