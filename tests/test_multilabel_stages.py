@@ -261,3 +261,28 @@ def test_open_set_of_a_multilabel_run_scores_images_with_an_unseen_label(run_cfg
     for name in table.index:
         y = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
         assert table.loc[name, "auroc"] == pytest.approx(roc_auc_score(y, -np.r_[known[name], unknown[name]]))
+
+
+# ---- predict ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_predict_with_a_multilabel_model_writes_label_sets_from_the_label_thresholds(run_cfg):
+    import copy
+    import json
+
+    import predict
+    cfg = copy.copy(run_cfg)
+    cfg.PREDICT_DIR = str(Path(cfg.DATA_DIR) / "pics")
+    predict.run(cfg)
+    folder = Path(cfg.OUTPUT_DIR) / "predictions"
+    table = pd.read_csv(folder / "predictions.csv", dtype={"predicted_labels": str, "labels_at_half": str},
+                        keep_default_na=False)
+    summary = json.loads((folder / "predictions.json").read_text())
+    assert len(table) == len(list((Path(cfg.DATA_DIR) / "pics").glob("*.png"))) == summary["images_predicted"]
+    thresholds = summary["label_thresholds"]
+    for row in table.itertuples():
+        expected = [n for n in SEEN if thresholds[n] is not None and getattr(row, f"score_{n}") >= thresholds[n]]
+        assert row.predicted_labels == ";".join(expected)
+        assert row.labels_at_half == ";".join(n for n in SEEN if getattr(row, f"score_{n}") >= 0.5)
+    assert (table.unknown == (table.open_set_score > summary["threshold"])).all()
+    assert summary["flagged_unknown"] == table.unknown.sum()
