@@ -245,6 +245,7 @@ def test_joint_energy_and_max_sigmoid_by_hand():
     assert scores["max_sigmoid"] == pytest.approx([1 - 1 / (1 + np.exp(-2)), 1 - 1 / (1 + np.exp(3))])
 
 
+@pytest.mark.slow  # head outputs of every subset: the fast budget is spent on the stages above
 def test_open_set_of_a_multilabel_run_scores_images_with_an_unseen_label(run_cfg):
     from sklearn.metrics import roc_auc_score
 
