@@ -26,6 +26,18 @@ image is predicted right the NLL has no minimum (it falls as T -> 0): T stays 1 
 A fitted T is applied (thresholds here, scores in predict.py) only when the test images' ECE at T is
 no worse than at 1 (calibrate.choose_temperature); the "after" rows show the fitted T either way,
 and calibration.json records the choice and both ECEs.
+
+Multi-label runs (TASK="multilabel") calibrate each label's sigmoid score, one-vs-rest: one
+temperature shared by the labels, fitted on the validation images by minimising the mean binary
+cross-entropy (not fitted when every validation label is decided right at 0.5). They write
+outputs/calibration_labels.csv (subset val/test x before/after x label, then a "mean" row: images,
+positives, ECE over 15 equal-width bins of the label's score, NLL and Brier of the label's score,
+AP, AUROC), outputs/calibration_label_bins.csv (per subset, before/after and label: the bins' images,
+share carrying the label, mean score; the images of a label's bins sum to the subset's images),
+outputs/calibration.json, outputs/reliability_diagram_labels.png (one panel per label, test images,
+before and after) and outputs/label_thresholds.csv (per label, the lowest calibrated score whose
+validation images at or above it carry the label with ROUTE_PRECISION; on the test images the
+images above it, their precision and the recall: plankton/routing.py's label_thresholds).
 """
 import sys
 
@@ -136,6 +148,104 @@ def plot_thresholds(routed: pd.DataFrame, target: float, val_images: int, path) 
     plots.save_figure(fig, path)
 
 
+MULTICLASS_OUTPUTS = ("calibration.csv", "calibration_bins.csv", "calibration.json", "reliability_diagram.png",
+                      "class_thresholds.csv", "class_thresholds.png")
+MULTILABEL_OUTPUTS = ("calibration_labels.csv", "calibration_label_bins.csv", "calibration.json",
+                      "reliability_diagram_labels.png", "label_thresholds.csv")
+
+
+# ---- multi-label: per label, one-vs-rest ---------------------------------------------------------
+
+def label_calibration_tables(subsets: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], temperature: float):
+    """(one row per subset, before/after and label (and a mean row), the reliability bins of each
+    label) for {subset: (logits, multi-hot targets)}."""
+    rows, bins = [], []
+    for subset, (logits, targets) in subsets.items():
+        for when, t in (("before", 1.0), ("after", temperature)):
+            rows += [dict(subset=subset, when=when, **row)
+                     for row in calibrate.label_calibration_rows(logits, targets, names, t)]
+            probs = calibrate.sigmoid_probabilities(logits, t)
+            bins += [calibrate.label_reliability_bins(probs[:, i], targets[:, i]).assign(subset=subset, when=when,
+                                                                                         label=name)
+                     for i, name in enumerate(names)]
+    bins = pd.concat(bins, ignore_index=True)
+    front = ["subset", "when", "label"]
+    return pd.DataFrame(rows), bins[front + [c for c in bins.columns if c not in front]]
+
+
+def plot_label_reliability(table: pd.DataFrame, bins: pd.DataFrame, names: list[str], subset: str, path,
+                           not_fitted: str = "") -> None:
+    """One panel per label: the share of the images in each score bin that carry the label, before
+    temperature scaling (bars, images per bin above them) and after (orange line), against the diagonal."""
+    plt = plots.pyplot()
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.9 * rows + 0.6), squeeze=False)
+    width = 1.0 / calibrate.BINS
+    temperature = float(table.temperature[table.when == "after"].iloc[0])
+    for ax, name in zip(axes.flat, names):
+        part = bins[(bins.subset == subset) & (bins.label == name)]
+        before, after = (part[(part.when == w) & (part.images > 0)] for w in ("before", "after"))
+        ax.bar(before.bin_low, before.fraction_positive, width=width, align="edge", color="tab:blue",
+               edgecolor="black", lw=0.5, label="before (T = 1)")
+        for b in before.itertuples():
+            ax.text(b.bin_low + width / 2, min(b.fraction_positive + 0.02, 1.04), str(b.images), ha="center",
+                    va="bottom", fontsize=6)
+        if not not_fitted:
+            ax.plot(after.confidence, after.fraction_positive, "o-", color="tab:orange", ms=3, lw=1.2,
+                    label=f"after (T = {temperature:.3f}), at mean score")
+        ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+        ece = table[(table.subset == subset) & (table.label == name)].set_index("when").ece
+        row = table[(table.subset == subset) & (table.label == name) & (table.when == "before")].iloc[0]
+        ax.set_title(f"label {name}: {row.positives} of {row.images} images carry it\n"
+                     f"ECE {ece['before']:.3f} before, {ece['after']:.3f} after", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.1)
+        ax.set_xlabel(f"sigmoid score for {name}", fontsize=8)
+        ax.set_ylabel("share carrying it", fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_axis_off()
+    fitted = not_fitted or f"T fitted on the validation images (T = {temperature:.3f})"
+    fig.suptitle(f"Reliability per label, {subset} images, {calibrate.BINS} equal-width score bins "
+                 f"(numbers: images per bin before)\n{fitted}", fontsize=10)
+    # below the bottom-left panel's x label: never over a curve
+    fig.tight_layout()  # before the legend, which would shrink the first column; the saved canvas grows for it
+    axes[-1, 0].legend(*axes[0, 0].get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(0, -0.2), ncol=3,
+                       fontsize=8, frameon=False)
+    plots.save_figure(fig, path)
+
+
+def run_multilabel(cfg, paths, trained, test, val_logits: np.ndarray, val_targets: np.ndarray) -> list:
+    """The multi-label calibration: tables, diagram and label thresholds; returns the files written."""
+    names = trained.class_names
+    temperature, not_fitted = calibrate.validation_label_temperature(val_logits, val_targets)
+    if not_fitted:
+        print(f"warning: temperature {not_fitted}", file=sys.stderr)
+    else:
+        print(f"temperature fitted on {len(val_targets)} validation images (BCE, every label): T = {temperature:.4f}")
+    table, bins = label_calibration_tables({"val": (val_logits, val_targets), "test": (test.logits, test.labels)},
+                                           names, temperature)
+    for row in table[table.label == "mean"].itertuples():
+        print(f"  {row.subset:>4} {row.when:>6}, mean over labels: ECE {row.ece:.4f}  NLL {row.nll:.4f}  "
+              f"Brier {row.brier:.4f}  AP {row.ap:.4f}")
+    outputs = [paths.out / name for name in MULTILABEL_OUTPUTS]
+    fileio.save_csv(table, outputs[0], index=False)
+    fileio.save_csv(bins, outputs[1], index=False)
+    fileio.save_json(dict(temperature=temperature, fitted_on="val", not_fitted=not_fitted, bins=calibrate.BINS,
+                          task="multilabel", checkpoint_sha256=trained.sha256, table=table.to_dict("records")),
+                     outputs[2])
+    plot_label_reliability(table, bins, names, "test", outputs[3], not_fitted)
+    thresholds = routing.label_thresholds(calibrate.sigmoid_probabilities(val_logits, temperature), val_targets,
+                                          names, cfg.ROUTE_PRECISION)
+    routed = routing.label_routing_table(calibrate.sigmoid_probabilities(test.logits, temperature), test.labels,
+                                         thresholds)
+    fileio.save_csv(routed, outputs[4], index=False)
+    overall = routed.iloc[-1]
+    print(f"per-label thresholds for precision {cfg.ROUTE_PRECISION:g} (validation): on the test images precision "
+          f"{overall.test_precision:.4f}, recall {overall.test_recall:.4f} over every image and label")
+    return outputs
+
+
 def run(cfg) -> None:
     registry.require_task("calibration", cfg.TASK)
     paths = locations.prepare_output_dirs(cfg)
@@ -145,6 +255,11 @@ def run(cfg) -> None:
     inputs = provenance.start_stage(paths, "calibration", [paths.best, paths.split, paths.scores])
     cache = trained.trunk_cache(cfg, paths, runtime)
     val_logits, _, val_labels = openset.subset_outputs(trained, cache, runtime, "val")
+    if test.task == "multilabel":
+        outputs = run_multilabel(cfg, paths, trained, test, val_logits, val_labels)
+        provenance.save_provenance(paths, "calibration", inputs, outputs, cfg)
+        print(f"-> {outputs[0]}, {outputs[3]}")
+        return
     choice = calibrate.choose_temperature(val_logits, val_labels, test.logits, test.labels)
     temperature, not_fitted = choice.temperature, "" if choice.fitted is not None else choice.note
     table, bins = calibration_tables({"val": (val_logits, val_labels), "test": (test.logits, test.labels)},
@@ -156,7 +271,7 @@ def run(cfg) -> None:
     for row in table.itertuples():
         print(f"  {row.subset:>4} {row.when:>6}: accuracy {row.accuracy:.4f}  ECE {row.ece:.4f}  NLL {row.nll:.4f}  "
               f"Brier {row.brier:.4f}")
-    outputs = [paths.out / name for name in registry.stage("calibration").outputs]
+    outputs = [paths.out / name for name in MULTICLASS_OUTPUTS]
     fileio.save_csv(table, outputs[0], index=False)
     fileio.save_csv(bins, outputs[1], index=False)
     fileio.save_json(dict(temperature=temperature, fitted_on="val", not_fitted=not_fitted, bins=calibrate.BINS,

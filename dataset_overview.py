@@ -10,11 +10,19 @@ Writes: outputs/class_counts.csv (one row per class: kind, train, val, test, uns
         row "(all classes)"), outputs/class_counts.png (stacked bars, seen and unseen apart),
         outputs/sample_images.png (OVERVIEW_SAMPLES random images of each class, one row per class),
         and last outputs/provenance_dataset_overview.json (see plankton/provenance.py).
+
+Multi-label runs (TASK="multilabel") write, instead of the class counts:
+        outputs/label_counts.csv (one row per label: kind, images carrying it in train, val, test,
+        unseen, total; an image counts once in each of its labels; a last row "(all images)" counts
+        the images), outputs/label_counts.png (the same as stacked bars),
+        outputs/label_cooccurrence.csv and .png (labels x labels: images carrying both, over every
+        image; the diagonal: images carrying the label), and outputs/sample_images.png with one row
+        per label (images carrying it, each captioned with its subset and label set).
 """
 import numpy as np
 import pandas as pd
 
-from plankton import fileio, images, locations, plots, provenance, registry, runner, splits
+from plankton import fileio, images, labelsets, locations, plots, provenance, registry, runner, splits
 
 COUNT_COLUMNS = ["train", "val", "test", "unseen"]
 ALL_CLASSES = "(all classes)"
@@ -34,11 +42,13 @@ def class_counts(table: pd.DataFrame, seen: list[str], unseen: list[str]) -> pd.
     return counts.rename_axis("class_name").reset_index()
 
 
-def plot_class_counts(counts: pd.DataFrame, path) -> None:
+def plot_class_counts(counts: pd.DataFrame, path, multilabel: bool = False) -> None:
     """Horizontal stacked bars, one per class (seen above, unseen below a line): each part's count
-    inside it where it fits, the class total at the bar's end."""
+    inside it where it fits, the class total at the bar's end. Multi-label: one bar per label
+    (label_counts' table), the images carrying it."""
     plt = plots.pyplot()
-    rows = counts[counts.class_name != ALL_CLASSES].reset_index(drop=True)
+    name_column, all_row = ("label", labelsets.ALL_IMAGES) if multilabel else ("class_name", ALL_CLASSES)
+    rows = counts[counts[name_column] != all_row].reset_index(drop=True)
     k, widest = len(rows), max(1, int(rows.total.max()))
     fig, ax = plt.subplots(figsize=(9, 0.45 * k + 1.8))
     y = np.arange(k)
@@ -55,7 +65,7 @@ def plot_class_counts(counts: pd.DataFrame, path) -> None:
         left += values
     for i, total in enumerate(rows.total):
         ax.text(total + 0.01 * widest, i, f"{total}", ha="left", va="center", fontsize=9)
-    ax.set_yticks(y, [f"{name}  ({kind})" for name, kind in zip(rows.class_name, rows.kind)])
+    ax.set_yticks(y, [f"{name}  ({kind})" for name, kind in zip(rows[name_column], rows.kind)])
     for label, kind in zip(ax.get_yticklabels(), rows.kind):
         label.set_color(KIND_COLOURS[kind])
     n_seen = int((rows.kind == "seen").sum())
@@ -64,20 +74,28 @@ def plot_class_counts(counts: pd.DataFrame, path) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, widest * 1.12)
     ax.set_xlabel("images")
-    total = counts[counts.class_name == ALL_CLASSES].iloc[0]
-    ax.set_title(f"Images per class and subset ({total.total} in all: train {total.train}, val {total.val}, "
-                 f"test {total.test}, unseen {total.unseen})\nseen classes (blue) are split for training; "
-                 f"unseen classes (orange, hatched) are held out")
+    total = counts[counts[name_column] == all_row].iloc[0]
+    images_in_all = (f"{total.total} in all: train {total.train}, val {total.val}, test {total.test}, "
+                     f"unseen {total.unseen}")
+    if multilabel:
+        ax.set_title(f"Images carrying each label, per subset ({images_in_all} images; an image counts in each of "
+                     f"its labels)\nimages with an unseen label (orange, hatched) are held out, their seen labels "
+                     f"included", fontsize=10)
+    else:
+        ax.set_title(f"Images per class and subset ({images_in_all})\nseen classes (blue) are split for training; "
+                     f"unseen classes (orange, hatched) are held out")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="subset", title_fontsize=8)
     plots.save_figure(fig, path)
 
 
 def pick_samples(table: pd.DataFrame, classes: list[str], per_class: int, seed: int) -> dict[str, pd.DataFrame]:
-    """Up to per_class random rows of each class (any subset), drawn with the seed, in file order."""
+    """Up to per_class random rows of each class (any subset), drawn with the seed, in file order;
+    for a multi-label split (a `labels` column), of the images carrying each label."""
     rng = np.random.default_rng(seed)
+    carried = labelsets.multi_hot(table.labels, classes) > 0 if "labels" in table.columns else None
     picked = {}
-    for name in classes:
-        rows = table[table.class_name == name]
+    for i, name in enumerate(classes):
+        rows = table[table.class_name == name] if carried is None else table[carried[:, i]]
         chosen = np.sort(rng.choice(len(rows), size=min(per_class, len(rows)), replace=False))
         picked[name] = rows.iloc[chosen]
     return picked
@@ -99,16 +117,66 @@ def plot_samples(root, picked: dict[str, pd.DataFrame], unseen: list[str], per_c
             pixels = images.thumbnail(root / rows.relpath.iloc[c])
             small = max(pixels.shape[:2]) < 64  # e.g. the 8 x 8 digits: show the pixels, not a blur
             ax.imshow(pixels, interpolation="nearest" if small else "antialiased")
-            ax.set_xlabel(rows.subset.iloc[c], fontsize=7, labelpad=1)
+            caption = rows.subset.iloc[c]
+            if "labels" in rows.columns:  # multi-label: the image's whole label set
+                caption += "\n" + labelsets.describe(rows.labels.iloc[c])
+            ax.set_xlabel(caption, fontsize=7, labelpad=1)
             for spine in ax.spines.values():
                 spine.set_edgecolor(KIND_COLOURS[kind])
                 spine.set_linewidth(2.5 if kind == "unseen" else 1)
         axes[r][0].set_ylabel(f"{name}\n({kind})", rotation=0, ha="right", va="center", fontsize=9,
                               color=KIND_COLOURS[kind])
-    fig.suptitle(f"Up to {per_class} random images of each class (subset under each image); "
-                 f"seen classes in blue, unseen in orange (thick frame)", fontsize=10, y=1.0)
+    if any("labels" in rows.columns for rows in picked.values()):
+        fig.suptitle(f"Up to {per_class} random images carrying each label (subset and label set under each image); "
+                     f"seen labels in blue, unseen in orange (thick frame)", fontsize=10, y=1.0)
+    else:
+        fig.suptitle(f"Up to {per_class} random images of each class (subset under each image); "
+                     f"seen classes in blue, unseen in orange (thick frame)", fontsize=10, y=1.0)
     fig.tight_layout()  # leaves room for the suptitle
     plots.save_figure(fig, path)
+
+
+def plot_cooccurrence(matrix: pd.DataFrame, seen: list[str], n_images: int, path) -> None:
+    """The labels x labels counts as a heatmap, each cell's count written in it; unseen labels' names
+    in orange."""
+    plt = plots.pyplot()
+    names = list(matrix.index)
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(0.55 * k + 3.2, 0.5 * k + 2.4))
+    values = matrix.to_numpy()
+    shown = ax.imshow(values, cmap="Blues", vmin=0)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(values[i, j]), ha="center", va="center", fontsize=8 if k <= 12 else 6,
+                    color="white" if values[i, j] > 0.6 * values.max() else "black")
+    plots.class_ticks(ax, names)
+    for label in ax.get_xticklabels() + ax.get_yticklabels():
+        label.set_color(KIND_COLOURS["seen" if label.get_text() in seen else "unseen"])
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="images")
+    ax.set_title(f"Label co-occurrence over all {n_images} images:\nimages carrying both labels "
+                 f"(diagonal: images carrying the label; unseen labels in orange)", fontsize=10)
+    fig.tight_layout()
+    plots.save_figure(fig, path)
+
+
+def write_counts(split, out) -> list:
+    """The class counts (or, multi-label, the label counts and co-occurrence): their files, written."""
+    seen, unseen = split.seen_classes, split.unseen_classes
+    if split.task == "multiclass":
+        outputs = [out / "class_counts.csv", out / "class_counts.png"]
+        counts = class_counts(split.table, seen, unseen)
+        fileio.save_csv(counts, outputs[0], index=False)
+        plot_class_counts(counts, outputs[1])
+        return outputs
+    outputs = [out / name for name in ("label_counts.csv", "label_counts.png", "label_cooccurrence.csv",
+                                       "label_cooccurrence.png")]
+    counts = labelsets.label_counts(split.table, seen, unseen)
+    fileio.save_csv(counts, outputs[0], index=False)
+    plot_class_counts(counts, outputs[1], multilabel=True)
+    matrix = labelsets.cooccurrence(split.table.labels, seen + unseen)
+    fileio.save_csv(matrix, outputs[2])
+    plot_cooccurrence(matrix, seen, len(split.table), outputs[3])
+    return outputs
 
 
 def run(cfg) -> None:
@@ -116,14 +184,11 @@ def run(cfg) -> None:
     paths = locations.prepare_output_dirs(cfg)
     split = splits.split_from_settings(cfg, paths, create=True)
     inputs = provenance.start_stage(paths, "dataset_overview", [paths.split])
-    outputs = [paths.out / name for name in ("class_counts.csv", "class_counts.png", "sample_images.png")]
-    counts = class_counts(split.table, split.seen_classes, split.unseen_classes)
-    fileio.save_csv(counts, outputs[0], index=False)
-    plot_class_counts(counts, outputs[1])
+    outputs = write_counts(split, paths.out) + [paths.out / "sample_images.png"]
     picked = pick_samples(split.table, split.seen_classes + split.unseen_classes, cfg.OVERVIEW_SAMPLES, cfg.SEED)
-    plot_samples(split.root, picked, split.unseen_classes, cfg.OVERVIEW_SAMPLES, outputs[2])
+    plot_samples(split.root, picked, split.unseen_classes, cfg.OVERVIEW_SAMPLES, outputs[-1])
     provenance.save_provenance(paths, "dataset_overview", inputs, outputs, cfg)
-    print(f"-> {outputs[0]}, {outputs[1]}, {outputs[2]}")
+    print("-> " + ", ".join(map(str, outputs)))
 
 
 def main(argv=None):

@@ -27,6 +27,17 @@ The metrics, all on the 128-d embeddings as embed.py wrote them (no standardisin
 Every metric uses at most QUALITY_SAMPLES random images of a subset (the same sample for all;
 n_used says how many, and a note is printed when the cap applies): silhouette and the pairwise
 means grow with the square of the images.
+
+Multi-label runs (TASK="multilabel") measure each label one-vs-rest, over the subset's images
+(test: the seen labels; unseen: the unseen labels), and write outputs/embedding_quality_labels.csv
+(one row per subset and label, then a row "(mean)" per subset: the mean over its labels, with the
+subset's trustworthiness, which needs no labels):
+- silhouette of the two groups "carries the label" / "does not" (NaN with fewer than 2 of either);
+- recall_at_k: among the images carrying the label that share it with another image, the share with
+  at least one other image carrying it among their k nearest (leave-one-out, as above); compare it
+  with carrying_share, the share of the images that carry the label (what a random neighbour gives);
+- mean_within: mean distance over pairs of different images that both carry the label;
+  mean_between: over pairs of which exactly one carries it; their ratio as above.
 """
 import numpy as np
 import pandas as pd
@@ -36,7 +47,7 @@ from sklearn.manifold import trustworthiness
 from sklearn.metrics import silhouette_score
 
 import dataloader
-from plankton import embedding_files, fileio, locations, provenance, registry, runner
+from plankton import embedding_files, fileio, labelsets, locations, provenance, registry, runner
 
 SUBSETS = ("test", "unseen")
 RECALL_AT = (1, 5, 10)
@@ -123,6 +134,69 @@ def subset_quality(frame: pd.DataFrame, coords: pd.DataFrame, subset: str, limit
             "trust_neighbors": min(neighbours, (n_trust - 1) // 2)}
 
 
+# ---- multi-label: each label one-vs-rest ---------------------------------------------------------
+
+def label_pair_sums(x: np.ndarray, carried: np.ndarray, block: int = 256) -> tuple[np.ndarray, ...]:
+    """Per label (column of `carried`): the sum and count of distances over ordered pairs of different
+    images that both carry it (within), and over ordered pairs of which exactly one does (between)."""
+    points = torch.as_tensor(x, dtype=torch.float64)
+    c = torch.as_tensor(carried, dtype=torch.float64)
+    squares = (points * points).sum(1)
+    within, between = np.zeros(c.shape[1]), np.zeros(c.shape[1])
+    for start in range(0, len(points), block):
+        rows = slice(start, min(start + block, len(points)))
+        distances = (squares[rows, None] - 2.0 * (points[rows] @ points.T) + squares[None, :]).clamp_(min=0.0).sqrt()
+        # distances @ c: each row's summed distance to the carriers of each label (self-distance 0 adds nothing)
+        to_carriers, to_others = distances @ c, distances @ (1.0 - c)
+        within += (c[rows] * to_carriers).sum(0).numpy()
+        between += (c[rows] * to_others + (1.0 - c[rows]) * to_carriers).sum(0).numpy()
+    n_carrying = carried.sum(0).astype(np.int64)
+    return within, n_carrying * (n_carrying - 1), between, 2 * n_carrying * (len(x) - n_carrying)
+
+
+def label_quality_rows(x: np.ndarray, carried: np.ndarray, names: list[str]) -> list[dict]:
+    """One row per label: its one-vs-rest silhouette, recall@1/5/10 and within/between distances."""
+    nearest, _ = pairwise_pass(x, np.zeros(len(x), dtype=np.int64), max(RECALL_AT))  # neighbours need no labels
+    within, n_within, between, n_between = label_pair_sums(x, carried)
+    rows = []
+    for i, name in enumerate(names):
+        mine = carried[:, i] > 0
+        counted = mine & (mine.sum() > 1)
+        hits = mine[nearest]
+        recalls = {f"recall_at_{k}": float(hits[counted, :k].any(1).mean()) if counted.any() else np.nan
+                   for k in RECALL_AT}
+        with sklearn.config_context(working_memory=SILHOUETTE_WORKING_MB):
+            silhouette = silhouette_score(x, mine) if 2 <= mine.sum() <= len(x) - 2 else np.nan
+        mean_within = within[i] / n_within[i] if n_within[i] else np.nan
+        mean_between = between[i] / n_between[i] if n_between[i] else np.nan
+        rows.append(dict(label=name, n_carrying=int(mine.sum()), carrying_share=float(mine.mean()), silhouette=float(silhouette), **recalls,
+                         n_recall=int(counted.sum()), mean_within=mean_within, mean_between=mean_between,
+                         between_within_ratio=mean_between / mean_within if mean_within else np.nan))
+    return rows
+
+
+def subset_label_quality(frame: pd.DataFrame, coords: pd.DataFrame, subset: str, limit: int, neighbours: int,
+                         seed: int) -> list[dict]:
+    """The multi-label table's rows for one subset (its labels, then "(mean)"), on at most `limit`
+    random images of it."""
+    n = len(frame)
+    used = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False)) if n > limit else np.arange(n)
+    if n > limit:
+        print(f"note: {subset}: the metrics use {limit} random images of {n} (QUALITY_SAMPLES={limit})")
+    names = list(embedding_files.info(frame).class_names)
+    x = embedding_files.embedding_matrix(frame)[used].astype(np.float64)
+    head = dict(subset=subset, n_images=n, n_used=len(used))
+    if len(used) < 3:
+        print(f"note: {subset}: {len(used)} image(s), too few for the metrics")
+        return [dict(head, label="(mean)")]
+    rows = [dict(head, **row) for row in label_quality_rows(x, labelsets.multi_hot(frame["labels"].iloc[used], names),
+                                                            names)]
+    trust, n_trust = plane_trustworthiness(x, list(frame.path.iloc[used]), coords, subset, neighbours)
+    mean = pd.DataFrame(rows).drop(columns=["subset", "label", "n_images", "n_used", "n_carrying", "n_recall"]).mean()
+    return rows + [dict(head, label="(mean)", **mean.to_dict(), trustworthiness=trust, n_trust=n_trust,
+                        trust_neighbors=min(neighbours, (n_trust - 1) // 2))]
+
+
 def run(cfg) -> None:
     registry.require_task("embedding_quality", cfg.TASK)
     paths = locations.prepare_output_dirs(cfg)
@@ -130,6 +204,18 @@ def run(cfg) -> None:
     method, coords = embedding_files.open_projection_coordinates(paths)
     inputs = provenance.start_stage(paths, "embedding_quality", [paths.best, paths.coordinates(method)]
                                    + [paths.embeddings(s) for s in SUBSETS])
+    if embedding_files.info(frames["test"]).task == "multilabel":
+        table = pd.DataFrame([row for s in SUBSETS for row in subset_label_quality(
+            frames[s], coords, s, cfg.QUALITY_SAMPLES, cfg.QUALITY_TRUST_NEIGHBORS, cfg.SEED)])
+        table = table.assign(projection=method)
+        output = paths.out / "embedding_quality_labels.csv"
+        fileio.save_csv(table, output, index=False)
+        print("Embedding quality per label, one-vs-rest (Euclidean, leave-one-out recall; see embedding_quality.py):")
+        with pd.option_context("display.width", 200, "display.max_columns", 30):
+            print(table.round(4).to_string(index=False))
+        provenance.save_provenance(paths, "embedding_quality", inputs, [output], cfg)
+        print(f"-> {output}")
+        return
     table = pd.DataFrame([subset_quality(frames[s], coords, s, cfg.QUALITY_SAMPLES, cfg.QUALITY_TRUST_NEIGHBORS,
                                          cfg.SEED) for s in SUBSETS]).assign(projection=method)
     output = paths.out / "embedding_quality.csv"

@@ -25,6 +25,10 @@ image. Each map is average-pooled to LEAK_GRID x LEAK_GRID cells (a few pixels o
 re-encoding average out, the layout stays), centred on the training images' mean (otherwise what
 all images share dominates every cosine) and compared by cosine distance, 1 - cos, from 0 to 2.
 Any leak prints a `warning:` line; none is an error.
+
+Multi-label runs (TASK="multilabel"): the same search (it compares images, not labels); leaks.csv
+names each image's label set instead of its class (columns labels, train_labels, same_labels: the
+two sets are equal), and "another class" in the summary and the figure means another label set.
 """
 import textwrap
 
@@ -37,6 +41,7 @@ from plankton import checkpoints, fileio, images, locations, plots, provenance, 
 
 QUERY_SUBSETS = ("val", "test", "unseen")
 COLUMNS = ["subset", "path", "class_name", "train_path", "train_class", "same_class", "distance", "kind"]
+MULTILABEL_NAMES = {"class_name": "labels", "train_class": "train_labels", "same_class": "same_labels"}  # leaks.csv
 
 
 
@@ -163,7 +168,7 @@ def plot_nearest_distances(nearest: dict, threshold: float, path, checked: str =
 
 
 def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, checked: str = "",
-               nearest: dict | None = None) -> None:
+               nearest: dict | None = None, noun: str = "class") -> None:
     """Each pair side by side (the val/test/unseen image, then its training image), closest first;
     with none, plot_nearest_distances (the distances to the nearest training image)."""
     plt = plots.pyplot()
@@ -189,7 +194,7 @@ def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, ch
     more = f", the {len(shown)} closest shown (LEAK_FIGURE_PAIRS)" if len(leaks) > len(shown) else ""
     fig.suptitle(f"Leaks between splits: {len(leaks)} image(s) duplicating a training image{more}\n"
                  f"each pair: the val/test/unseen image (left) and its training image (right); "
-                 f"red title = another class", fontsize=10)
+                 f"red title = another {noun}", fontsize=10)
     fig.tight_layout()
     plots.save_figure(fig, path)
 
@@ -213,14 +218,18 @@ def run(cfg) -> None:
     cache = trained.trunk_cache(cfg, paths, runtime)
     nearest = nearest_per_subset(trained, cache, runtime, cfg.LEAK_GRID)
     table = trained.split.table
+    multilabel = trained.split.task == "multilabel"
+    if multilabel:  # a label set stands where a class would: equal sets are "the same class"
+        table = table.assign(class_name=table.labels)
     leaks = find_leaks(table, nearest, cfg.LEAK_THRESHOLD)
     summary = leak_summary(leaks, table, nearest, cfg.LEAK_THRESHOLD, cfg.LEAK_GRID)
     print_summary(summary)
     outputs = [paths.out / "leaks.csv", paths.out / "leaks.png", paths.leaks_summary]
-    fileio.save_csv(leaks, outputs[0], index=False)
+    fileio.save_csv(leaks.rename(columns=MULTILABEL_NAMES) if multilabel else leaks, outputs[0], index=False)
     checked = "checked: " + ", ".join(f"{c['images']} {s}" for s, c in summary["subsets"].items()) + \
         f" images against {int((table.subset == 'train').sum())} training images"
-    plot_leaks(leaks, trained.split.root, cfg.LEAK_THRESHOLD, cfg.LEAK_FIGURE_PAIRS, outputs[1], checked, nearest)
+    plot_leaks(leaks, trained.split.root, cfg.LEAK_THRESHOLD, cfg.LEAK_FIGURE_PAIRS, outputs[1], checked, nearest,
+               "label set" if multilabel else "class")
     fileio.save_json(dict(checkpoint_sha256=trained.sha256, split_sha256=trained.split.sha256, **summary), outputs[2])
     provenance.save_provenance(paths, "leaks", inputs, outputs, cfg)
     print(f"-> {outputs[0]}, {outputs[1]}, {outputs[2]}")

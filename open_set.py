@@ -18,6 +18,12 @@ Writes: outputs/open_set_scores.csv (per score: AUROC and FPR at 95% TPR with th
         and at it the share of seen test images kept and of unseen images flagged),
         outputs/open_set_image_scores.csv (every val, test and unseen image's four scores),
         outputs/open_set_roc.png (the four ROC curves), and last outputs/provenance_open_set.json.
+
+Multi-label runs (TASK="multilabel"): "unknown" is an image carrying an unseen label (the held-out
+subset; it may carry seen labels too), "known" a test image whose labels are all seen. The two logit
+scores become max_sigmoid (1 - the largest sigmoid score) and joint_energy (-sum over labels of
+log(1 + e^logit), Wang et al. 2021); kNN is unchanged, and Mahalanobis uses the class means of each
+training image's rarest label. The same files, open_set_image_scores.csv with a `labels` column.
 """
 
 import numpy as np
@@ -37,7 +43,7 @@ from plankton import checkpoints, fileio, locations, openset, plots, provenance,
 def results_table(scores: dict[str, dict[str, np.ndarray]], keep: float) -> tuple[pd.DataFrame, dict]:
     """One row per score (see the module docstring); and each score's ROC curve."""
     rows, curves = [], {}
-    for name in openset.SCORES:
+    for name in scores["test"]:
         found = openset.detection_metrics(scores["test"][name], scores["unseen"][name])
         curves[name] = found.pop("roc")
         threshold = openset.keep_threshold(scores["val"][name], keep)
@@ -51,29 +57,35 @@ def plot_roc(table: pd.DataFrame, curves: dict, n_seen: int, n_unseen: int, k: i
     plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     labels = {"max_softmax": "max softmax", "energy": "energy", "knn": f"kNN ({metric}, k={k})",
-              "mahalanobis": "Mahalanobis (Ledoit-Wolf)"}
+              "mahalanobis": "Mahalanobis (Ledoit-Wolf)", "max_sigmoid": "max sigmoid",
+              "joint_energy": "joint energy"}
     for row in table.itertuples():
         fpr, tpr = curves[row.score]
         ax.plot(fpr, tpr, lw=1.8, label=f"{labels[row.score]}: AUROC {row.auroc:.3f}, FPR95 {row.fpr_at_95_tpr:.3f}")
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance")
     ax.axhline(openset.TPR_LEVEL, color="black", lw=0.8, ls="--")
     ax.text(0.99, openset.TPR_LEVEL - 0.01, "95% of seen images kept", ha="right", va="top", fontsize=8)
-    ax.set_xlabel("unseen-class images accepted as known (FPR)")
+    unseen_words = "images with an unseen label" if "max_sigmoid" in curves else "unseen-class images"
+    ax.set_xlabel(f"{unseen_words} accepted as known (FPR)")
     ax.set_ylabel("seen-class test images kept as known (TPR)")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
-    ax.set_title(f"Open-set detection: {n_seen} seen test images vs {n_unseen} unseen-class images")
+    ax.set_title(f"Open-set detection: {n_seen} seen test images vs {n_unseen} {unseen_words}")
     ax.legend(loc="lower right", fontsize=8)
     plots.save_figure(fig, path)
 
 
 def image_table(trained, scores: dict) -> pd.DataFrame:
     frames = []
+    table = trained.split.table.set_index("relpath")
     for subset in ("val", "test", "unseen"):
         relpaths, labels = trained.split.subset(subset)
         names = trained.split.classes(subset)
-        frame = pd.DataFrame(dict(subset=subset, path=relpaths, class_name=[names[i] for i in labels]))
-        for name in openset.SCORES:
+        if labels.ndim == 2:  # multi-label: the image's whole label set, as split.csv has it
+            frame = pd.DataFrame(dict(subset=subset, path=relpaths, labels=table.labels.loc[relpaths].to_numpy()))
+        else:
+            frame = pd.DataFrame(dict(subset=subset, path=relpaths, class_name=[names[i] for i in labels]))
+        for name in scores[subset]:
             frame[name] = scores[subset][name]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
@@ -90,7 +102,7 @@ def run(cfg) -> None:
     scores = {}
     for subset in ("val", "test", "unseen"):
         logits, embeddings, _ = openset.subset_outputs(trained, cache, runtime, subset)
-        scores[subset] = openset.all_scores(logits, embeddings, reference)
+        scores[subset] = openset.all_scores(logits, embeddings, reference, trained.split.task)
     table, curves = results_table(scores, cfg.PREDICT_KEEP)
     print(f"open-set detection, {len(scores['test']['knn'])} seen test vs {len(scores['unseen']['knn'])} unseen images "
           f"(threshold keeps {cfg.PREDICT_KEEP:.0%} of {len(scores['val']['knn'])} validation images):")

@@ -33,6 +33,12 @@ make the test images' ECE worse (calibrate.choose_temperature); the prediction i
 without T. The open-set score is openset.SCORES[PREDICT_SCORE] (higher = more likely unknown); an
 image is flagged unknown when it scores above the threshold that keeps PREDICT_KEEP of the
 validation images (seen classes) as known.
+
+A multi-label model (TASK="multilabel") predicts label sets instead: plankton/label_predictions.py
+writes predictions.csv (predicted_labels: every label whose sigmoid score at the validation
+temperature reaches its ROUTE_PRECISION threshold; score_<label>; the open-set flag, PREDICT_SCORE's
+multi-label counterpart), predictions.json and bad_files.csv; no figure and no EcoTaxa import (one
+category per object there).
 """
 import sys
 from pathlib import Path
@@ -51,6 +57,7 @@ from plankton import (
     embedding_files,
     fileio,
     images,
+    label_predictions,
     locations,
     openset,
     orientations,
@@ -216,11 +223,29 @@ def summary(cfg, trained, root, table, bad, fitted, found: int) -> dict:
                                           fitted["class_thresholds"].threshold.replace(np.inf, None))))
 
 
+def predict_label_sets(cfg, paths, runtime, root: Path, relpaths: list[str], hashes: list[str], bad: dict) -> None:
+    """A multi-label model: label sets from per-label thresholds (plankton/label_predictions.py); no
+    drift check, figure or EcoTaxa import."""
+    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)
+    inputs = provenance.start_stage(paths, "predict", [paths.best, paths.split])
+    print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {paths.best}")
+    cache = trained.trunk_cache(cfg, paths, runtime)
+    logits, embeddings = new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
+    folder = fileio.own_folder(paths.predictions_dir)  # never a link
+    outputs = label_predictions.label_set_outputs(cfg, trained, cache, runtime, root, relpaths, hashes, logits,
+                                                  embeddings, bad_files_table(bad), folder)
+    provenance.save_provenance(paths, "predict", inputs, outputs, cfg)
+    print("-> " + ", ".join(map(str, outputs)))
+
+
 def run(cfg) -> None:
     registry.require_task("predict", cfg.TASK)
     paths = locations.prepare_output_dirs(cfg)
     root, relpaths, hashes, bad = find_new_images(cfg.PREDICT_DIR, paths)
     runtime = dataloader.runtime_from_settings(cfg)
+    if cfg.TASK == "multilabel" and cfg.PREDICT_BUNDLE is None:
+        predict_label_sets(cfg, paths, runtime, root, relpaths, hashes, bad)
+        return
     cfg, trained, cache, fitted, read = model_and_fitted(cfg, paths, runtime)
     inputs = provenance.start_stage(paths, "predict", read)
     names = trained.class_names

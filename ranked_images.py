@@ -1,5 +1,5 @@
-"""For chosen seen classes, the test images with the highest and the lowest softmax score for that
-class, from the predictions evaluate.py saved (nothing is recomputed).
+"""For chosen seen classes (or labels, TASK="multilabel"), the test images with the highest and the
+lowest score for that class, from the predictions evaluate.py saved (nothing is recomputed).
 
     python ranked_images.py
     python ranked_images.py --RANKED_CLASSES="['3', '5']" --RANKED_AMONG=all
@@ -13,6 +13,10 @@ Writes: outputs/ranked_<class index>_<class name>.png for each class of RANKED_C
 RANKED_AMONG = "class" ranks a class's score among its own test images (its surest and its least
 sure members); "all" among every test image (which images the model scores highest for the class,
 whatever their true class). A class with fewer test images than 10 shows them all in both rows.
+
+Multi-label runs (as companion study 003): the same figures per seen label, ranked by the label's
+sigmoid score; "class" ranks among the test images carrying the label, "all" among every test
+image, and each caption gives the image's whole label set (green when it carries the label).
 """
 import re
 import textwrap
@@ -28,12 +32,19 @@ SHOWN = 10  # images per row
 
 
 
+def members(labels: np.ndarray, class_index: int) -> np.ndarray:
+    """True for the test images of the class: their class index (labels of shape (n,)) or, for a
+    multi-hot matrix (n x labels), every image carrying the label."""
+    return labels == class_index if labels.ndim == 1 else labels[:, class_index] > 0
+
+
 def ranked(scores: np.ndarray, labels: np.ndarray, class_index: int, among: str,
            count: int = SHOWN) -> tuple[np.ndarray, np.ndarray]:
     """(highest, lowest): indices of the `count` images with the highest score for `class_index`,
     highest first, and of the `count` with the lowest, lowest first; among the class's own test
-    images ("class") or all of them ("all"). Ties keep the file order."""
-    candidates = np.flatnonzero(labels == class_index) if among == "class" else np.arange(len(labels))
+    images ("class": for multi-hot labels, those carrying the label) or all of them ("all"). Ties
+    keep the file order."""
+    candidates = np.flatnonzero(members(labels, class_index)) if among == "class" else np.arange(len(labels))
     highest_first = candidates[np.argsort(-scores[candidates, class_index], kind="stable")]
     lowest_first = candidates[np.argsort(scores[candidates, class_index], kind="stable")]
     return highest_first[:count], lowest_first[:count]
@@ -76,10 +87,21 @@ def score_text(score: float) -> str:
     return f"1 - {1 - score:.1e}" if score < 1 else "1 - 0"
 
 
+def caption_truth(predictions: saved_predictions.Predictions, i: int, class_index: int) -> tuple[str, bool]:
+    """(the image's true class, or "labels a+b" for a multi-label run; whether it is of the class)."""
+    names = np.asarray(predictions.class_names)
+    if predictions.task == "multiclass":
+        return f"true {names[predictions.labels[i]]}", bool(predictions.labels[i] == class_index)
+    carried = names[predictions.labels[i] > 0]
+    return f"labels {'+'.join(carried) or '(none)'}", bool(predictions.labels[i, class_index] > 0)
+
+
 def plot_ranked(predictions: saved_predictions.Predictions, class_index: int, rows: tuple, pictures: dict,
                 among: str, path) -> None:
     plt = plots.pyplot()
-    names, name = predictions.class_names, predictions.class_names[class_index]
+    name = predictions.class_names[class_index]
+    multilabel = predictions.task != "multiclass"
+    noun, score = ("label", "sigmoid score") if multilabel else ("class", "softmax score")
     fig, axes = plt.subplots(2, SHOWN, figsize=(1.7 * SHOWN, 6.0), squeeze=False)
     for r, (indices, label) in enumerate(zip(rows, ("highest", "lowest"))):
         for c, ax in enumerate(axes[r]):
@@ -88,19 +110,19 @@ def plot_ranked(predictions: saved_predictions.Predictions, class_index: int, ro
                 continue
             i = int(indices[c])
             ax.imshow(pictures[i], interpolation="nearest")
-            true = names[predictions.labels[i]]
-            ax.set_title("\n".join(textwrap.wrap(f"true {true}", 18)[:2]) +
+            truth, carries = caption_truth(predictions, i, class_index)
+            ax.set_title("\n".join(textwrap.wrap(truth, 18)[:2]) +
                          f"\nscore {score_text(predictions.scores[i, class_index])}"
                          f"\nlogit {predictions.logits[i, class_index]:.2f}", fontsize=8,
-                         color="darkgreen" if true == name else "firebrick")
+                         color="darkgreen" if carries else "firebrick")
         axes[r, 0].text(-0.15, 0.5, f"{label} {name} score", transform=axes[r, 0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=10)
-    n_class = int((predictions.labels == class_index).sum())
-    pool = f"its {n_class} test image{'s' * (n_class != 1)}" if among == "class" else \
-        f"all {len(predictions.labels)} test images"
-    fig.suptitle(f"Class {name}: test images with the highest (top row) and lowest (bottom row) softmax score "
-                 f"for {name}, among {pool}\n(caption: true class, green when it is {name}; score and logit for {name})",
-                 fontsize=11)
+    n_class = int(members(predictions.labels, class_index).sum())
+    pool = f"the {n_class} test image{'s' * (n_class != 1)} {'carrying it' if multilabel else 'of the class'}" \
+        if among == "class" else f"all {len(predictions.labels)} test images"
+    truth = f"the image's labels, green when it carries {name}" if multilabel else f"true class, green when it is {name}"
+    fig.suptitle(f"{noun.capitalize()} {name}: test images with the highest (top row) and lowest (bottom row) {score} "
+                 f"for {name}, among {pool}\n(caption: {truth}; score and logit for {name})", fontsize=11)
     fig.tight_layout()
     plots.save_figure(fig, path)
 

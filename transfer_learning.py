@@ -31,11 +31,19 @@ Student-t confidence interval: mean +- t(0.975, draws - 1) x sd / sqrt(draws), s
 standard deviation over draws. It says how well the mean is known for this test part; it does not
 cover the choice of test part. The draws and the interval are plankton/probes.py's (fewshot_runs, t_interval),
 shared with compare_heads.py.
+
+Multi-label runs (TASK="multilabel"): each unseen label one-vs-rest, over the held-out images (every
+one carries an unseen label, so "rest" is the images carrying the other unseen labels): the same
+probes, curves and few-shot draws on the two groups "carries the label" / "does not" (k images of
+each), balanced accuracy of the two (chance 0.5). A label needs 2 images on each side. Writes
+outputs/transfer_learning_labels.csv and fewshot_labels.csv (the tables above with a label column;
+fewshot's acc_with / acc_without: recall of each side), fewshot_labels_summary.csv,
+outputs/transfer_learning_labels.png and fewshot_labels.png (one panel per label, every probe).
 """
 import numpy as np
 import pandas as pd
 
-from plankton import embedding_files, fileio, locations, plots, probes, provenance, registry, runner
+from plankton import embedding_files, fileio, labelsets, locations, plots, probes, provenance, registry, runner
 from plankton.errors import PipelineError
 
 
@@ -142,10 +150,99 @@ def run_fewshot(cfg, x: np.ndarray, labels: np.ndarray, class_names: list[str], 
     return outputs
 
 
+# ---- multi-label: each unseen label one-vs-rest --------------------------------------------------
+
+def label_panels(tables: dict[str, pd.DataFrame], x: str, title: str, xlabel: str, path, band=("min", "max")) -> None:
+    """One panel per label: every probe's mean balanced accuracy (column "mean") against `x`, with a
+    band between the columns `band`; chance (0.5) dashed."""
+    plt = plots.pyplot()
+    columns = min(3, len(tables))
+    rows = -(-len(tables) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.6 * rows + 0.8), squeeze=False)
+    for ax, (name, table) in zip(axes.flat, tables.items()):
+        for method, probe in probes.PROBES.items():
+            part = table[table.method == method].sort_values(x)
+            line, = ax.plot(part[x], part["mean"], f"{probe.marker}-", color=probe.colour, ms=4, label=probe.label)
+            ax.fill_between(part[x], part[band[0]], part[band[1]], alpha=0.12, color=line.get_color())
+        ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance (0.5)")
+        ticks = sorted(table[x].unique())
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+        ax.minorticks_off()
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"label {name}", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("balanced accuracy", fontsize=8)
+    spare = list(axes.flat)[len(tables):]
+    for ax in spare:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()  # before the legend: the saved canvas grows to hold it
+    handles = axes[0, 0].get_legend_handles_labels()
+    if spare:  # in the first empty panel
+        spare[0].legend(*handles, loc="center", fontsize=8, frameon=False, title="probe (band: spread of the draws)")
+    else:  # below the bottom-left panel's x label
+        axes[-1, 0].legend(*handles, loc="upper left", bbox_to_anchor=(0, -0.22), ncol=3, fontsize=8, frameon=False)
+    plots.save_figure(fig, path)
+
+
+def run_multilabel(cfg, paths, frame: pd.DataFrame) -> tuple[dict, list]:
+    """Curves and few-shot runs per unseen label, one-vs-rest: (inputs, files written)."""
+    names = list(embedding_files.info(frame).class_names)
+    carried = labelsets.multi_hot(frame["labels"], names)
+    sides = np.stack([carried.sum(0), len(frame) - carried.sum(0)], 1)
+    usable = [i for i, name in enumerate(names) if sides[i].min() >= 2]
+    if len(usable) < len(names):
+        print(f"note: labels {[names[i] for i in range(len(names)) if i not in usable]} have fewer than 2 held-out "
+              f"images with or without them: left out")
+    if not usable:
+        raise PipelineError("transfer learning needs an unseen label with 2 or more held-out images carrying it and "
+                            "2 or more without it")
+    inputs = provenance.start_stage(paths, "transfer_learning", [paths.best, paths.embeddings("unseen")])
+    x, settings = embedding_files.embedding_matrix(frame), probes.ProbeSettings.from_settings(cfg)
+    curves, shots = [], []
+    for i in usable:
+        y = carried[:, i]
+        curves.append(probes.transfer_curves(x, y, cfg.TRANSFER_TEST_FRACTION, cfg.TRANSFER_REPEATS, settings, cfg.SEED,
+                                             max_train=cfg.TRANSFER_MAX_TRAIN).assign(label=names[i]))
+        shots.append(probes.fewshot_runs(x, y, cfg.TRANSFER_TEST_FRACTION, cfg.FEWSHOT_DRAWS, settings, cfg.SEED,
+                                         max_train=cfg.TRANSFER_MAX_TRAIN).assign(label=names[i])
+                     .rename(columns={"acc_0": "acc_without", "acc_1": "acc_with"}))
+    curves, shots = pd.concat(curves, ignore_index=True), pd.concat(shots, ignore_index=True)
+    summary = pd.concat([probes.fewshot_summary(part).assign(label=name) for name, part in shots.groupby("label", sort=False)],
+                        ignore_index=True)
+    outputs = [paths.out / name for name in ("transfer_learning_labels.csv", "fewshot_labels.csv",
+                                             "fewshot_labels_summary.csv", "transfer_learning_labels.png",
+                                             "fewshot_labels.png")]
+    for table, path in zip((curves, shots, summary), outputs):
+        fileio.save_csv(table[["label"] + [c for c in table.columns if c != "label"]], path, index=False)
+    print(f"Balanced accuracy per unseen label, one-vs-rest, on {len(frame)} held-out images, mean over draws at the "
+          f"largest training set:")
+    largest = curves[curves.n_train == curves.groupby("label").n_train.transform("max")]
+    print(largest.groupby(["label", "method"]).balanced_accuracy.mean().unstack()[list(probes.PROBES)].round(4)
+          .to_string())
+    stats = {name: part.groupby(["method", "n_train"]).balanced_accuracy.agg(["mean", "min", "max"]).reset_index()
+             for name, part in curves.groupby("label", sort=False)}
+    label_panels(stats, "n_train", f"Each unseen label one-vs-rest on the embeddings of {len(frame)} held-out images: "
+                 f"mean and min-max over {cfg.TRANSFER_REPEATS} draws", "training images in all (log scale)", outputs[3])
+    if summary.empty:
+        return inputs, outputs[:4]
+    label_panels({name: part for name, part in summary.groupby("label", sort=False)}, "shots",
+                 f"Few-shot, each unseen label one-vs-rest: k images with and k without it; mean and 95% t-interval over "
+                 f"{cfg.FEWSHOT_DRAWS} draws", "k (log scale)", outputs[4], band=("ci95_low", "ci95_high"))
+    return inputs, outputs
+
+
 def run(cfg) -> None:
     registry.require_task("transfer_learning", cfg.TASK)
     paths = locations.prepare_output_dirs(cfg)
     frame = embedding_files.open_embeddings(paths, "unseen")
+    if embedding_files.info(frame).task == "multilabel":
+        inputs, outputs = run_multilabel(cfg, paths, frame)
+        provenance.save_provenance(paths, "transfer_learning", inputs, outputs, cfg)
+        print(f"-> {outputs[0]}, {outputs[3]}")
+        return
     names = list(embedding_files.info(frame).class_names)
     counts = frame.class_name.value_counts()
     too_few = [c for c in names if counts.get(c, 0) < 2]

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import expit, log_softmax, softmax
 
 BINS = 15  # equal-width confidence bins of the ECE and the reliability diagram
 
@@ -108,3 +108,65 @@ def choose_temperature(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
         return TemperatureChoice(t, t, True, len(test_labels), at_1, at_t, f"{fitted}; applied ({change})")
     return TemperatureChoice(1.0, t, False, len(test_labels), at_1, at_t,
                              f"{fitted} NOT applied: {change}, worse; T = 1 kept")
+
+
+# ---- multi-label: one sigmoid per label ----------------------------------------------------------
+
+def sigmoid_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return expit(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def binary_negative_log_likelihood(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean over images and labels of the binary cross-entropy of sigmoid(logits / temperature), in
+    nats, computed from the logits (stable where a sigmoid is 0 or 1)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return float(np.where(np.asarray(targets) > 0, np.logaddexp(0.0, -z), np.logaddexp(0.0, z)).mean())
+
+
+def validation_label_temperature(logits: np.ndarray, targets: np.ndarray) -> tuple[float, str]:
+    """One temperature shared by every label, minimising the validation BCE; (1, why) when every
+    validation decision at 0.5 is right (the BCE then falls without end as T -> 0)."""
+    if ((np.asarray(logits) >= 0) == (np.asarray(targets) > 0)).all():
+        return 1.0, (f"not fitted: every label of all {len(targets)} validation images is decided right at 0.5, so "
+                     f"the BCE has no minimum (it falls as T -> 0); T = 1 kept")
+    found = minimize_scalar(lambda log_t: binary_negative_log_likelihood(logits, targets, float(np.exp(log_t))),
+                            bounds=LOG_T_BOUNDS, method="bounded", options=dict(xatol=1e-6))
+    return float(np.exp(found.x)), ""
+
+
+def label_reliability_bins(scores: np.ndarray, targets: np.ndarray, bins: int = BINS) -> pd.DataFrame:
+    """One label's reliability: per equal-width bin (lo, hi] of its score (the first bin [0, hi]),
+    the images, the share of them carrying the label (fraction_positive) and their mean score;
+    NaN for an empty bin. The bins are scikit-learn's calibration_curve(strategy="uniform")."""
+    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets)
+    which = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], scores)  # as calibration_curve
+    rows = []
+    for b in range(bins):
+        inside = which == b
+        rows.append(dict(bin_low=b / bins, bin_high=(b + 1) / bins, images=int(inside.sum()),
+                         fraction_positive=float(targets[inside].mean()) if inside.any() else np.nan,
+                         confidence=float(scores[inside].mean()) if inside.any() else np.nan))
+    return pd.DataFrame(rows)
+
+
+def label_calibration_rows(logits: np.ndarray, targets: np.ndarray, names: list[str], temperature: float) -> list[dict]:
+    """Per label: images, positives, ECE (over its reliability bins), NLL and Brier (scikit-learn's
+    log_loss and brier_score_loss of its sigmoid score), AP and AUROC (NaN without both kinds);
+    then a "mean" row (the mean over the labels)."""
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+    probs = sigmoid_probabilities(logits, temperature)
+    rows = []
+    for i, name in enumerate(names):
+        y, p = np.asarray(targets)[:, i], probs[:, i]
+        both = 0 < y.sum() < len(y)
+        used = label_reliability_bins(p, y).query("images > 0")
+        rows.append(dict(label=name, temperature=temperature, images=len(y), positives=int(y.sum()),
+                         ece=float((used.images / len(y) * (used.fraction_positive - used.confidence).abs()).sum()),
+                         nll=binary_negative_log_likelihood(np.asarray(logits)[:, [i]], y[:, None], temperature),
+                         brier=float(brier_score_loss(y, p)),
+                         ap=float(average_precision_score(y, p)) if y.any() else np.nan,
+                         auroc=float(roc_auc_score(y, p)) if both else np.nan))
+    mean = pd.DataFrame(rows)[["ece", "nll", "brier", "ap", "auroc"]].mean()
+    rows.append(dict(label="mean", temperature=temperature, images=len(targets), positives=int(np.sum(targets)),
+                     **mean.to_dict()))
+    return rows

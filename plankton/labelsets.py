@@ -238,3 +238,29 @@ def rarest_labels(targets: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def describe(label_set_text: str) -> str:
     return printable(label_set_text.replace(LABEL_SEPARATOR, "+"))
+
+
+# ---- counts over a split -------------------------------------------------------------------------
+
+ALL_IMAGES = "(all images)"
+
+
+def label_counts(table: pd.DataFrame, seen: list[str], unseen: list[str]) -> pd.DataFrame:
+    """Images carrying each label in each subset (seen labels first; an image counts once in each of
+    its labels, its seen labels included when an unseen one holds it out), then a last row counting
+    the images themselves. Columns: label, kind, train, val, test, unseen, total. `table` is split.csv's."""
+    names = list(seen) + list(unseen)
+    carried = multi_hot(table.labels, names)
+    rows = [dict(label=name, kind="seen" if name in seen else "unseen",
+                 **{s: int(carried[(table.subset == s).to_numpy(), i].sum()) for s in SUBSETS})
+            for i, name in enumerate(names)]
+    rows.append(dict(label=ALL_IMAGES, kind="all", **{s: int((table.subset == s).sum()) for s in SUBSETS}))
+    counts = pd.DataFrame(rows, columns=["label", "kind", *SUBSETS])
+    counts["total"] = counts[list(SUBSETS)].sum(axis=1)
+    return counts
+
+
+def cooccurrence(label_texts, names: list[str]) -> pd.DataFrame:
+    """Labels x labels: the images carrying both (the diagonal: the images carrying the label)."""
+    carried = multi_hot(label_texts, names)
+    return pd.DataFrame(carried.T @ carried, index=pd.Index(names, name="label"), columns=names)

@@ -4,11 +4,11 @@ compare with and the detection metrics. open_set.py evaluates them, predict.py f
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp, softmax
+from scipy.special import expit, logsumexp, softmax
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from plankton import checkpoints, fileio, provenance
+from plankton import checkpoints, fileio, labelsets, provenance
 from plankton.errors import PipelineError
 
 TPR_LEVEL = 0.95  # FPR is read where this share of the seen images is kept as known
@@ -93,8 +93,30 @@ SCORES = {
 }
 
 
-def all_scores(logits: np.ndarray, embeddings: np.ndarray, reference: Reference) -> dict[str, np.ndarray]:
-    return {name: score(logits, embeddings, reference) for name, score in SCORES.items()}
+def joint_energy(logits: np.ndarray) -> np.ndarray:
+    """-sum over labels of log(1 + e^logit) (Wang et al. 2021, JointEnergy): low when some seen label
+    is confidently present, high when no label is."""
+    return -np.logaddexp(0.0, np.asarray(logits, dtype=np.float64)).sum(1)
+
+
+# The same for a multi-label head (one sigmoid per label): an image is "unknown" when it carries an
+# unseen label, so the logit scores ask whether any seen label is there; kNN and Mahalanobis as above.
+MULTILABEL_SCORES = {
+    "max_sigmoid": lambda logits, emb, ref: 1.0 - expit(np.asarray(logits, dtype=np.float64)).max(1),
+    "joint_energy": lambda logits, emb, ref: joint_energy(logits),
+    "knn": SCORES["knn"],
+    "mahalanobis": SCORES["mahalanobis"],
+}
+
+
+def scores_for(task: str) -> dict:
+    """The table of open-set scores for TASK."""
+    return MULTILABEL_SCORES if task == "multilabel" else SCORES
+
+
+def all_scores(logits: np.ndarray, embeddings: np.ndarray, reference: Reference,
+               task: str = "multiclass") -> dict[str, np.ndarray]:
+    return {name: score(logits, embeddings, reference) for name, score in scores_for(task).items()}
 
 
 def detection_metrics(seen: np.ndarray, unseen: np.ndarray, tpr_level: float = TPR_LEVEL) -> dict:
@@ -125,6 +147,9 @@ def reference_from_model(trained, cache, runtime, cfg) -> Reference:
     """The training images' Reference as the settings ask (OPEN_SET_K, OPEN_SET_KNN_METRIC,
     OPEN_SET_TRAIN_SAMPLES, SEED); says when the kNN reference is a sample."""
     _, embeddings, labels = subset_outputs(trained, cache, runtime, "train")
+    if labels.ndim == 2:  # multi-label: the class means are those of each image's rarest label (as embed.py),
+        # numbered 0, 1, ... over the labels that are some image's rarest (a label may be none's)
+        labels = np.unique(labelsets.rarest_labels(labels, labels.sum(0)), return_inverse=True)[1]
     if len(embeddings) > cfg.OPEN_SET_TRAIN_SAMPLES:
         print(f"note: the kNN score compares with {cfg.OPEN_SET_TRAIN_SAMPLES} random training embeddings of "
               f"{len(embeddings)} (OPEN_SET_TRAIN_SAMPLES); class means and covariance use them all")

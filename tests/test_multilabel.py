@@ -214,7 +214,9 @@ def test_multilabel_pipeline_end_to_end(tmp_path):
     cfg = tiny_config(tmp_path, folder, TASK="multilabel", MAX_EPOCHS=4, VAL_FRACTION=0.15, TEST_FRACTION=0.25,
                       TRAIN_FRACTION=0.6)
     times = run_all.run(cfg)
-    assert "transfer_learning" not in times and "ranked_images" not in times and "embed" in times
+    assert "suspicious_labels" not in times and "seeds" not in times  # single-label only
+    assert {"dataset_overview", "leaks", "ranked_images", "embedding_quality", "transfer_learning", "open_set",
+            "calibration", "embed"} <= set(times)
     out = Path(cfg.OUTPUT_DIR)
     history = pd.read_csv(out / "training_history.csv")
     assert {"val_map", "train_map", "val_ap_a", "train_ap_c"} <= set(history.columns)
