@@ -6,7 +6,7 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.metrics import brier_score_loss, log_loss
 
 import predict
-from plankton import calibrate, hashing, locations, openset, registry
+from plankton import calibrate, hashing, locations, openset, registry, unlabelled
 from plankton.errors import PipelineError
 
 # ---- open-set ------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_a_bad_predict_dir_is_one_error(tmp_path, tiny_cfg, case):
         (folder / "b.jpg").write_bytes(b"")
     paths = locations.prepare_output_dirs(tiny_cfg)
     with pytest.raises(PipelineError) as err:
-        predict.find_new_images(None if case == "unset" else str(folder), paths)
+        unlabelled.find_new_images(None if case == "unset" else str(folder), paths)
     message = str(err.value)
     assert "\n" not in message and "PREDICT_DIR" in message
     expected = {"unset": "not set", "missing": "not a folder", "empty": "no image files",
@@ -207,7 +207,7 @@ def test_new_images_are_found_at_any_depth_and_the_corrupt_ones_listed(tmp_path,
     shutil.copy(tiny_folder / "u" / "img_000.png", folder / "deep" / "er" / "low.png")
     (folder / "deep" / "broken.png").write_bytes(b"\x89PNG truncated")
     (folder / ".hidden.png").write_bytes(b"ignored")
-    root, relpaths, hashes, bad = predict.find_new_images(str(folder), locations.prepare_output_dirs(tiny_cfg))
+    root, relpaths, hashes, bad = unlabelled.find_new_images(str(folder), locations.prepare_output_dirs(tiny_cfg))
     assert relpaths == ["deep/er/low.png", "top.png"] and list(bad) == ["deep/broken.png"]
     assert hashes == [hashing.sha256_file(root / p) for p in relpaths]
 
