@@ -234,7 +234,8 @@ def test_a_validation_set_without_mistakes_keeps_t_at_1_and_says_why():
 
 def test_run_all_runs_predict_only_when_predict_dir_is_set(tiny_cfg):
     names = [s.name for s in registry.run_all_stages(tiny_cfg)]
-    assert names[-4:] == ["open_set", "calibration", "export_model", "report"] and "predict" not in names
+    assert names[-4:] == ["open_set", "calibration", "export_model", "report"]
+    assert not {"predict", "annotate_next"} & set(names)
     assert names.index("open_set") == names.index("transfer_learning") + 1
-    tiny_cfg.PREDICT_DIR = "/some/folder"
-    assert [s.name for s in registry.run_all_stages(tiny_cfg)][-2:] == ["predict", "report"]  # the report stays last
+    tiny_cfg.PREDICT_DIR = "/some/folder"  # the report stays last
+    assert [s.name for s in registry.run_all_stages(tiny_cfg)][-3:] == ["predict", "annotate_next", "report"]
