@@ -63,7 +63,8 @@ def batch_table(pool: unlabelled.Unlabelled, candidates: annotation.Candidates, 
         sha256=[pool.hashes[i] for i in picked], predicted_class=[class_names[i] for i in probabilities.argmax(1)],
         score=probabilities.max(1), strategy_score=strategy_scores[picked],
         margin=annotation.margin_score(probabilities), entropy=annotation.entropy_score(probabilities),
-        knn_distance=annotation.knn_score(candidates)[picked]), columns=COLUMNS)
+        knn_distance=openset.kth_neighbour_distance(candidates.embeddings[picked], candidates.reference)),
+        columns=COLUMNS)
 
 
 def plot_contact_sheet(table: pd.DataFrame, root, strategy: str, candidates: int, path) -> None:

@@ -156,15 +156,19 @@ def test_the_stage_is_registered_for_runs_with_new_images():
 # ---- the stage on a trained tiny model (slow) --------------------------------------------------------
 
 @pytest.mark.slow
-def test_the_stage_ranks_a_folder_and_the_objects_of_an_export(tmp_path, tiny_cfg):
+def test_the_stage_ranks_a_folder_and_the_objects_of_an_export(tmp_path):
+    """One tiny model trained on an export's validated objects ranks a folder of new images
+    (PREDICT_DIR), then, without PREDICT_DIR, the export's objects not yet validated."""
     import train
-    tiny_cfg.MAX_EPOCHS, tiny_cfg.TRUNK, tiny_cfg.ANNOTATE_BATCH = 1, "resnet18", 8
-    train.run(tiny_cfg)
+    tsv = tiny_export(tmp_path / "export", {"a": 15, "b": 15, "c": 15, "u": 6, "v": 6})
+    cfg = tiny_config(tmp_path, None, ECOTAXA_EXPORT=str(tsv), ECOTAXA_MIN_COUNT=3, MAX_EPOCHS=1,
+                      TRUNK="resnet18", ANNOTATE_BATCH=8)
+    train.run(cfg)
     new = make_image_folder(tmp_path / "new", {"a": 5, "b": 5, "u": 5}, seed=9)
     (new / "a" / "broken.png").write_bytes(b"\x89PNG truncated")
-    tiny_cfg.PREDICT_DIR = str(new)
-    annotate_next.run(tiny_cfg)
-    paths = locations.Paths.from_settings(tiny_cfg)
+    cfg.PREDICT_DIR = str(new)
+    annotate_next.run(cfg)
+    paths = locations.Paths.from_settings(cfg)
     table = pd.read_csv(paths.annotate_dir / "annotate_next.csv")
     assert list(table["rank"]) == list(range(1, 9)) and table.path.is_unique and "a/broken.png" not in set(table.path)
     back, _ = ecotaxa.read_tsv(paths.annotate_dir / "annotate_next.tsv")
@@ -175,14 +179,12 @@ def test_the_stage_ranks_a_folder_and_the_objects_of_an_export(tmp_path, tiny_cf
                                          "annotate/annotate_next.tsv"]
     assert provenance.stale_outputs(paths, "annotate_next") == []
 
-    # an export: the objects not validated are the candidates, and keep their object_id
-    tsv = tiny_export(tmp_path / "export", {"a": 15, "b": 15, "c": 15, "u": 6, "v": 6})
-    cfg = tiny_config(tmp_path / "eco", None, ECOTAXA_EXPORT=str(tsv), ECOTAXA_MIN_COUNT=3, MAX_EPOCHS=1,
-                      TRUNK="resnet18", ANNOTATE_BATCH=100, ANNOTATE_STRATEGY="knn")
-    train.run(cfg)
+    # without PREDICT_DIR: the objects not validated are the candidates, and keep their object_id
+    cfg.PREDICT_DIR, cfg.ANNOTATE_BATCH, cfg.ANNOTATE_STRATEGY = None, 100, "knn"
     annotate_next.run(cfg)
-    eco = locations.Paths.from_settings(cfg).annotate_dir
-    back, _ = ecotaxa.read_tsv(eco / "annotate_next.tsv")
-    objects = pd.read_csv(locations.Paths.from_settings(cfg).out / "ecotaxa_objects.csv", dtype=str)
+    back, _ = ecotaxa.read_tsv(paths.annotate_dir / "annotate_next.tsv")
+    objects = pd.read_csv(paths.out / "ecotaxa_objects.csv", dtype=str)
     waiting = objects[objects.status != "validated"]
     assert sorted(back.object_id) == sorted(waiting.object_id) and len(back) == 19  # 5 of a, b, c; 2 of u, v
+    table = pd.read_csv(paths.annotate_dir / "annotate_next.csv")
+    assert list(table.knn_distance) == sorted(table.knn_distance, reverse=True)
