@@ -4,12 +4,14 @@
     python tools/annotation_simulation.py                         # lite0 trunk, built-in digits, 10 draws
     python tools/annotation_simulation.py --draws=3 --rounds=5    # quicker
     python tools/annotation_simulation.py --batch=50 --rounds=6 --figure=/tmp/b50.png
-    python tools/annotation_simulation.py --TRUNK=resnet18        # any --KEY=VALUE setting, as for the scripts
+    python tools/annotation_simulation.py --config=my_settings.py # your DATA_DIR and classes; any --KEY=VALUE too
 
-Features: the frozen trunk's feature maps averaged over space, of every image of the built-in digits
-(all ten classes, 1,797 images, at IMAGE_SIZE), with TRUNK = "efficientnet_lite0" and its ImageNet
-weights unless a setting says otherwise; computed once and kept in
-CACHE_DIR/annotation_simulation/ (keyed by trunk, weights, image size and resize mode).
+Features: the frozen trunk's feature maps averaged over space, of every image of SEEN_CLASSES and
+UNSEEN_CLASSES in DATA_DIR (default: the built-in digits, all ten classes, 1,797 images), at
+IMAGE_SIZE, with TRUNK = "efficientnet_lite0" and its ImageNet weights unless a setting says
+otherwise; computed once and kept in CACHE_DIR/annotation_simulation/ (keyed by trunk, weights,
+image size, resize mode, folder and image list). Every image must be readable. TRUNK and WEIGHTS
+come from the command line (--TRUNK=resnet18) or these defaults, never from a settings file.
 
 Each draw: a stratified 30 % of the images are the test set, the rest the pool; `start` labels are
 drawn at random from the pool (the same for every strategy in a draw); then `rounds` times, a
@@ -23,7 +25,8 @@ Writes: --csv (default OUTPUT_DIR/annotation_simulation.csv: draw, strategy, lab
 balanced_accuracy) and --figure (default OUTPUT_DIR/annotation_simulation.png: mean and the spread
 over draws of both metrics against the number of labels, one line per strategy).
 Prints: per strategy, the mean ± standard deviation over draws at a few label counts, and the mean
-gain over random across the whole curve with the number of draws where it was ahead.
+gain over random across the whole curve with the number of draws where it was ahead. --replot
+prints and draws again from --csv without simulating.
 """
 import argparse
 import hashlib
@@ -50,18 +53,21 @@ DEFAULTS = ["--TRUNK=efficientnet_lite0", "--WEIGHTS=imagenet"]  # the real pret
 
 # ---- the features, computed once -----------------------------------------------------------------
 
-def digit_features(cfg) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(pooled trunk features, labels, class names) of every built-in digit, from the cache file."""
-    root = images.data_dir(None, cfg.BUILTIN_DATA_DIR)
-    classes = images.list_class_images(root)
-    relpaths = [p for name in classes for p in classes[name]]
-    labels = np.array([i for i, name in enumerate(classes) for _ in classes[name]])
-    key = hashlib.sha256(f"{cfg.TRUNK}|{cfg.WEIGHTS}|{cfg.IMAGE_SIZE}|{cfg.RESIZE_MODE}|{len(relpaths)}".encode())
+def image_features(cfg) -> tuple[np.ndarray, np.ndarray, list[str], Path]:
+    """(pooled trunk features, labels, class names, folder) of every image of SEEN_CLASSES and
+    UNSEEN_CLASSES in DATA_DIR (the built-in digits: all ten), from the cache file once computed."""
+    root = images.data_dir(cfg.DATA_DIR, cfg.BUILTIN_DATA_DIR)
+    found = images.list_class_images(root)
+    classes = [name for name in cfg.SEEN_CLASSES + cfg.UNSEEN_CLASSES if name in found]
+    relpaths = [p for name in classes for p in found[name]]
+    labels = np.array([i for i, name in enumerate(classes) for _ in found[name]])
+    key = hashlib.sha256("|".join([cfg.TRUNK, str(cfg.WEIGHTS), str(cfg.IMAGE_SIZE), cfg.RESIZE_MODE, str(root),
+                                   *relpaths]).encode())
     path = Path(cfg.CACHE_DIR) / "annotation_simulation" / f"{cfg.TRUNK}_{key.hexdigest()[:12]}.npz"
     if path.is_file():
-        return np.load(path)["features"], labels, list(classes)
+        return np.load(path)["features"], labels, classes, root
     model, _, weights = training.new_model(cfg, len(classes))
-    print(f"trunk {cfg.TRUNK} ({weights}): features of {len(relpaths)} digits at {cfg.IMAGE_SIZE} px ...")
+    print(f"trunk {cfg.TRUNK} ({weights}): features of {len(relpaths)} images at {cfg.IMAGE_SIZE} px ...")
     runtime = dataloader.runtime_from_settings(cfg)
     trunk = model.trunk.to(runtime.device).eval()
     preprocess = dataloader.Preprocess.for_trunk(cfg.TRUNK, cfg.IMAGE_SIZE, cfg.RESIZE_MODE)
@@ -71,7 +77,7 @@ def digit_features(cfg) -> tuple[np.ndarray, np.ndarray, list[str]]:
     with fileio.atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, features=features)
-    return features, labels, list(classes)
+    return features, labels, classes, root
 
 
 # ---- one draw ------------------------------------------------------------------------------------
@@ -131,9 +137,19 @@ def gain_over_random(results: pd.DataFrame, metric: str) -> pd.DataFrame:
                              draws=len(gain))).loc[list(annotation.STRATEGIES)]
 
 
+def paired_gain(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per strategy (columns) and label count (rows): mean and sd over draws of metric minus
+    random's in the same draw (the draws share their test set and starting labels)."""
+    table = results.pivot_table(index=["draw", "labels"], columns="strategy", values=metric)
+    gain = table.sub(table["random"], axis=0)
+    return gain.groupby("labels").agg(["mean", "std"])
+
+
 def plot_curves(results: pd.DataFrame, title: str, path: Path) -> None:
+    """Accuracy and balanced accuracy against labels (mean, band ± 1 sd over draws), and the
+    accuracy gain over random in the same draw."""
     plt = plots.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    fig, axes = plt.subplots(1, 3, figsize=(15.5, 4.4))
     for ax, metric in zip(axes, ("accuracy", "balanced_accuracy")):
         for name in annotation.STRATEGIES:
             curve = results[results.strategy == name].groupby("labels")[metric]
@@ -143,11 +159,38 @@ def plot_curves(results: pd.DataFrame, title: str, path: Path) -> None:
             ax.fill_between(mean.index, mean - sd, mean + sd, color=COLOURS.get(name), alpha=0.12, lw=0)
         ax.set_xlabel("labelled images")
         ax.set_ylabel(f"test {metric.replace('_', ' ')}")
+        ax.set_title(f"test {metric.replace('_', ' ')} (mean, band ± 1 sd over draws)", fontsize=9)
         ax.grid(alpha=0.3)
+    gain = paired_gain(results, "accuracy")
+    for name in annotation.STRATEGIES:
+        mean, sd = gain[(name, "mean")], gain[(name, "std")].fillna(0)
+        axes[2].plot(mean.index, mean, marker="o", ms=3, color=COLOURS.get(name), lw=1.8,
+                     ls="--" if name == "random" else "-")
+        if name != "random":
+            axes[2].fill_between(mean.index, mean - sd, mean + sd, color=COLOURS.get(name), alpha=0.12, lw=0)
+    axes[2].set_xlabel("labelled images")
+    axes[2].set_ylabel("test accuracy − random's")
+    axes[2].set_title("gain over random in the same draw (mean, band ± 1 sd)", fontsize=9)
+    axes[2].grid(alpha=0.3)
     axes[0].legend(fontsize=7.5, loc="lower right")
     fig.suptitle(title, fontsize=9.5)
     fig.tight_layout()
     plots.save_figure(fig, path)
+
+
+def report(results: pd.DataFrame, setup: str, figure: Path) -> None:
+    """The tables printed, and the figure."""
+    counts = sorted(results["labels"].unique())
+    at = sorted({counts[0], counts[len(counts) // 3], counts[2 * len(counts) // 3], counts[-1]})
+    print(f"\n{setup}")
+    for metric in ("accuracy", "balanced_accuracy"):
+        print(f"\ntest {metric} (mean ± sd over draws) at these numbers of labels:")
+        print(summary_table(results, metric, at).to_string())
+        print(f"\n{metric}: gain over random, averaged over the curve after the start (sd over draws):")
+        print(gain_over_random(results, metric).to_string(formatters=dict(mean_gain="{:+.4f}".format,
+                                                                         sd="{:.4f}".format)))
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot_curves(results, f"What to annotate next, simulated: {setup}", figure)
 
 
 def main():
@@ -158,34 +201,35 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--figure", type=Path, default=None)
+    parser.add_argument("--replot", action="store_true", help="print and draw the results already in --csv")
     args, rest = parser.parse_known_args()
     cfg = settings.load_settings(DEFAULTS + rest)
-    features, labels, classes = digit_features(cfg)
-    features = StandardScaler().fit_transform(features)  # label-free: every image's features are known
-    began = time.perf_counter()
-    rows = []
-    for draw in range(args.draws):
-        rows += one_draw(features, labels, draw, args.start, args.batch, args.rounds, cfg.OPEN_SET_K,
-                         cfg.OPEN_SET_KNN_METRIC)
-        print(f"draw {draw + 1}/{args.draws} done ({time.perf_counter() - began:.0f} s)", flush=True)
-    results = pd.DataFrame(rows)
     out = Path(cfg.OUTPUT_DIR)
     csv_path, figure = args.csv or out / "annotation_simulation.csv", args.figure or out / "annotation_simulation.png"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    fileio.save_csv(results, csv_path, index=False)
-    counts = sorted(results["labels"].unique())
-    at = sorted({counts[0], counts[len(counts) // 3], counts[2 * len(counts) // 3], counts[-1]})
-    setup = (f"{cfg.TRUNK} features of the {len(labels)} built-in digits ({len(classes)} classes, "
-             f"{cfg.IMAGE_SIZE} px); {args.draws} draws: {TEST_FRACTION:.0%} test, {args.start} random labels, "
-             f"then {args.rounds} rounds of {args.batch}; logistic regression head")
-    print(f"\n{setup}")
-    for metric in ("accuracy", "balanced_accuracy"):
-        print(f"\ntest {metric} (mean ± sd over draws) at these numbers of labels:")
-        print(summary_table(results, metric, at).to_string())
-        print(f"\n{metric}: gain over random, averaged over the curve after the start:")
-        print(gain_over_random(results, metric).to_string(float_format=lambda v: f"{v:+.4f}"))
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    plot_curves(results, f"What to annotate next, simulated: {setup}\nmean over draws, band ± 1 sd", figure)
+    root = images.data_dir(cfg.DATA_DIR, cfg.BUILTIN_DATA_DIR)
+    found = images.list_class_images(root)
+    classes = [name for name in cfg.SEEN_CLASSES + cfg.UNSEEN_CLASSES if name in found]
+    data = (f"the {sum(len(found[c]) for c in classes):,} built-in digits" if cfg.DATA_DIR is None
+            else f"the {sum(len(found[c]) for c in classes):,} images of {root.name}")
+    if args.replot:
+        results = pd.read_csv(csv_path)
+        draws, counts = results.draw.nunique(), sorted(results["labels"].unique())
+        args.start, args.batch, args.rounds = counts[0], counts[1] - counts[0], len(counts) - 1
+    else:
+        features, labels, _, _ = image_features(cfg)
+        features = StandardScaler().fit_transform(features)  # label-free: every image's features are known
+        began, rows = time.perf_counter(), []
+        for draw in range(args.draws):
+            rows += one_draw(features, labels, draw, args.start, args.batch, args.rounds, cfg.OPEN_SET_K,
+                             cfg.OPEN_SET_KNN_METRIC)
+            print(f"draw {draw + 1}/{args.draws} done ({time.perf_counter() - began:.0f} s)", flush=True)
+        results, draws = pd.DataFrame(rows), args.draws
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        fileio.save_csv(results, csv_path, index=False)
+    setup = (f"{cfg.TRUNK} features of {data} ({len(classes)} classes, {cfg.IMAGE_SIZE} px); {draws} draws: "
+             f"{TEST_FRACTION:.0%} test, {args.start} random labels, then {args.rounds} rounds of {args.batch}; "
+             f"logistic regression head")
+    report(results, setup, figure)
     print(f"\n-> {csv_path}, {figure}")
 
 
