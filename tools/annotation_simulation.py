@@ -226,7 +226,7 @@ def main():
         results, draws = pd.DataFrame(rows), args.draws
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         fileio.save_csv(results, csv_path, index=False)
-    setup = (f"{cfg.TRUNK} features of {data} ({len(classes)} classes, {cfg.IMAGE_SIZE} px); {draws} draws: "
+    setup = (f"{cfg.TRUNK} features of {data} ({len(classes)} classes, {cfg.IMAGE_SIZE} px); {draws} draw{'s' if draws > 1 else ''}: "
              f"{TEST_FRACTION:.0%} test, {args.start} random labels, then {args.rounds} rounds of {args.batch}; "
              f"logistic regression head")
     report(results, setup, figure)
