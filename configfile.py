@@ -144,3 +144,7 @@ HEAD_LOSS = "ce"  # what trains the head: "ce" (cross-entropy, the study's), "su
 HEAD_LOSS_WEIGHT = 1.0  # weight of the metric loss added to the cross-entropy in "ce+<loss>", > 0 and <= 100
 HEAD_COMPARE_LOSSES = ["ce", "supcon", "triplet", "arcface", "ce+triplet"]  # compare_heads.py: one training run per HEAD_LOSS value listed
 HEAD_COMPARE_EPOCHS = None  # compare_heads.py: MAX_EPOCHS of each run; None = MAX_EPOCHS
+
+# ---- what to annotate next ------------------------------------------------------------------
+ANNOTATE_STRATEGY = "diverse"  # annotate_next.py: how the batch is picked: "diverse" (margin, spread over the embeddings by weighted k-means), "margin" (near-ties of the top two classes), "entropy", "knn" (furthest from the labelled images) or "random"
+ANNOTATE_BATCH = 50  # annotate_next.py: images picked for annotation (all candidates when fewer)

@@ -60,53 +60,15 @@ from plankton import (
     label_predictions,
     locations,
     openset,
-    orientations,
     plots,
     provenance,
     registry,
     routing,
     runner,
-    training,
+    unlabelled,
 )
-from plankton.errors import PipelineError
 
 TOP = 3  # classes (with scores) listed per image
-
-
-# ---- the new images ------------------------------------------------------------------------------
-
-def find_new_images(predict_dir, paths: locations.Paths) -> tuple[Path, list[str], list[str], dict[str, str]]:
-    """(the folder, its readable images, their SHA-256 in the same order, {unreadable file: why}).
-    A missing or empty folder, or one where no image can be read, is a PipelineError."""
-    if predict_dir is None:
-        raise PipelineError("PREDICT_DIR is not set; run python predict.py --PREDICT_DIR=/folder/of/new/images")
-    root = Path(predict_dir).expanduser()
-    if not root.is_dir():
-        raise PipelineError(f"PREDICT_DIR={str(predict_dir)!r} is not a folder; give the folder of new images")
-    root = root.resolve()
-    files = images.list_folder_images(root)
-    if not files.images:
-        raise PipelineError(f"PREDICT_DIR={str(predict_dir)!r} holds no image files "
-                            f"({', '.join(sorted(images.IMAGE_EXTENSIONS))}) at any depth")
-    if files.ignored or files.linked_folders:
-        print(f"note: PREDICT_DIR: {len(files.ignored)} file(s) without an image extension ignored, "
-              f"{len(files.linked_folders)} linked folder(s) not followed", file=sys.stderr)
-    bad, hashes = images.scan_images(root, files.images, paths.scan_cache(root))
-    readable = [f for f in files.images if f not in bad]
-    if not readable:
-        first = sorted(bad)[0]
-        raise PipelineError(f"PREDICT_DIR={str(predict_dir)!r}: none of its {len(files.images)} image files can be "
-                            f"read (e.g. {images.printable(first)!r}: {bad[first]})")
-    return root, readable, [hashes[f] for f in readable], bad
-
-
-
-def new_image_outputs(trained, cache, runtime, root: Path, relpaths: list[str], hashes: list[str]):
-    """(logits, embeddings) of the new images, through the trunk cache keyed by content SHA-256,
-    averaged over the orientations TTA asks for."""
-    return orientations.averaged(lambda o: training.head_outputs(trained.model, dataloader.feature_source(
-        root, relpaths, np.zeros(len(relpaths)), trained.preprocess, cache, keys=hashes, orientation=o), runtime),
-        trained.orientations)
 
 
 # ---- the table -----------------------------------------------------------------------------------
@@ -230,7 +192,7 @@ def predict_label_sets(cfg, paths, runtime, root: Path, relpaths: list[str], has
     inputs = provenance.start_stage(paths, "predict", [paths.best, paths.split])
     print(f"predict.py  {len(relpaths)} readable images in {root} ({len(bad)} unreadable), model {paths.best}")
     cache = trained.trunk_cache(cfg, paths, runtime)
-    logits, embeddings = new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
+    logits, embeddings = unlabelled.new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
     folder = fileio.own_folder(paths.predictions_dir)  # never a link
     outputs = label_predictions.label_set_outputs(cfg, trained, cache, runtime, root, relpaths, hashes, logits,
                                                   embeddings, bad_files_table(bad), folder)
@@ -241,7 +203,7 @@ def predict_label_sets(cfg, paths, runtime, root: Path, relpaths: list[str], has
 def run(cfg) -> None:
     registry.require_task("predict", cfg.TASK)
     paths = locations.prepare_output_dirs(cfg)
-    root, relpaths, hashes, bad = find_new_images(cfg.PREDICT_DIR, paths)
+    root, relpaths, hashes, bad = unlabelled.find_new_images(cfg.PREDICT_DIR, paths)
     runtime = dataloader.runtime_from_settings(cfg)
     if cfg.TASK == "multilabel" and cfg.PREDICT_BUNDLE is None:
         predict_label_sets(cfg, paths, runtime, root, relpaths, hashes, bad)
@@ -253,7 +215,7 @@ def run(cfg) -> None:
     warning = openset.small_data_warning(fitted["val_images"], openset.recorded_auroc(paths, cfg.PREDICT_SCORE),
                                          cfg.PREDICT_SCORE)
     fitted["warnings"] = [warning] if warning else []
-    logits, embeddings = new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
+    logits, embeddings = unlabelled.new_image_outputs(trained, cache, runtime, root, relpaths, hashes)
     open_scores = openset.SCORES[cfg.PREDICT_SCORE](logits, embeddings, fitted["reference"])
     table = prediction_table(relpaths, hashes, calibrate.probabilities(logits, fitted["temperature"]), names,
                              open_scores, fitted["threshold"], embeddings if cfg.PREDICT_EMBEDDINGS else None)

@@ -371,24 +371,60 @@ def derived_object_id(relpath: str, sha256: str, taken: set[str]) -> str:
     return object_id
 
 
+def object_identity(relpath: str, sha256: str, root: Path, known: dict[str, tuple[str, str]],
+                    taken: set[str]) -> tuple[str, str]:
+    """(object_id, sample_id) of an image: the ones `known` lists for it (an EcoTaxa TSV among the
+    images, or the export it came from), else from its path and folder; the id is added to `taken`."""
+    object_id, sample = known.get(relpath, (None, None))
+    if object_id is None:
+        object_id = derived_object_id(relpath, sha256, taken)
+        sample = PurePosixPath(relpath).parent.as_posix().replace("/", "_")
+        sample = Path(root).name if sample == "." else sample
+    taken.add(object_id)
+    return object_id, sample
+
+
+def fitting_rows(rows: list[dict], types: dict[str, str]) -> tuple[pd.DataFrame, int]:
+    """(the rows whose every value fits, how many were left out: a value over MAX_VALUE characters,
+    or a tab or line break)."""
+    table = pd.DataFrame(rows, columns=list(types))
+    keep = table.map(fits).all(axis=1) if len(table) else pd.Series([], dtype=bool)
+    return table[keep].reset_index(drop=True), int((~keep).sum())
+
+
 def import_table(predictions: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, int]:
     """(predict.py's table as EcoTaxa import rows, how many rows were left out because a value would
     not fit: over MAX_VALUE characters, or a tab or line break). object_id and sample_id come from the
     EcoTaxa TSVs among the new images when they list the image, else from its path and folder."""
     known, taken, rows = source_objects(root), set(), []
     for row in predictions.itertuples(index=False):
-        object_id, sample = known.get(row.path, (None, None))
-        if object_id is None:
-            object_id = derived_object_id(row.path, row.sha256, taken)
-            sample = PurePosixPath(row.path).parent.as_posix().replace("/", "_")
-            sample = Path(root).name if sample == "." else sample
-        taken.add(object_id)
+        object_id, sample = object_identity(row.path, row.sha256, root, known, taken)
         rows.append(dict(object_id=object_id, img_file_name=row.path, object_annotation_category=row.predicted_class,
                          object_annotation_status="predicted", sample_id=sample, object_score=row.top1_score,
                          object_open_set_score=row.open_set_score, object_unknown=int(row.unknown)))
-    table = pd.DataFrame(rows, columns=list(IMPORT_TYPES))
-    keep = table.map(fits).all(axis=1) if len(table) else pd.Series([], dtype=bool)
-    return table[keep].reset_index(drop=True), int((~keep).sum())
+    return fitting_rows(rows, IMPORT_TYPES)
+
+
+# annotate_next.py's batch: the predicted category, with the batch's rank and the strategy's score
+ANNOTATION_TYPES = {"object_id": "[t]", "img_file_name": "[t]", "object_annotation_category": "[t]",
+                    "object_annotation_status": "[t]", "sample_id": "[t]", "object_score": "[f]",
+                    "object_annotate_rank": "[f]", "object_annotate_score": "[f]"}
+
+
+def annotation_table(batch: pd.DataFrame, root: Path, known: dict[str, tuple[str, str]] | None = None
+                     ) -> tuple[pd.DataFrame, int]:
+    """(annotate_next.py's batch, columns rank, path, sha256, predicted_class, score and
+    strategy_score, as EcoTaxa rows, how many rows were left out as import_table leaves them out).
+    object_id and sample_id: `known`'s (the export's objects), else the TSVs among the images', else
+    from the path."""
+    known = source_objects(root) if known is None else known
+    taken, rows = set(), []
+    for row in batch.itertuples(index=False):
+        object_id, sample = object_identity(row.path, row.sha256, root, known, taken)
+        rows.append(dict(object_id=object_id, img_file_name=row.path, object_annotation_category=row.predicted_class,
+                         object_annotation_status="predicted", sample_id=sample, object_score=row.score,
+                         object_annotate_rank=int(row.rank), object_annotate_score=row.strategy_score))
+    return fitting_rows(rows, ANNOTATION_TYPES)
 
 
 def write_import_zip(tsv: Path, root: Path, relpaths: list[str], path: Path) -> None:

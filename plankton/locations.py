@@ -32,6 +32,7 @@ class Paths:
     seeds = property(lambda self: self.out / "seeds")  # seeds.py: seed_<n>/ folders
     predictions_dir = property(lambda self: self.out / "predictions")  # predict.py: new images' predictions
     bundle_dir = property(lambda self: self.out / "model_bundle")  # export_model.py: the model another lab runs
+    annotate_dir = property(lambda self: self.out / "annotate")  # annotate_next.py: the batch to annotate
     umap_coordinates = property(lambda self: self.out / "umap_coordinates.csv")  # dimensionality_reduction.py
     leaks_summary = property(lambda self: self.out / "leaks_summary.json")  # leaks.py: counts beside evaluate's
 

@@ -43,7 +43,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 import backbone
-from plankton import drift, ecotaxa, fileio, heads, openset, orientations, projection, tasks, training
+from plankton import annotation, drift, ecotaxa, fileio, heads, openset, orientations, projection, tasks, training
 from plankton.errors import PipelineError
 from plankton.system import REPO_DIR
 
@@ -182,6 +182,9 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "HEAD_LOSS_WEIGHT": Rule("float", "(0, 100]"),
     "HEAD_COMPARE_LOSSES": Rule("names"),
     "HEAD_COMPARE_EPOCHS": Rule("int", "[1, inf)", none_ok=True),
+    # what to annotate next
+    "ANNOTATE_STRATEGY": Rule("str", choices=annotation.STRATEGIES),
+    "ANNOTATE_BATCH": Rule("int", "[1, inf)"),
 }
 MIN_CLASSES = 2  # the classifier needs two seen classes, the transfer analysis two unseen ones
 SPLIT_FRACTIONS = ("TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION")

@@ -6,7 +6,7 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.metrics import brier_score_loss, log_loss
 
 import predict
-from plankton import calibrate, hashing, locations, openset, registry
+from plankton import calibrate, hashing, locations, openset, registry, unlabelled
 from plankton.errors import PipelineError
 
 # ---- open-set ------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_a_bad_predict_dir_is_one_error(tmp_path, tiny_cfg, case):
         (folder / "b.jpg").write_bytes(b"")
     paths = locations.prepare_output_dirs(tiny_cfg)
     with pytest.raises(PipelineError) as err:
-        predict.find_new_images(None if case == "unset" else str(folder), paths)
+        unlabelled.find_new_images(None if case == "unset" else str(folder), paths)
     message = str(err.value)
     assert "\n" not in message and "PREDICT_DIR" in message
     expected = {"unset": "not set", "missing": "not a folder", "empty": "no image files",
@@ -207,7 +207,7 @@ def test_new_images_are_found_at_any_depth_and_the_corrupt_ones_listed(tmp_path,
     shutil.copy(tiny_folder / "u" / "img_000.png", folder / "deep" / "er" / "low.png")
     (folder / "deep" / "broken.png").write_bytes(b"\x89PNG truncated")
     (folder / ".hidden.png").write_bytes(b"ignored")
-    root, relpaths, hashes, bad = predict.find_new_images(str(folder), locations.prepare_output_dirs(tiny_cfg))
+    root, relpaths, hashes, bad = unlabelled.find_new_images(str(folder), locations.prepare_output_dirs(tiny_cfg))
     assert relpaths == ["deep/er/low.png", "top.png"] and list(bad) == ["deep/broken.png"]
     assert hashes == [hashing.sha256_file(root / p) for p in relpaths]
 
@@ -234,7 +234,8 @@ def test_a_validation_set_without_mistakes_keeps_t_at_1_and_says_why():
 
 def test_run_all_runs_predict_only_when_predict_dir_is_set(tiny_cfg):
     names = [s.name for s in registry.run_all_stages(tiny_cfg)]
-    assert names[-4:] == ["open_set", "calibration", "export_model", "report"] and "predict" not in names
+    assert names[-4:] == ["open_set", "calibration", "export_model", "report"]
+    assert not {"predict", "annotate_next"} & set(names)
     assert names.index("open_set") == names.index("transfer_learning") + 1
-    tiny_cfg.PREDICT_DIR = "/some/folder"
-    assert [s.name for s in registry.run_all_stages(tiny_cfg)][-2:] == ["predict", "report"]  # the report stays last
+    tiny_cfg.PREDICT_DIR = "/some/folder"  # the report stays last
+    assert [s.name for s in registry.run_all_stages(tiny_cfg)][-3:] == ["predict", "annotate_next", "report"]

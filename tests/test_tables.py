@@ -117,3 +117,14 @@ def test_an_optimizer_is_one_entry(monkeypatch):
     cfg = settings.load_settings(["--OPTIMIZER=rmsprop"])
     optimizer = training.make_optimizer(cfg.OPTIMIZER, [torch.nn.Parameter(torch.zeros(2))], 0.1)
     assert isinstance(optimizer, torch.optim.RMSprop)
+
+
+def test_an_annotation_strategy_is_one_entry(monkeypatch):
+    from plankton import annotation
+    monkeypatch.setitem(annotation.STRATEGIES, "least_confident",
+                        annotation.Strategy("lowest top score", lambda c, rng: 1 - c.probabilities.max(1)))
+    cfg = settings.load_settings(["--ANNOTATE_STRATEGY=least_confident"])
+    probabilities = np.array([[0.9, 0.1], [0.55, 0.45], [0.7, 0.3]])
+    pool = annotation.Candidates(probabilities, np.eye(3), annotation.labelled_reference(np.eye(3)[:1], 1, "cosine"))
+    picked, _ = annotation.select(cfg.ANNOTATE_STRATEGY, pool, 2)
+    assert list(picked) == [1, 2]

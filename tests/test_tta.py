@@ -9,8 +9,7 @@ from conftest import made_up_checkpoint, make_image_folder
 from PIL import Image
 
 import dataloader
-import predict
-from plankton import checkpoints, hashing, orientations, settings, trunk_cache
+from plankton import checkpoints, hashing, orientations, settings, trunk_cache, unlabelled
 from plankton.errors import PipelineError
 
 
@@ -51,7 +50,7 @@ def model_and_images(tmp_path):
 def _logits(model_and_images, tta: str, cached: bool = True) -> np.ndarray:
     model, preprocess, runtime, cache, new, relpaths, hashes = model_and_images
     trained = types.SimpleNamespace(model=model, preprocess=preprocess, orientations=orientations.TTA[tta])
-    logits, embeddings = predict.new_image_outputs(trained, cache if cached else None, runtime, new, relpaths, hashes)
+    logits, embeddings = unlabelled.new_image_outputs(trained, cache if cached else None, runtime, new, relpaths, hashes)
     assert embeddings.shape == (3, 8)
     return logits
 
