@@ -47,7 +47,7 @@ BALANCED_SAMPLING = False  # True: each epoch draws as many training images as t
 MAX_PER_CLASS = None  # at most this many training images per class (a fixed random subset of each larger class); None = all
 SELECT_BY = "auto"  # what picks best.pth among the validation passes: "auto" (the task's: validation loss; multilabel: validation mAP), "val_loss", "balanced_accuracy" or "macro_f1" (on the validation set)
 GROUP_BY = None  # images of one group stay in one subset of the split: None (split image by image), "path:N" (the N-th folder of the image's path in the data folder; 1 = the class folder), "csv:<column>" (that column of GROUP_CSV) or "sample_id" (EcoTaxa's)
-GROUP_CSV = None  # GROUP_BY = "csv:<column>": a CSV with a "path" column (relative to the data folder) and that column; None = LABELS_CSV (multilabel)
+GROUP_CSV = None  # with GROUP_BY = "csv:<column>": a CSV with a "path" column (each image's path in the data folder) and that column
 
 # ---- speed ----------------------------------------------------------------------------------
 DEVICE = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:1"

@@ -396,7 +396,10 @@ def check_rare_and_groups(values: dict) -> None:
     if group_by == "sample_id" and values["ECOTAXA_EXPORT"] is None:
         raise PipelineError("GROUP_BY='sample_id': EcoTaxa's sample_id comes with ECOTAXA_EXPORT, which is None; "
                             "use 'path:N' or 'csv:<column>' for class folders")
-    if isinstance(group_by, str) and group_by.startswith("csv:") and values["GROUP_CSV"] is None and task != "multilabel":
+    if group_by is not None and task != "multiclass":
+        raise PipelineError(f"GROUP_BY={group_by!r}: grouped splits are drawn for single-label runs "
+                            f"(TASK='multiclass'; TASK is {task!r}); set GROUP_BY=None")
+    if isinstance(group_by, str) and group_by.startswith("csv:") and values["GROUP_CSV"] is None:
         raise PipelineError(f"GROUP_BY={group_by!r}: needs GROUP_CSV, a CSV with a 'path' column and the column "
                             f"{group_by[4:]!r}; set GROUP_CSV")
     if values["GROUP_CSV"] is not None and not (isinstance(group_by, str) and group_by.startswith("csv:")):
