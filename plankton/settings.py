@@ -192,7 +192,8 @@ KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False",
               "device": "'cuda:N' (N a GPU number)", "seeds": "a list of at least 2 different integers",
               "modules": "a non-empty list of different module names",
               "words": "a non-empty list of different names from",
-              "group": "'path:N' (N >= 1: the N-th folder of the image's path) or 'csv:<column>' (a column of GROUP_CSV)"}
+              "group": "'path:N' (N >= 1: the N-th folder of the image's path) or 'csv:<column>' "
+                       "(a column of GROUP_CSV)"}
 
 
 def bounds_words(bounds: str) -> str:

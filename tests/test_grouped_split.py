@@ -91,6 +91,17 @@ def test_groups_from_a_csv_column(tmp_path):
     assert (table[table.subset != "unseen"].groupby("group").subset.nunique() == 1).all()
 
 
+def test_groups_from_ecotaxa_sample_id(tmp_path):
+    from test_ecotaxa import tiny_export  # samples of 5 objects: s0, s1, ... per class
+    tsv = tiny_export(tmp_path / "export", {"a": 15, "b": 15, "c": 15, "u": 5, "v": 5}, statuses=("validated",))
+    draw(tmp_path, None, ECOTAXA_EXPORT=str(tsv), ECOTAXA_MIN_COUNT=3, GROUP_BY="sample_id")
+    table = pd.read_csv(tmp_path / "outputs" / "split.csv", dtype=str)
+    objects = pd.read_csv(tmp_path / "outputs" / "ecotaxa_objects.csv", dtype=str)
+    assert dict(zip(table.relpath, table.group)) == dict(zip(objects.relpath, objects.sample_id))
+    assert (table[table.subset != "unseen"].groupby("group").subset.nunique() == 1).all()
+    assert set(table.subset[table.class_name == "a"]) == {"train", "val", "test"}  # three samples: one each
+
+
 @pytest.mark.parametrize("settings, words", [
     (["--GROUP_BY=path:3"], "has no level 3"),
     (["--GROUP_BY=csv:station", "--GROUP_CSV={meta}"], "has no column 'station'"),
