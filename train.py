@@ -184,7 +184,7 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
             classwise_seconds += time.perf_counter() - started
             state.history.append(dict(epoch=position, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                                       val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], **per_class))
-            if state.improved(task.monitor_sign * state.history[-1][task.monitor], position):
+            if state.improved(training.selection_figure(task, state.history[-1]), position):
                 save_best(epoch=position, val_loss=val_loss, val_acc=val_acc, val_map=per_class["val_map"])
             return state.bad_passes >= cfg.PATIENCE
 
@@ -222,7 +222,7 @@ def best_words(monitored: float, task) -> str:
 
 def best_position(history: pd.DataFrame, task) -> float:
     """The epoch of the best model: the task's monitored column at its best."""
-    return history.epoch[(task.monitor_sign * history[task.monitor]).idxmin()]
+    return history.epoch[training.selection_figure(task, history).idxmin()]
 
 
 HISTORY_PANELS = {"multiclass": (("loss", "Cross-entropy loss"), ("acc", "Accuracy")),

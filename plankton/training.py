@@ -137,6 +137,19 @@ SELECTIONS = {
 }
 
 
+# a figure such as the balanced accuracy of a small validation set takes few values, so passes often tie;
+# a tie goes to the pass with the lower validation loss (this small a share of it never outweighs a real step)
+TIE_BREAK = 1e-6
+
+
+def selection_figure(task, row) -> float:
+    """The figure a validation pass (a history row, or a DataFrame of them) is ranked by, lower is
+    better: the task's monitored column (times its sign); SELECT_BY's balanced accuracy and macro F1
+    have their ties broken by the validation loss."""
+    figure = task.monitor_sign * row[task.monitor]
+    return figure if task.monitor in ("val_loss", "val_map") else figure + TIE_BREAK * row["val_loss"]
+
+
 def selecting_task(task, select_by: str = "auto"):
     """The task with its monitored figure replaced by SELECT_BY's (the task itself for "auto")."""
     chosen = SELECTIONS[select_by]

@@ -63,11 +63,13 @@ def test_selection_metric_picks_its_epoch():
     for name in ("auto", "val_loss", "balanced_accuracy", "macro_f1"):
         task = training.selecting_task(tasks.MULTICLASS, name)
         state = training.TrainingState()
-        for row in history.itertuples():
-            state.improved(task.monitor_sign * getattr(row, task.monitor), row.epoch)
+        for _, row in history.iterrows():
+            state.improved(training.selection_figure(task, row), row.epoch)
         assert state.best_epoch == train.best_position(history, task)
         picked[name] = state.best_epoch
     assert picked == dict(auto=4.0, val_loss=4.0, balanced_accuracy=2.0, macro_f1=3.0)
+    tied = history.assign(val_balanced_accuracy=[0.5, 0.8, 0.8, 0.6])  # a tie: the lower validation loss wins
+    assert train.best_position(tied, training.selecting_task(tasks.MULTICLASS, "balanced_accuracy")) == 3.0
     assert train.best_words(-0.8, training.selecting_task(tasks.MULTICLASS, "balanced_accuracy")) == \
         "validation balanced accuracy 0.8000"
 

@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sources", type=int, default=15, help="tows per class")
     parser.add_argument("--copies", type=int, default=8, help="near-duplicates per tow")
+    parser.add_argument("--reuse", action="store_true", help="keep runs evaluated in an earlier call")
     parser.add_argument("--fresh", type=int, default=50, help="fresh images per seen class")
     args = parser.parse_args()
     images.export_digits(args.folder / "digits")
@@ -76,15 +77,18 @@ def main():
         for seed in args.seeds:
             run = args.folder / "runs" / f"{'grouped' if extra else 'per_image'}_seed{seed}"
             run.mkdir(parents=True, exist_ok=True)
-            (run / "outputs" / "split.csv").unlink(missing_ok=True)  # each seed draws its own split
             settings = [f"--DATA_DIR={args.folder / 'tows'}", f"--OUTPUT_DIR={run / 'outputs'}",
                         f"--CHECKPOINT_DIR={run / 'checkpoints'}", f"--CACHE_DIR={args.folder / 'cache'}",
                         f"--TRUNK={args.trunk}", f"--SEED={seed}", f"--SPLIT_SEED={seed}", "--RESUME=False",
                         *QUICK, *extra]
-            with open(run / "log.txt", "w") as log:
-                for script in ("train.py", "evaluate.py"):
-                    subprocess.run([sys.executable, str(REPO / script), *settings], check=True, cwd=REPO,
-                                   stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if args.reuse and (run / "outputs" / "test_metrics.json").is_file():
+                print(f"reusing {run} (--reuse)")
+            else:
+                (run / "outputs" / "split.csv").unlink(missing_ok=True)  # each seed draws its own split
+                with open(run / "log.txt", "w") as log:
+                    for script in ("train.py", "evaluate.py"):
+                        subprocess.run([sys.executable, str(REPO / script), *settings], check=True, cwd=REPO,
+                                       stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
             reported = json.loads((run / "outputs" / "test_metrics.json").read_text())
             fresh = score(run / "checkpoints" / "best.pth", args.folder / "fresh")
             rows.append(dict(split=split, seed=seed, test_accuracy=reported_accuracy(reported),
@@ -103,7 +107,7 @@ def main():
 
 def reported_accuracy(metrics: dict) -> float:
     """The overall test accuracy in evaluate.py's test_metrics.json."""
-    return float(metrics["accuracy"])
+    return float(metrics["overall"]["accuracy"])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ not a test: it prints figures).
 
 Exports the built-in digits, then holds out --eval-per-class images of each seen class (0-5, as
 configfile.py has them) as a balanced evaluation folder. Of the other images it keeps a long tail:
-every image of class 0, --ratio times fewer of class 5, geometric in between (148, 68, 31, 14, 7, 3
+every image of class 0, --ratio times fewer of class 5, geometric in between (148, 68, 31, 14, 6, 3
 with the defaults: 49:1); the unseen classes 6-9 stay whole. train.py trains on that folder once per
 variant of VARIANTS and seed (with QUICK's settings), each in its own folder, on one split
 (SPLIT_SEED=0) and one trunk cache.
@@ -98,6 +98,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ratio", type=float, default=50.0)
     parser.add_argument("--eval-per-class", type=int, default=30)
+    parser.add_argument("--reuse", action="store_true", help="keep runs whose training finished in an earlier call")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names from VARIANTS")
     args = parser.parse_args()
     images.export_digits(args.folder / "digits")
@@ -113,9 +114,12 @@ def main():
                         f"--TRUNK={args.trunk}", f"--SEED={seed}", "--SPLIT_SEED=0", "--RESUME=False",
                         *QUICK, *VARIANTS[variant]]
             run.mkdir(parents=True, exist_ok=True)
-            with open(run / "train_log.txt", "w") as log:
-                subprocess.run([sys.executable, str(REPO / "train.py"), *settings], check=True, cwd=REPO,
-                               stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if args.reuse and (run / "outputs" / "training_history.csv").is_file():
+                print(f"reusing {run} (--reuse)")
+            else:
+                with open(run / "train_log.txt", "w") as log:
+                    subprocess.run([sys.executable, str(REPO / "train.py"), *settings], check=True, cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
             rows.append(dict(variant=variant, seed=seed, **score(run / "checkpoints" / "best.pth",
                                                                  args.folder / "eval")))
             print(f"{variant}, seed {seed}: balanced accuracy {rows[-1]['balanced_accuracy']:.3f}, recall of "
