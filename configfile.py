@@ -42,6 +42,14 @@ CLASSWISE_SAMPLES = 5000  # class-wise curves during training: at most this many
 RESUME = True  # True: continue from checkpoints/last.pth after a kill; False: start training over
 SEED = 0  # seeds random, numpy and torch; fixes the split, batches, dropout and UMAP; None = draw a fresh seed (printed)
 
+# ---- rare classes, grouped splits -----------------------------------------------------------
+CLASS_WEIGHTS = "none"  # weights of the cross-entropy per class: "none", "balanced" (n_images / (classes x images of the class), scikit-learn's) or "sqrt" (the square root of "balanced": milder)
+BALANCED_SAMPLING = False  # True: each epoch draws as many training images as there are, with replacement, every class equally likely
+MAX_PER_CLASS = None  # at most this many training images per class (a fixed random subset of each larger class); None = all
+SELECT_BY = "auto"  # what picks best.pth among the validation passes: "auto" (the task's: validation loss; multilabel: validation mAP), "val_loss", "balanced_accuracy" or "macro_f1" (on the validation set)
+GROUP_BY = None  # images of one group stay in one subset of the split: None (split image by image), "path:N" (the N-th folder of the image's path in the data folder; 1 = the class folder), "csv:<column>" (that column of GROUP_CSV) or "sample_id" (EcoTaxa's)
+GROUP_CSV = None  # with GROUP_BY = "csv:<column>": a CSV with a "path" column (each image's path in the data folder) and that column
+
 # ---- speed ----------------------------------------------------------------------------------
 DEVICE = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:1"
 NUM_WORKERS = "auto"  # DataLoader worker processes; "auto" = 0 on <= 2 cores, else min(8, CPU cores - 1); 0 = load in the main process

@@ -6,7 +6,7 @@
 
 Reads:  the image folder (DATA_DIR, or the built-in digits).
 Writes: outputs/split.csv (drawn once with SPLIT_SEED, then re-read), checkpoints/best.pth (lowest
-        validation loss), checkpoints/last.pth (every epoch end, for resuming), outputs/training_history.csv
+        validation loss, or SELECT_BY's figure at its best), checkpoints/last.pth (every epoch end, for resuming), outputs/training_history.csv
         (one row per validation pass: losses, accuracies, LR, and per class accuracy and average precision
         on the training and validation sets), outputs/training_plot.png, outputs/training_classwise_accuracy.png,
         outputs/training_classwise_ap.png, outputs/bad_images.csv (only if some images are unreadable).
@@ -14,7 +14,10 @@ Writes: outputs/split.csv (drawn once with SPLIT_SEED, then re-read), checkpoint
 The optimizer (OPTIMIZER, WEIGHT_DECAY, MOMENTUM), LR schedule (LR_SCHEDULE, stepped at each epoch
 end), COLOR_JITTER, LABEL_SMOOTHING and the head's loss (HEAD_LOSS, plankton/heads.py: cross-entropy,
 or a metric loss whose classifier is then set from the training embeddings) come from the settings;
-their defaults train as before them.
+their defaults train as before them. So do the rare-class settings (docs/rare_classes.md): CLASS_WEIGHTS
+(weighted cross-entropy), BALANCED_SAMPLING (every class equally likely in each epoch's draws),
+MAX_PER_CLASS (a cap on training images per class) and SELECT_BY (what picks best.pth; training_history.csv
+marks that pass in its `selected` column).
 Under torchrun each process trains on its block of every batch (BATCH_SIZE is the whole batch) and
 computes its block of the missing trunk features; rank 0 alone writes (distributed.py).
 """
@@ -48,16 +51,19 @@ from plankton.errors import PipelineError
 RESUME_KEYS = ("SEEN_CLASSES", "UNSEEN_CLASSES", "IMAGE_SIZE", "RESIZE_MODE", "AUGMENT", "WEIGHTS", "TRUNK",
                "EMBEDDING_DIM", "DROPOUT", "BATCH_SIZE", "LR", "SEED", "VAL_PER_EPOCH", "CACHE_TRUNK",
                "CACHE_DTYPE", "FINETUNE_BLOCKS", "FINETUNE_LR", "OPTIMIZER", "MOMENTUM", "WEIGHT_DECAY", "LR_SCHEDULE",
-               "LR_STEP_EPOCHS", "LR_GAMMA", "COLOR_JITTER", "LABEL_SMOOTHING", "TASK", "HEAD_LOSS", "HEAD_LOSS_WEIGHT")
+               "LR_STEP_EPOCHS", "LR_GAMMA", "COLOR_JITTER", "LABEL_SMOOTHING", "TASK", "HEAD_LOSS", "HEAD_LOSS_WEIGHT",
+               "CLASS_WEIGHTS", "BALANCED_SAMPLING", "MAX_PER_CLASS", "SELECT_BY")
 # what a checkpoint made before these settings existed trained with (so that it still resumes)
 BEFORE_TRAINING_OPTIONS = dict(OPTIMIZER="adam", MOMENTUM=0.9, WEIGHT_DECAY=0.0, LR_SCHEDULE="none", LR_STEP_EPOCHS=5,
                                LR_GAMMA=0.3, COLOR_JITTER=0.0, LABEL_SMOOTHING=0.0, SPLIT_SEED=None,
                                TRUNK="efficientnet_v2_s", FINETUNE_BLOCKS=0, FINETUNE_LR=0.0001, TASK="multiclass",
                                LABELS_CSV=None, ECOTAXA_EXPORT=None, ECOTAXA_STATUSES=["validated"], ECOTAXA_MIN_COUNT=10,
-                               HEAD_LOSS="ce", HEAD_LOSS_WEIGHT=1.0)
+                               HEAD_LOSS="ce", HEAD_LOSS_WEIGHT=1.0, CLASS_WEIGHTS="none", BALANCED_SAMPLING=False,
+                               MAX_PER_CLASS=None, SELECT_BY="auto", GROUP_BY=None, GROUP_CSV=None)
 # settings a finished run must share with this one for its best.pth to stand for these settings
 FINISHED_KEYS = RESUME_KEYS + ("MAX_EPOCHS", "PATIENCE", "DATA_DIR", "TRAIN_FRACTION", "VAL_FRACTION", "TEST_FRACTION",
-                               "LABELS_CSV", "ECOTAXA_EXPORT", "ECOTAXA_STATUSES", "ECOTAXA_MIN_COUNT")
+                               "LABELS_CSV", "ECOTAXA_EXPORT", "ECOTAXA_STATUSES", "ECOTAXA_MIN_COUNT", "GROUP_BY",
+                               "GROUP_CSV")
 
 
 def resumable_checkpoint(cfg, paths, split) -> "checkpoints.Checkpoint | None":
@@ -103,10 +109,22 @@ def build_model(cfg, split, last: "checkpoints.Checkpoint | None", summary_path)
     return model, arch, weights_source
 
 
-def training_sources(cfg, split, preprocess, cache) -> dict:
+def kept_training_images(cfg, split) -> np.ndarray:
+    """Indices of the training images trained on: all, or at most MAX_PER_CLASS per class (fixed by SEED)."""
+    _, labels = split.subset("train")
+    if cfg.MAX_PER_CLASS is None or cfg.TASK != "multiclass":
+        return np.arange(len(labels))
+    kept = training.capped_indices(labels, cfg.MAX_PER_CLASS, cfg.SEED)
+    if len(kept) < len(labels):
+        print(f"MAX_PER_CLASS={cfg.MAX_PER_CLASS}: training on {len(kept)} of the {len(labels)} training images")
+    return kept
+
+
+def training_sources(cfg, split, preprocess, cache, kept=None) -> dict:
     """Train and validation features: from the trunk cache, except training images under AUGMENT,
     whose trunk input is random and goes through the trunk every batch. "train_classwise": the
-    training images un-augmented (cached if there is a cache), for the class-wise curves."""
+    training images un-augmented (cached if there is a cache), for the class-wise curves. `kept`:
+    the training images' indices trained on (kept_training_images), None for all."""
     if cache is not None and cfg.AUGMENT:
         print("AUGMENT=True makes the trunk's input random: training runs the trunk on every batch "
               "(the cache still serves validation and the class-wise training curves, un-augmented)")
@@ -116,6 +134,9 @@ def training_sources(cfg, split, preprocess, cache) -> dict:
         sources[subset] = split.source(subset, preprocess, cache=None if augment else cache, augment=augment,
                                        color_jitter=cfg.COLOR_JITTER if augment else 0.0)
     everything = split.source("train", preprocess, cache) if cfg.AUGMENT else sources["train"]
+    if kept is not None and len(kept) < len(sources["train"]):
+        sources["train"] = dataloader.select_rows(sources["train"], kept)
+        everything = dataloader.select_rows(everything, kept) if cfg.AUGMENT else sources["train"]
     sources["train_classwise"] = dataloader.sample_source(everything, cfg.CLASSWISE_SAMPLES, cfg.SEED)
     if len(sources["train_classwise"]) < len(everything):
         print(f"note: the class-wise training curves use a fixed random sample of {cfg.CLASSWISE_SAMPLES} of the "
@@ -139,12 +160,13 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
     Under torchrun (`forward` from training.data_parallel) every rank validates on the whole
     validation set and rank 0's verdict stops them all; a last batch with fewer images than ranks
     is left out of its epoch (each rank needs one; a different few images each epoch)."""
-    task = tasks.for_name(cfg.TASK)
+    task = training.selecting_task(tasks.for_name(cfg.TASK), cfg.SELECT_BY)
     state.stop_reason = f"reached MAX_EPOCHS={cfg.MAX_EPOCHS}"
+    balanced = sources["train"].labels.numpy() if cfg.BALANCED_SAMPLING else None
     classwise = dict(train=sources["train_classwise"], val=sources["val"])
     classwise_seconds = 0.0
     for epoch in range(state.epoch + 1, cfg.MAX_EPOCHS):
-        batches = training.epoch_batches(len(sources["train"]), cfg.BATCH_SIZE, cfg.SEED, epoch)
+        batches = training.epoch_batches(len(sources["train"]), cfg.BATCH_SIZE, cfg.SEED, epoch, balanced)
         batches = [batch for batch in batches if len(batch) >= distributed.world_size()]
 
         def validate(b: int, train_loss: float, train_acc: float) -> bool:
@@ -162,7 +184,7 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
             classwise_seconds += time.perf_counter() - started
             state.history.append(dict(epoch=position, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                                       val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], **per_class))
-            if state.improved(task.monitor_sign * state.history[-1][task.monitor], position):
+            if state.improved(training.selection_figure(task, state.history[-1]), position):
                 save_best(epoch=position, val_loss=val_loss, val_acc=val_acc, val_map=per_class["val_map"])
             return state.bad_passes >= cfg.PATIENCE
 
@@ -170,7 +192,8 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
                                            training.validation_points(len(batches), cfg.VAL_PER_EPOCH), validate,
                                            seed=cfg.SEED * 100_003 + epoch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCHS}",
                                            label_smoothing=cfg.LABEL_SMOOTHING, forward=forward, task=task,
-                                           criterion=criterion if criterion is not None and criterion.metric else None)
+                                           criterion=criterion if criterion is not None and criterion.replaces_task_loss
+                                           else None)
         state.epoch = epoch
         print_epoch(epoch, state, task)
         if stopped:
@@ -193,12 +216,13 @@ def best_words(monitored: float, task) -> str:
     """The best model's monitored figure in words: "validation loss 0.1234" or "validation mAP 0.9876"."""
     if task.monitor == "val_loss":
         return f"validation loss {monitored:.4f}"
-    return f"validation mAP {task.monitor_sign * monitored:.4f}"
+    name = {"val_map": "mAP", "val_balanced_accuracy": "balanced accuracy", "val_macro_f1": "macro F1"}[task.monitor]
+    return f"validation {name} {task.monitor_sign * monitored:.4f}"
 
 
 def best_position(history: pd.DataFrame, task) -> float:
     """The epoch of the best model: the task's monitored column at its best."""
-    return history.epoch[(task.monitor_sign * history[task.monitor]).idxmin()]
+    return history.epoch[training.selection_figure(task, history).idxmin()]
 
 
 HISTORY_PANELS = {"multiclass": (("loss", "Cross-entropy loss"), ("acc", "Accuracy")),
@@ -273,6 +297,8 @@ def save_history(history: list[dict], paths, class_names: list[str], task=tasks.
     if not distributed.is_main():
         return
     frame = pd.DataFrame(history)
+    if len(frame):  # the validation pass best.pth holds (SELECT_BY's figure at its best)
+        frame["selected"] = frame.epoch == best_position(frame, task)
     fileio.save_csv(frame, paths.history, index=False)
     if len(frame):
         plot_history(frame, paths.training_plot, task)
@@ -280,10 +306,11 @@ def save_history(history: list[dict], paths, class_names: list[str], task=tasks.
         plot_classwise(frame, class_names, "ap", paths.classwise_ap_plot, task)
 
 
-def head_criterion(cfg, num_classes: int, runtime, last) -> heads.Criterion:
-    """What training minimises (HEAD_LOSS), on the device; a resumed run's loss parameters restored."""
+def head_criterion(cfg, num_classes: int, runtime, last, class_weights=None) -> heads.Criterion:
+    """What training minimises (HEAD_LOSS, its cross-entropy weighted by `class_weights` if given), on
+    the device; a resumed run's loss parameters restored."""
     criterion = heads.Criterion(cfg.HEAD_LOSS, tasks.for_name(cfg.TASK), num_classes, cfg.EMBEDDING_DIM,
-                                cfg.HEAD_LOSS_WEIGHT, cfg.LABEL_SMOOTHING)
+                                cfg.HEAD_LOSS_WEIGHT, cfg.LABEL_SMOOTHING, class_weights)
     if criterion.metric is not None and distributed.world_size() > 1:
         raise PipelineError(f"HEAD_LOSS={cfg.HEAD_LOSS!r} trains in one process only (its pairs and triplets come "
                             f"from the whole batch, under torchrun each process sees its block); start it with python")
@@ -300,6 +327,9 @@ def loss_state(criterion: heads.Criterion) -> dict:
 
 def run(cfg) -> None:
     heads.check_loss(cfg.HEAD_LOSS, cfg.TASK, cfg.LABEL_SMOOTHING)  # before anything is written
+    if cfg.CLASS_WEIGHTS != "none" and not heads.parts(cfg.HEAD_LOSS)[0]:
+        raise PipelineError(f"CLASS_WEIGHTS={cfg.CLASS_WEIGHTS!r}: weighs the cross-entropy, and HEAD_LOSS="
+                            f"{cfg.HEAD_LOSS!r} has none; set CLASS_WEIGHTS='none' or HEAD_LOSS='ce+{cfg.HEAD_LOSS}'")
     paths = locations.prepare_output_dirs(cfg)
     system.set_seed(cfg.SEED)
     runtime = dataloader.runtime_from_settings(cfg)
@@ -316,15 +346,24 @@ def run(cfg) -> None:
         last = resumable_checkpoint(cfg, paths, split)
     if last and last.finished:
         done = training.TrainingState.restore(last)
+        task = training.selecting_task(tasks.for_name(cfg.TASK), cfg.SELECT_BY)
         print(f"training already finished ({done.stop_reason}); {paths.best} holds epoch "
-              f"{done.best_epoch:.2f}, {best_words(done.best_val_loss, tasks.for_name(cfg.TASK))}.\n"
+              f"{done.best_epoch:.2f}, {best_words(done.best_val_loss, task)}.\n"
               f"To train again from scratch: python train.py --RESUME=False")
         return
 
     model, arch, weights_source = build_model(cfg, split, last, paths.model_summary)
     training.place_model(model, runtime)
     trunk_sha256 = backbone.frozen_trunk_sha256(model)  # of what the cache serves: the frozen blocks
-    criterion = head_criterion(cfg, len(split.seen_classes), runtime, last)
+    kept = kept_training_images(cfg, split)
+    class_weights = None
+    if cfg.TASK == "multiclass":
+        class_weights = training.class_weights(cfg.CLASS_WEIGHTS, split.subset("train")[1][kept],
+                                               len(split.seen_classes))
+    if class_weights is not None:
+        print(f"CLASS_WEIGHTS={cfg.CLASS_WEIGHTS!r}: " + ", ".join(
+            f"{name} {w:.3g}" for name, w in zip(split.seen_classes, class_weights.tolist())))
+    criterion = head_criterion(cfg, len(split.seen_classes), runtime, last, class_weights)
     optimizer, scheduler = optimizer_and_schedule(cfg, model, criterion)
     state = training.TrainingState.restore(last, model, optimizer, scheduler) if last else training.TrainingState()
     if last:
@@ -332,7 +371,7 @@ def run(cfg) -> None:
     forward = training.data_parallel(model, runtime)  # model.forward_head, or DDP under torchrun
     preprocess = dataloader.Preprocess.for_trunk(arch["trunk"], cfg.IMAGE_SIZE, cfg.RESIZE_MODE)
     cache = trunk_cache.from_settings(cfg, paths.cache, model.trunk, trunk_sha256, preprocess, runtime)
-    sources = training_sources(cfg, split, preprocess, cache)
+    sources = training_sources(cfg, split, preprocess, cache, kept)
 
     def record(**extra) -> dict:
         return checkpoints.checkpoint_record(model, arch, preprocess, split, weights_source, trunk_sha256,
@@ -350,7 +389,7 @@ def run(cfg) -> None:
     started = time.time()
     classwise_seconds = fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best=save_best,
                             save_last=save_last, forward=forward, criterion=criterion)
-    task = tasks.for_name(cfg.TASK)
+    task = training.selecting_task(tasks.for_name(cfg.TASK), cfg.SELECT_BY)
     save_history(state.history, paths, list(split.seen_classes), task)
     state.finished = True
     save_last()

@@ -128,12 +128,20 @@ class Criterion(torch.nn.Module):
     device and saved in last.pth (state_dict) with the rest of the training state."""
 
     def __init__(self, name: str, task, num_classes: int, embedding_dim: int, weight: float = 1.0,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None):
         super().__init__()
         check_loss(name, task.name, label_smoothing)
         self.name, self.task, self.weight = name, task, float(weight)
         self.uses_ce, self.metric_name = parts(name)
         self.metric = LOSSES[self.metric_name].build(num_classes, embedding_dim) if self.metric_name else None
+        # CLASS_WEIGHTS of the cross-entropy part (None: unweighted); a buffer, so it moves with .to(device),
+        # but not saved in last.pth (it follows from the split and the setting)
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    @property
+    def replaces_task_loss(self) -> bool:
+        """Training minimises this module rather than the task's plain loss (a metric loss or class weights)."""
+        return self.metric is not None or self.class_weights is not None
 
     @property
     def fits_classifier(self) -> bool:
@@ -143,11 +151,12 @@ class Criterion(torch.nn.Module):
     def forward(self, logits: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
                 label_smoothing: float = 0.0) -> torch.Tensor:
         if self.metric is None:
-            return self.task.loss(logits, labels, label_smoothing=label_smoothing)
+            return self.task.loss(logits, labels, label_smoothing=label_smoothing, weight=self.class_weights)
         metric = self.metric(embeddings.float(), labels)
         if not self.uses_ce:
             return metric
-        return self.task.loss(logits, labels, label_smoothing=label_smoothing) + self.weight * metric
+        return (self.task.loss(logits, labels, label_smoothing=label_smoothing, weight=self.class_weights)
+                + self.weight * metric)
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,13 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "CLASSWISE_SAMPLES": Rule("int", "[1, inf)"),
     "RESUME": Rule("bool"),
     "SEED": Rule("int", "[0, 4294967295]", none_ok=True),  # numpy.random.seed stops at 2**32 - 1
+    # rare classes, grouped splits
+    "CLASS_WEIGHTS": Rule("str", choices=training.CLASS_WEIGHTS),
+    "BALANCED_SAMPLING": Rule("bool"),
+    "MAX_PER_CLASS": Rule("int", "[1, inf)", none_ok=True),
+    "SELECT_BY": Rule("str", choices=training.SELECTIONS),
+    "GROUP_BY": Rule("group", choices=("sample_id",), none_ok=True),
+    "GROUP_CSV": Rule("path", none_ok=True),
     # speed
     "DEVICE": Rule("device", choices=("auto", "cpu", "cuda")),
     "NUM_WORKERS": Rule("int", "[0, inf)", choices=("auto",)),
@@ -196,7 +203,9 @@ KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False",
               "names": "a list of different, non-empty class names (may be empty)",
               "device": "'cuda:N' (N a GPU number)", "seeds": "a list of at least 2 different integers",
               "modules": "a non-empty list of different module names",
-              "words": "a non-empty list of different names from"}
+              "words": "a non-empty list of different names from",
+              "group": "'path:N' (N >= 1: the N-th folder of the image's path) or 'csv:<column>' "
+                       "(a column of GROUP_CSV)"}
 
 
 def bounds_words(bounds: str) -> str:
@@ -313,9 +322,17 @@ def check_words(value, rule: Rule) -> list[str]:
     return list(value)
 
 
+def check_group(value, rule: Rule) -> str:
+    """GROUP_BY: "path:N" with N >= 1, or "csv:<column>" with a non-empty column name ("sample_id" is a choice)."""
+    if not isinstance(value, str) or not (re.fullmatch(r"path:[1-9][0-9]*", value)
+                                          or re.fullmatch(r"csv:.*\S.*", value)):
+        raise ValueError()
+    return value
+
+
 CHECKS = {"int": check_number, "float": check_number, "bool": check_bool, "str": check_choice,
           "path": check_path, "classes": check_classes, "names": check_names, "device": check_device,
-          "seeds": check_seeds, "modules": check_modules, "words": check_words}
+          "seeds": check_seeds, "modules": check_modules, "words": check_words, "group": check_group}
 
 
 def check_value(name: str, value, rule: Rule):
@@ -356,6 +373,7 @@ def check_together(values: dict) -> None:
         raise PipelineError(f"LABEL_SMOOTHING={values['LABEL_SMOOTHING']!r}: smooths the multiclass loss only; "
                             f"set LABEL_SMOOTHING=0 with TASK='multilabel'")
     check_ecotaxa(values)
+    check_rare_and_groups(values)
     if values["COLOR_JITTER"] > 0 and not values["AUGMENT"]:  # it would silently do nothing
         raise PipelineError(f"COLOR_JITTER={values['COLOR_JITTER']!r}: needs AUGMENT=True (jitter changes the trunk's "
                             f"input, so training images then go through the trunk); set AUGMENT=True or COLOR_JITTER=0")
@@ -375,6 +393,31 @@ def check_ecotaxa(values: dict) -> None:
     if values["TASK"] != "multiclass":
         raise PipelineError(f"ECOTAXA_EXPORT={export!r}: an export gives one category per object; use "
                             f"TASK='multiclass' (TASK is {values['TASK']!r})")
+
+
+def check_rare_and_groups(values: dict) -> None:
+    """The rare-class settings weigh one class per image; GROUP_BY's source must exist for the run."""
+    task, group_by = values["TASK"], values["GROUP_BY"]
+    if task == "multilabel":
+        for name, off in (("CLASS_WEIGHTS", "none"), ("BALANCED_SAMPLING", False), ("MAX_PER_CLASS", None)):
+            if values[name] != off:
+                raise PipelineError(f"{name}={values[name]!r}: weighs one class per image, so TASK='multiclass' only "
+                                    f"(TASK is 'multilabel'); set {name}={off!r}")
+        if values["SELECT_BY"] not in ("auto", "val_loss"):
+            raise PipelineError(f"SELECT_BY={values['SELECT_BY']!r}: a multiclass figure; with TASK='multilabel' "
+                                f"use 'auto' (validation mAP) or 'val_loss'")
+    if group_by == "sample_id" and values["ECOTAXA_EXPORT"] is None:
+        raise PipelineError("GROUP_BY='sample_id': EcoTaxa's sample_id comes with ECOTAXA_EXPORT, which is None; "
+                            "use 'path:N' or 'csv:<column>' for class folders")
+    if group_by is not None and task != "multiclass":
+        raise PipelineError(f"GROUP_BY={group_by!r}: grouped splits are drawn for single-label runs "
+                            f"(TASK='multiclass'; TASK is {task!r}); set GROUP_BY=None")
+    if isinstance(group_by, str) and group_by.startswith("csv:") and values["GROUP_CSV"] is None:
+        raise PipelineError(f"GROUP_BY={group_by!r}: needs GROUP_CSV, a CSV with a 'path' column and the column "
+                            f"{group_by[4:]!r}; set GROUP_CSV")
+    if values["GROUP_CSV"] is not None and not (isinstance(group_by, str) and group_by.startswith("csv:")):
+        raise PipelineError(f"GROUP_CSV={values['GROUP_CSV']!r}: read only with GROUP_BY='csv:<column>' (GROUP_BY is "
+                            f"{group_by!r}); set GROUP_BY or GROUP_CSV=None")
 
 
 def check_folders(values: dict) -> None:

@@ -1,7 +1,15 @@
 """The split, one owner for both tasks: drawn once (per class, or per label set for a multi-label
 run), persisted as outputs/split.csv with each image's SHA-256, and checked against the images on
 disk before it is trusted. Split.subset/source give a stage the images, targets and features of
-train, val, test or unseen."""
+train, val, test or unseen.
+
+GROUP_BY (single-label runs) names a group for each image (a folder level of its path, a column of
+GROUP_CSV, or EcoTaxa's sample_id): every image of a group then falls in one subset, the groups
+assigned so that each class's images come near the subset fractions (draw_grouped), and split.csv
+gets a `group` column. A class with fewer than three groups cannot be in all three subsets: one
+warning line names such classes (their groups go to train first, then test, then validation).
+"""
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +24,8 @@ from plankton.hashing import sha256_file
 from plankton.locations import Paths
 
 SUBSETS = ("train", "val", "test")
+GROUP_COLUMN = "group"  # split.csv's last column when GROUP_BY is set
+KEEP_GROUPS = "keep"  # prepare_split(group_by=KEEP_GROUPS): take split.csv's groups as they are (later stages)
 
 
 @dataclass
@@ -69,13 +79,15 @@ class Split:
 def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], create: bool,
                   bad_images: str = "skip", val_fraction: float = 0.05, test_fraction: float = 0.2,
                   seed: int = 0, labels_csv: Path | None = None,
-                  export: "ecotaxa.Selection | None" = None) -> Split:
+                  export: "ecotaxa.Selection | None" = None, group_by: str | None = KEEP_GROUPS,
+                  group_csv: str | None = None) -> Split:
     """Find and check the images, then draw the split (create=True) or verify the persisted one.
     With a labels_csv, the images and label sets are those of the labels CSV (labelsets.py); with an
     EcoTaxa export, the images and classes are its objects' (ecotaxa.py), the split as for folders.
 
     A split that no longer matches the usable images on disk (added, removed or modified, by
-    content) stops the run: re-drawing it silently could move test images into training."""
+    content) stops the run: re-drawing it silently could move test images into training. So does one
+    drawn with other groups than GROUP_BY (`group_by`) gives now; KEEP_GROUPS trusts its groups."""
     seen, unseen = list(seen), list(unseen)
     if labels_csv is not None:
         found, hashes = labelsets.usable_label_sets(root, Path(labels_csv), seen, unseen, paths.scan_cache(root),
@@ -94,10 +106,18 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
             if create:  # train.py reports the data; later scripts only check it
                 images.print_class_counts("Seen classes", seen, {c: len(usable[c]) for c in seen})
                 images.print_class_counts("Unseen classes", unseen, {c: len(usable[c]) for c in unseen})
+        groups = None
+        if group_by not in (None, KEEP_GROUPS):
+            groups = image_groups(group_by, [f for files in usable.values() for f in files], root, group_csv, export)
         check = lambda table: _check_split_matches(table, usable, hashes, seen, unseen, paths.split,  # noqa: E731
-                                                   by_folder=export is None)
-        draw = lambda: images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen},  # noqa: E731
-                                         hashes, val_fraction, test_fraction, seed)
+                                                   by_folder=export is None, groups=groups,
+                                                   group_by=group_by)
+        if groups is None:
+            draw = lambda: images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen},  # noqa
+                                             hashes, val_fraction, test_fraction, seed)
+        else:
+            draw = lambda: draw_grouped(usable, seen, unseen, hashes, groups, val_fraction, test_fraction,  # noqa
+                                        seed, group_by)
     if paths.split.is_file():
         try:
             table = read_csv(paths.split, dtype=str, keep_default_na=False).fillna("")
@@ -133,7 +153,8 @@ def split_from_settings(cfg, paths: Paths, create: bool) -> Split:
     root, labels_csv = data_root(cfg)
     split_seed = cfg.SEED if cfg.SPLIT_SEED is None else cfg.SPLIT_SEED
     return prepare_split(paths, root, cfg.SEEN_CLASSES, cfg.UNSEEN_CLASSES, create, cfg.BAD_IMAGES,
-                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, split_seed, labels_csv, ecotaxa_selection(cfg))
+                         cfg.VAL_FRACTION, cfg.TEST_FRACTION, split_seed, labels_csv, ecotaxa_selection(cfg),
+                         group_by=getattr(cfg, "GROUP_BY", None), group_csv=getattr(cfg, "GROUP_CSV", None))
 
 
 def ecotaxa_selection(cfg) -> "ecotaxa.Selection | None":
@@ -141,18 +162,22 @@ def ecotaxa_selection(cfg) -> "ecotaxa.Selection | None":
     return ecotaxa.selection_from_settings(cfg) if getattr(cfg, "ECOTAXA_EXPORT", None) is not None else None
 
 
-def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_path, by_folder: bool = True) -> None:
+def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_path, by_folder: bool = True,
+                         groups: dict[str, str] | None = None, group_by: str | None = KEEP_GROUPS) -> None:
     """split.csv is checked before it is trusted (columns, subsets, one row per image, classes),
     then against the usable images on disk: none added, removed, modified (by SHA-256) or, for an
-    EcoTaxa export, where the class is not the folder, given another category."""
+    EcoTaxa export, where the class is not the folder, given another category; and against GROUP_BY
+    (`groups`, each image's group now, None without GROUP_BY; group_by=KEEP_GROUPS takes the file's)."""
     fix = (f"set OUTPUT_DIR and CHECKPOINT_DIR to new folders for a new run, or delete {split_path} "
            f"and checkpoints to re-split and retrain")
     restore = f"restore {split_path}, or delete it and the checkpoints to re-split and retrain"
     if list(table.columns) == images.SPLIT_COLUMNS[:-1]:
         raise PipelineError(f"{split_path} predates content fingerprints (no sha256 column), so a replaced image "
                             f"would go unnoticed; {fix}")
-    if list(table.columns) != images.SPLIT_COLUMNS:
+    grouped = list(table.columns) == images.SPLIT_COLUMNS + [GROUP_COLUMN]
+    if list(table.columns) != images.SPLIT_COLUMNS and not grouped:
         raise PipelineError(f"{split_path} has columns {list(table.columns)}, not {images.SPLIT_COLUMNS}; {restore}")
+    _check_groups(table, grouped, groups, group_by, split_path, fix)
     folder = table.relpath.map(lambda p: (Path(p).parts or ("",))[0])
     row_checks = [
         (~table.subset.isin(SUBSETS + ("unseen",)), lambda r: f"subset {r.subset!r} is not train, val, test or unseen"),
@@ -171,7 +196,7 @@ def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_
     subsets_of = table.groupby("class_name", sort=False).subset.agg(set)
     for name in split_seen:
         missing = [s for s in SUBSETS if s not in subsets_of[name]]
-        if missing:
+        if missing and not (grouped and "train" not in missing):  # a class with few groups: train at least
             raise PipelineError(f"{split_path}: seen class {name!r} has no {'/'.join(missing)} image; {restore}")
     if split_seen != seen_names or split_unseen != unseen_names:
         raise PipelineError(f"{split_path} was drawn for seen {split_seen} / unseen {split_unseen}, "
@@ -191,3 +216,138 @@ def _check_split_matches(table, usable, hashes, seen_names, unseen_names, split_
         raise PipelineError(f"the images changed since {split_path} was drawn ({len(added)} added, "
                             f"{len(removed)} removed or unreadable, {len(modified)} modified{also}, e.g. {example}); "
                             f"{fix}")
+
+
+# ---- grouped splits (GROUP_BY) -------------------------------------------------------------------
+
+def image_groups(group_by: str, relpaths: list[str], root: Path, group_csv: str | None = None,
+                 export: "ecotaxa.Selection | None" = None) -> dict[str, str]:
+    """{image path: its group} as GROUP_BY says: "path:N" (the N-th folder of the path in the data
+    folder), "csv:<column>" (that column of GROUP_CSV, whose "path" column names the images) or
+    "sample_id" (the EcoTaxa objects'). One that cannot give every image a group is one error line."""
+    where = f"GROUP_BY={group_by!r}"
+    if group_by.startswith("path:"):
+        level, groups = int(group_by[5:]), {}
+        for relpath in relpaths:
+            folders = Path(relpath).parts[:-1]
+            if len(folders) < level:
+                raise PipelineError(f"{where}: {images.printable(relpath)!r} lies in {len(folders)} folder level(s) of "
+                                    f"{root}, so it has no level {level}; choose a level every image has")
+            groups[relpath] = folders[level - 1]
+        return groups
+    if group_by == "sample_id":
+        objects, _ = ecotaxa.read_objects(export.export)
+        named = dict(zip(objects.relpath, objects.sample_id))
+        return _every_image_grouped(where, relpaths, named, f"the EcoTaxa export's sample_id")
+    column = group_by[4:]
+    try:
+        table = read_csv(Path(group_csv), dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{where}: cannot read GROUP_CSV={str(group_csv)!r} ({str(err).strip().splitlines()[0]}); "
+                            f"give a CSV with a 'path' column and a {column!r} column") from None
+    missing = [name for name in ("path", column) if name not in table.columns]
+    if missing:
+        raise PipelineError(f"{where}: GROUP_CSV={str(group_csv)!r} has no column {missing[0]!r} (its columns: "
+                            f"{', '.join(map(repr, table.columns))})")
+    named = dict(zip(table.path.map(lambda p: Path(p).as_posix()), table[column]))
+    return _every_image_grouped(where, relpaths, named, f"column {column!r} of GROUP_CSV={str(group_csv)!r}")
+
+
+def _every_image_grouped(where: str, relpaths: list[str], named: dict[str, str], source: str) -> dict[str, str]:
+    groups = {p: str(named.get(Path(p).as_posix(), "")).strip() for p in relpaths}
+    without = [p for p, group in groups.items() if not group]
+    if without:
+        raise PipelineError(f"{where}: {len(without)} image(s) have no group in {source}, e.g. "
+                            f"{images.printable(without[0])!r}; give every image a non-empty group")
+    return groups
+
+
+def assign_groups(labels: np.ndarray, group_ids: np.ndarray, fractions: tuple[float, float, float],
+                  seed: int) -> np.ndarray:
+    """Subset index (0 train, 1 val, 2 test) of each image, the same for every image of a group.
+
+    scikit-learn's StratifiedGroupKFold makes equal folds only; the subsets are 75/5/20, so the same
+    greedy idea with a target per subset: first each class, fewest groups first, gets one of its
+    groups in each subset its groups allow (the largest in train, the smallest in validation), then
+    the other groups, largest first (ties in a random order from `seed`), each go where they bring
+    the subsets' class counts closest to fractions x the class's images (squared errors relative to
+    the class's size, so a rare class counts as much as a common one)."""
+    rng = np.random.default_rng(seed)
+    names, group_of = np.unique(np.asarray(group_ids, dtype=str), return_inverse=True)
+    k = int(labels.max()) + 1 if len(labels) else 0
+    counts = np.zeros((len(names), k))
+    np.add.at(counts, (group_of, labels), 1)
+    totals = counts.sum(0)
+    target = np.outer(fractions, totals)
+    placed, subset_of = np.zeros((3, k)), np.full(len(names), -1)
+    tiebreak = rng.permutation(len(names))
+
+    def place(g: int, s: int) -> None:
+        subset_of[g] = s
+        placed[s] += counts[g]
+
+    for c in sorted(range(k), key=lambda c: ((counts[:, c] > 0).sum(), c)):
+        mine = [g for g in np.flatnonzero(counts[:, c] > 0) if subset_of[g] < 0]
+        mine.sort(key=lambda g: (counts[g, c], tiebreak[g]))  # smallest first
+        wanted = {1: [0], 2: [0, 2]}.get(int((counts[:, c] > 0).sum()), [0, 1, 2])  # train first, then test
+        for s in wanted:
+            if placed[s, c] == 0 and mine:
+                place(mine.pop(-1) if s == 0 else mine.pop(0), s)
+    rest = [g for g in np.argsort(tiebreak) if subset_of[g] < 0]
+    for g in sorted(rest, key=lambda g: -counts[g].sum()):  # stable: ties keep the random order
+        scale = np.maximum(totals, 1) ** 2
+        growth = (counts[g] * (2 * (placed - target) + counts[g]) / scale).sum(1)
+        place(g, int(np.argmin(growth)))
+    return subset_of[group_of]
+
+
+def draw_grouped(usable: dict[str, list[str]], seen: list[str], unseen: list[str], hashes: dict[str, str],
+                 groups: dict[str, str], val_fraction: float, test_fraction: float, seed: int,
+                 group_by: str) -> pd.DataFrame:
+    """The split with whole groups in train/val/test (assign_groups); unseen classes' images in
+    "unseen". split.csv's columns plus `group`. One warning line names the seen classes with too
+    few groups to appear in every subset."""
+    files = [(f, c) for c in seen for f in usable[c]]
+    labels = np.array([seen.index(c) for _, c in files], dtype=np.int64)
+    fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+    subset = assign_groups(labels, np.array([groups[f] for f, _ in files], dtype=object), fractions, seed)
+    rows = [(f, c, SUBSETS[s], hashes[f], groups[f]) for (f, c), s in zip(files, subset)]
+    rows += [(f, c, "unseen", hashes[f], groups[f]) for c in unseen for f in usable[c]]
+    table = pd.DataFrame(rows, columns=images.SPLIT_COLUMNS + [GROUP_COLUMN])
+    few = []
+    for c in seen:
+        mine = table[(table.class_name == c) & (table.subset != "unseen")]
+        missing = [s for s in SUBSETS if s not in set(mine.subset)]
+        if missing:
+            n = mine.group.nunique()
+            few.append(f"{images.printable(c)!r} ({n} group{'s' if n != 1 else ''}: no {'/'.join(missing)} images)")
+    if few:
+        print(f"warning: GROUP_BY={group_by!r}: {len(few)} seen class(es) have too few groups to appear in train, "
+              f"validation and test: {', '.join(few)}", file=sys.stderr)
+    return table
+
+
+def _check_groups(table: pd.DataFrame, grouped: bool, groups: dict[str, str] | None, group_by,
+                  split_path: Path, fix: str) -> None:
+    """split.csv's groups against GROUP_BY now (None: no groups; KEEP_GROUPS: as they are), and no
+    group with images in two of train/val/test (a hand-edited file)."""
+    if group_by != KEEP_GROUPS:
+        if grouped and groups is None:
+            raise PipelineError(f"{split_path} was drawn with whole groups in each subset (GROUP_BY), but GROUP_BY is "
+                                f"None now; restore GROUP_BY, or {fix}")
+        if not grouped and groups is not None:
+            raise PipelineError(f"{split_path} was drawn image by image, but GROUP_BY={group_by!r} now; restore "
+                                f"GROUP_BY=None, or {fix}")
+        if grouped:
+            changed = [(p, g) for p, g in zip(table.relpath, table[GROUP_COLUMN]) if p in groups and groups[p] != g]
+            if changed:
+                p, g = changed[0]
+                raise PipelineError(f"{split_path} was drawn with other groups than GROUP_BY={group_by!r} gives now "
+                                    f"({len(changed)} image(s), e.g. {images.printable(p)!r}: group {g!r} then, "
+                                    f"{groups[p]!r} now); restore GROUP_BY, or {fix}")
+    if grouped:
+        seen_rows = table[table.subset != "unseen"]
+        straddling = seen_rows.groupby(GROUP_COLUMN).subset.nunique()
+        if (straddling > 1).any():
+            raise PipelineError(f"{split_path}: group {straddling[straddling > 1].index[0]!r} has images in more than "
+                                f"one of train, val and test; restore {split_path}, or {fix}")

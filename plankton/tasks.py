@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score
 
 ALL_TASKS = ("multiclass", "multilabel")  # TASK's values; TASK_OBJECTS below maps each to its object
 
@@ -96,8 +96,10 @@ class Multiclass:
     acc_words: str = "accuracy"  # acc_<class> in the history: share of the class's images predicted as it
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-             label_smoothing: float = 0.0) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, reduction=reduction, label_smoothing=label_smoothing)
+             label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy; with `weight` (CLASS_WEIGHTS) each image counts its class's weight ("mean"
+        then divides by the batch's summed weights, as torch does)."""
+        return F.cross_entropy(logits, targets, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
 
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Images whose arg-max class is the true one."""
@@ -125,6 +127,13 @@ class Multiclass:
             row[f"acc_{name}"] = float((predictions[labels == i] == i).mean()) if present[i] else float("nan")
             row[f"ap_{name}"] = float(ap[i]) if present[i] else float("nan")
         row["map"] = float(np.nanmean([row[f"ap_{name}"] for name in class_names]))
+        # what SELECT_BY can pick the best model by, over the classes present in `labels` (scikit-learn's;
+        # quiet about predicted classes absent from `labels`)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row["balanced_accuracy"] = float(balanced_accuracy_score(labels, predictions)) if len(labels) else np.nan
+            row["macro_f1"] = float(f1_score(labels, predictions, labels=np.flatnonzero(present), average="macro",
+                                             zero_division=0)) if len(labels) else np.nan
         return row
 
 
@@ -142,7 +151,7 @@ class Multilabel:
     acc_words: str = "recall at 0.5"  # acc_<label>: share of the label's images scored >= 0.5
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-             label_smoothing: float = 0.0) -> torch.Tensor:
+             label_smoothing: float = 0.0, weight: None = None) -> torch.Tensor:
         """Each image's mean over its labels of the binary cross-entropy, then summed or averaged
         over images: "mean" is torch.nn.BCEWithLogitsLoss() exactly (every image has as many labels)."""
         per_image = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none").mean(1)

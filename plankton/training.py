@@ -2,6 +2,7 @@
 the optimizer and LR schedule, one training epoch with validation passes, the state that is saved
 and restored to resume, running the head over a subset and the class-wise figures of a pass.
 train.py strings them into the study's recipe; seeds.py repeats it; bench.py times the pieces."""
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import backbone
 from dataloader import FeatureSource, Rows, Runtime, feature_batches, in_order
 from plankton import distributed, tasks
+from plankton.errors import PipelineError
 from plankton.progress import Progress
 
 
@@ -63,10 +65,98 @@ def make_scheduler(name: str, optimizer, max_epochs: int, step_epochs: int = 5, 
     return SCHEDULES[name](optimizer, max_epochs, step_epochs, gamma)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """A shuffled order for one epoch that depends only on (seed, epoch): resumable, device-free."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
+                  labels: np.ndarray | None = None) -> list[list[int]]:
+    """A shuffled order for one epoch that depends only on (seed, epoch): resumable, device-free.
+    With `labels` (BALANCED_SAMPLING), n draws with replacement, each class equally likely
+    (torch's WeightedRandomSampler, each image weighted 1 / its class's count)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if labels is None:
+        order = torch.randperm(n, generator=generator).tolist()
+    else:
+        labels = np.asarray(labels, dtype=np.int64)
+        weights = 1.0 / np.bincount(labels)[labels]
+        order = list(torch.utils.data.WeightedRandomSampler(weights.tolist(), n, replacement=True, generator=generator))
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+# ---- rare classes: class weights, a cap per class, what picks the best model ---------------------
+
+def _balanced_weights(counts: np.ndarray) -> np.ndarray:
+    """scikit-learn's "balanced" class weights: images / (classes x images of the class)."""
+    from sklearn.utils.class_weight import compute_class_weight
+    labels = np.repeat(np.arange(len(counts)), counts)
+    return compute_class_weight("balanced", classes=np.arange(len(counts)), y=labels)
+
+
+# CLASS_WEIGHTS' choices: name -> (images per class) -> the cross-entropy's weight per class, or None (unweighted)
+CLASS_WEIGHTS = {
+    "none": lambda counts: None,
+    "balanced": _balanced_weights,
+    "sqrt": lambda counts: np.sqrt(_balanced_weights(counts)),
+}
+
+
+def class_weights(scheme: str, labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
+    """The cross-entropy's class weights for the training labels under CLASS_WEIGHTS[scheme] (float32),
+    or None for "none". A class without training images would get an infinite weight: refused."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    if scheme != "none" and (counts == 0).any():
+        raise PipelineError(f"CLASS_WEIGHTS={scheme!r}: class number {int(np.flatnonzero(counts == 0)[0])} has no "
+                            f"training image, so no weight; give it images or use CLASS_WEIGHTS='none'")
+    weights = CLASS_WEIGHTS[scheme](counts)
+    return None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+
+
+def capped_indices(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """Indices (sorted) of at most `cap` images per class: a fixed random subset of each larger class
+    (MAX_PER_CLASS; None keeps all)."""
+    labels = np.asarray(labels)
+    if cap is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    kept = [rng.choice(members, size=cap, replace=False) if len(members) > cap else members
+            for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.sort(np.concatenate(kept)) if kept else np.arange(0)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What picks best.pth among the validation passes: a history column and its direction."""
+    monitor: str  # the history column
+    monitor_sign: float  # 1: lower is better; -1: higher is better (the state keeps sign x value, lower better)
+    monitor_words: str
+
+
+# SELECT_BY's choices: name -> Selection; "auto": the task's own (tasks.py: validation loss, or mAP for multilabel)
+SELECTIONS = {
+    "auto": None,
+    "val_loss": Selection("val_loss", 1.0, "lowest validation loss"),
+    "balanced_accuracy": Selection("val_balanced_accuracy", -1.0, "highest validation balanced accuracy"),
+    "macro_f1": Selection("val_macro_f1", -1.0, "highest validation macro F1"),
+}
+
+
+# a figure such as the balanced accuracy of a small validation set takes few values, so passes often tie;
+# a tie goes to the pass with the lower validation loss (this small a share of it never outweighs a real step)
+TIE_BREAK = 1e-6
+
+
+def selection_figure(task, row) -> float:
+    """The figure a validation pass (a history row, or a DataFrame of them) is ranked by, lower is
+    better: the task's monitored column (times its sign); SELECT_BY's balanced accuracy and macro F1
+    have their ties broken by the validation loss."""
+    figure = task.monitor_sign * row[task.monitor]
+    return figure if task.monitor in ("val_loss", "val_map") else figure + TIE_BREAK * row["val_loss"]
+
+
+def selecting_task(task, select_by: str = "auto"):
+    """The task with its monitored figure replaced by SELECT_BY's (the task itself for "auto")."""
+    chosen = SELECTIONS[select_by]
+    if chosen is None:
+        return task
+    return dataclasses.replace(task, monitor=chosen.monitor, monitor_sign=chosen.monitor_sign,
+                               monitor_words=chosen.monitor_words)
 
 
 def validation_points(n_batches: int, per_epoch: int) -> set[int]:
@@ -135,8 +225,8 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
     on_check(b, train_loss, train_acc) with the running figures since the last check (acc: the task's
     hits per image). Return True if on_check asked to stop. label_smoothing changes the loss that is
     minimised; train_loss stays the plain loss. `criterion` (a heads.Criterion with a metric loss,
-    HEAD_LOSS other than "ce"; one process only): what is minimised instead, from the logits and the
-    embeddings; train_loss is then the task's plain loss of the logits too.
+    HEAD_LOSS other than "ce", one process only; or with CLASS_WEIGHTS): what is minimised instead,
+    from the logits and the embeddings; train_loss is then the task's plain loss of the logits too.
 
     Under torchrun, `forward` is data_parallel's wrapper: each rank trains on its block of every
     batch (no batch may be shorter than the ranks), with its share of the batch's mean loss, so the
@@ -151,12 +241,14 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
     try:
         for b, (features, labels) in enumerate(bar):
             logits, embeddings = forward(features)
-            if criterion is not None:  # one process only (train.py refuses a metric loss under torchrun)
-                loss = criterion(logits, embeddings, labels, label_smoothing=label_smoothing)
+            if criterion is not None and (criterion.metric is not None or ranks == 1):
+                loss = criterion(logits, embeddings, labels, label_smoothing=label_smoothing)  # (a metric loss:
+                # one process only, train.py refuses it under torchrun)
             elif ranks == 1:
                 loss = task.loss(logits, labels, label_smoothing=label_smoothing)
-            else:  # DDP averages the ranks' gradients: each contributes ranks / batch size x its sum
-                loss = task.loss(logits, labels, reduction="sum", label_smoothing=label_smoothing) \
+            else:  # DDP averages the ranks' gradients: each contributes ranks / batch size x its (weighted) sum
+                loss = task.loss(logits, labels, reduction="sum", label_smoothing=label_smoothing,
+                                 weight=None if criterion is None else criterion.class_weights) \
                     * (ranks / len(batches[b]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
