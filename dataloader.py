@@ -66,9 +66,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.relpaths)
 
-    def __getitem__(self, i: int):
+    def pixels(self, i: int) -> torch.Tensor:
+        """Image i decoded and resized: uint8, 3 x size x size."""
         img = resize(load_rgb(self.root / self.relpaths[i]), self.preprocess.image_size, self.preprocess.resize_mode)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def __getitem__(self, i: int):
+        x = self.pixels(i).float().div_(255.0)
         if self.augment:  # plankton have no up or down: flips and quarter turns keep the class
             if torch.rand(()) < 0.5:
                 x = x.flip(2)
@@ -76,6 +80,30 @@ class ImageDataset(Dataset):
             if self.jitter is not None:
                 x = self.jitter(x)
         return (x - self.mean) / self.std, self.labels[i]
+
+
+class DecodedImages(ImageDataset):
+    """(uint8 image, label): ImageDataset's items before they become floats, 4x smaller to keep."""
+
+    def __getitem__(self, i: int):
+        return self.pixels(i), self.labels[i]
+
+
+def decode_images(root: Path, relpaths: list[str], preprocess: Preprocess, runtime: "Runtime") -> torch.Tensor:
+    """Every image decoded and resized once (on the loader's workers), uint8, N x 3 x size x size: for
+    a caller that runs several models over the same images (feature_maps.py)."""
+    rows = Rows(len(relpaths), np.uint8)
+    for pixels, _ in image_loader(DecodedImages(root, relpaths, np.zeros(len(relpaths)), preprocess), runtime):
+        rows.add(pixels)
+    return torch.from_numpy(rows.result()) if relpaths else torch.zeros((0, 3) + (preprocess.image_size,) * 2,
+                                                                         dtype=torch.uint8)
+
+
+def normalise(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """uint8 images (N x 3 x H x W) as the trunk's input: exactly what ImageDataset gives un-augmented."""
+    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    return (pixels.float().div_(255.0) - mean) / std
 
 
 def seed_worker(worker_id: int) -> None:
@@ -180,6 +208,10 @@ class RowView:
 
     def __init__(self, rows, indices: np.ndarray):
         self.rows, self.indices = rows, np.asarray(indices)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.indices),) + tuple(self.rows.shape[1:])
 
     def __len__(self) -> int:
         return len(self.indices)

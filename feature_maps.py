@@ -17,7 +17,8 @@ the figures' titles); a head module on a random trunk, or a trunk module at head
 would repeat or mean nothing and is not measured.
 
 Reads:  checkpoints/best.pth, outputs/split.csv, the seen test and unseen images themselves (not the
-        trunk cache: the hooks need the trunk's inside).
+        trunk cache: the hooks need the trunk's inside), each decoded once and kept as 8-bit pixels
+        (FEATURE_IMAGES x 3 x IMAGE_SIZE² bytes per subset) for every condition that uses it.
 Writes: outputs/feature_map_stats.csv (module, condition, n_images, n_channels, nonpositive_share,
         effective_rank, eig_1..eig_5), outputs/feature_map_spectra.csv (every eigenvalue),
         outputs/feature_map_spectra.png, outputs/feature_map_nonpositive.png, and last
@@ -142,15 +143,14 @@ def effective_rank(eigenvalues: np.ndarray) -> float:
 
 # ---- running the models --------------------------------------------------------------------------
 
-def collect(model: torch.nn.Module, names: list[str], root, relpaths: list[str],
-            preprocess: dataloader.Preprocess, runtime: dataloader.Runtime) -> dict[str, ModuleStats]:
-    """Run the images through the model in batches (float32, no autocast) with the named modules hooked.
-    Only the trunk runs when every module is in it."""
-    dataset = dataloader.ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess)
+def collect(model: torch.nn.Module, names: list[str], pictures: torch.Tensor, preprocess: dataloader.Preprocess,
+            runtime: dataloader.Runtime) -> dict[str, ModuleStats]:
+    """Run the images (uint8, decoded once: dataloader.decode_images) through the model in batches
+    (float32, no autocast) with the named modules hooked. Only the trunk runs when every module is in it."""
     forward = model.trunk if all(is_trunk_module(n) for n in names) else model
     with hooked(model, names) as stats, torch.inference_mode():
-        for images, _ in dataloader.image_loader(dataset, runtime):
-            images = images.to(runtime.device)
+        for start in range(0, len(pictures), runtime.batch_size):
+            images = dataloader.normalise(pictures[start:start + runtime.batch_size], preprocess).to(runtime.device)
             forward(images.contiguous(memory_format=torch.channels_last) if runtime.channels_last else images)
     return stats
 
@@ -184,6 +184,8 @@ def measure(trained: checkpoints.TrainedModel, names: list[str], limit: int, see
             runtime: dataloader.Runtime) -> dict[str, tuple[int, dict[str, ModuleStats]]]:
     """{condition: (images used, {module: stats})} for every condition that has modules to measure."""
     images = {subset: sample(trained.split.subset(subset)[0], limit, seed) for subset in ("test", "unseen")}
+    pictures = {subset: dataloader.decode_images(trained.split.root, relpaths, trained.preprocess, runtime)
+                for subset, relpaths in images.items()}  # each image decoded once, for every condition
     run_seed = trained.checkpoint.seed
     models = {"seen_test": lambda: trained.model, "unseen": lambda: trained.model,
               "head_init": lambda: variant_model(trained.checkpoint.arch, trained.model, run_seed, "trunk", runtime),
@@ -193,8 +195,8 @@ def measure(trained: checkpoints.TrainedModel, names: list[str], limit: int, see
         wanted = [n for n in names if scope == "all" or is_trunk_module(n) == (scope == "trunk")]
         if wanted:
             print(f"{condition}: {len(wanted)} module(s), {len(images[subset])} images")
-            results[condition] = (len(images[subset]), collect(models[condition](), wanted, trained.split.root,
-                                                               images[subset], trained.preprocess, runtime))
+            results[condition] = (len(images[subset]), collect(models[condition](), wanted, pictures[subset],
+                                                               trained.preprocess, runtime))
     return results
 
 
