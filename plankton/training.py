@@ -233,11 +233,16 @@ def inference_batch_size(source: FeatureSource, runtime: Runtime) -> int:
 
 
 @torch.inference_mode()
-def head_outputs(model, source: FeatureSource, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, embeddings) of every item of a FeatureSource, in order, model in eval mode."""
+def head_outputs(model, source: FeatureSource, runtime: Runtime,
+                 batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embeddings) of every item of a FeatureSource, in order, model in eval mode; in batches
+    of `batch_size` images (default: inference_batch_size's)."""
     model.eval()
     logits, embeddings = Rows(len(source), np.float32), Rows(len(source), np.float32)  # see Rows: no batch list
-    batches = in_order(len(source), inference_batch_size(source, runtime))
+    if batch_size is None:  # fine-tuned trunk blocks widen the activations far beyond the input: BATCH_SIZE
+        tuned = any(True for _ in getattr(model, "tuned_trunk", torch.nn.Identity()).parameters())
+        batch_size = runtime.batch_size if tuned else inference_batch_size(source, runtime)
+    batches = in_order(len(source), batch_size)
     for features, _ in feature_batches(source, batches, model.trunk, runtime):
         out, emb = model.forward_head(features)
         logits.add(out.float())

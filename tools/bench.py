@@ -13,6 +13,8 @@ Writes: only under bench_outputs/: micro/ and e2e/ (its own split, checkpoints, 
 Figures:
   limit       trunk forward throughput on tensors already on the device (images/s)
   epoch       one head-training epoch over the train split, trunk features cached vs from images
+  head pass   one eval-mode head pass over the cached training features (a validation pass's work):
+              at BATCH_SIZE vs in batches sized for the device (training.inference_batch_size)
   embed       dataloader.compute_trunk_features over every image (decode + trunk) vs the limit
   distances   fast class-pair distances vs scipy cdist per pair, 20,000 x 128 synthetic points
   memory      peak RSS of the fast distances on 200,000 x 128 points, in a child process
@@ -158,6 +160,23 @@ def measure_epoch(model, split, preprocess, cache, runtime: Runtime, cfg) -> dic
     model.load_state_dict(state)
     return dict(images=len(cached), cached_s=seconds_cached, uncached_s=seconds_uncached,
                 ratio=seconds_uncached / seconds_cached)
+
+
+def measure_head_pass(model, split, preprocess, cache, runtime: Runtime, repeats: int = 3) -> dict:
+    """One eval-mode head pass over the cached training features (what a validation pass runs): at
+    BATCH_SIZE, as before issue 24, and in the batches training.inference_batch_size sizes for the
+    device; alternated, medians of `repeats`."""
+    source = split.source("train", preprocess, cache)
+    sized = training.inference_batch_size(source, runtime)
+    seconds = {runtime.batch_size: [], sized: []}
+    training.head_outputs(model, source, runtime)  # warm-up: the rows in the page cache, the kernels chosen
+    for _ in range(repeats):
+        for batch in seconds:
+            pass_once = lambda: training.head_outputs(model, source, runtime, batch)  # noqa: E731
+            seconds[batch].append(timed(pass_once, runtime.device)[1])
+    at_batch, at_sized = (float(np.median(seconds[b])) for b in (runtime.batch_size, sized))
+    return dict(images=len(source), batch_size=runtime.batch_size, sized_batch=sized, batch_size_s=at_batch,
+                sized_s=at_sized, ratio=at_batch / at_sized)
 
 
 # ---- embed.py's throughput from image files ------------------------------------------------------
@@ -548,6 +567,10 @@ def table_rows(f: dict) -> list[tuple]:
             ("epoch, cached trunk features", f"{f['epoch']['cached_s']:.3f} s", "", ""),
             ("epoch, trunk on images", f"{f['epoch']['uncached_s']:.3f} s", "", ""),
             ("epoch ratio uncached/cached", f"{f['epoch']['ratio']:.1f}x", ">= 10x", verdict(f['epoch']['ratio'] >= 10)),
+            (f"head pass over cached features, {f['head_pass']['images']} images: batches of "
+             f"{f['head_pass']['batch_size']} / {f['head_pass']['sized_batch']}",
+             f"{f['head_pass']['batch_size_s']:.2f} s / {f['head_pass']['sized_s']:.2f} s = "
+             f"{f['head_pass']['ratio']:.2f}x", "", ""),
             ("embed from image files", f"{f['embed']['images_per_s']:.1f} img/s", "", ""),
             ("embed / limit", f"{f['embed']['ratio_to_limit']:.2f}", ">= 0.8", verdict(f['embed']['ratio_to_limit'] >= 0.8))]
     if "decoding" in f:
@@ -626,6 +649,7 @@ def run(cfg, quick: bool, cfg_args: list[str], sizes: list[int]) -> dict:
     figures = dict(images=len(split.table), trunk_layouts_images_per_s=layouts,
                    limit_images_per_s=layouts["channels_last" if runtime.channels_last else "contiguous"])
     figures["epoch"] = measure_epoch(model, split, preprocess, cache, runtime, micro)
+    figures["head_pass"] = measure_head_pass(model, split, preprocess, cache, runtime)
     figures["embed"] = measure_embed(model.trunk, split, preprocess, figures["limit_images_per_s"], runtime)
     figures["decoding"] = measure_decoding(preprocess)
     figures["distances"] = measure_distances(runtime.device)
