@@ -144,14 +144,27 @@ def effective_rank(eigenvalues: np.ndarray) -> float:
 # ---- running the models --------------------------------------------------------------------------
 
 def collect(model: torch.nn.Module, names: list[str], pictures: torch.Tensor, preprocess: dataloader.Preprocess,
-            runtime: dataloader.Runtime) -> dict[str, ModuleStats]:
+            runtime: dataloader.Runtime, keep_trunk: list | None = None,
+            trunk_outputs: list | None = None) -> dict[str, ModuleStats]:
     """Run the images (uint8, decoded once: dataloader.decode_images) through the model in batches
-    (float32, no autocast) with the named modules hooked. Only the trunk runs when every module is in it."""
+    (float32, no autocast) with the named modules hooked. Only the trunk runs when every module is in it.
+    keep_trunk (a list) is filled with the trunk's output of each batch; trunk_outputs (such a list,
+    of a model with the same trunk) is the head's input instead of the images: the trunk does not run."""
     forward = model.trunk if all(is_trunk_module(n) for n in names) else model
     with hooked(model, names) as stats, torch.inference_mode():
-        for start in range(0, len(pictures), runtime.batch_size):
-            images = dataloader.normalise(pictures[start:start + runtime.batch_size], preprocess).to(runtime.device)
-            forward(images.contiguous(memory_format=torch.channels_last) if runtime.channels_last else images)
+        if trunk_outputs is not None:
+            for features in trunk_outputs:
+                model.forward_head(features)
+            return stats
+        kept = model.trunk.register_forward_hook(lambda module, args, output: keep_trunk.append(output)) \
+            if keep_trunk is not None else None
+        try:
+            for start in range(0, len(pictures), runtime.batch_size):
+                images = dataloader.normalise(pictures[start:start + runtime.batch_size], preprocess).to(runtime.device)
+                forward(images.contiguous(memory_format=torch.channels_last) if runtime.channels_last else images)
+        finally:
+            if kept is not None:
+                kept.remove()
     return stats
 
 
@@ -191,12 +204,17 @@ def measure(trained: checkpoints.TrainedModel, names: list[str], limit: int, see
               "head_init": lambda: variant_model(trained.checkpoint.arch, trained.model, run_seed, "trunk", runtime),
               "random_trunk": lambda: variant_model(trained.checkpoint.arch, trained.model, run_seed + 1, "head", runtime)}
     results = {}
+    # the trained trunk's output on the seen test images, kept from seen_test: head_init's input (its trunk is
+    # the checkpoint's), so the trunk runs over those images once for both
+    trunk_outputs = [] if any(not is_trunk_module(n) for n in names) else None
     for condition, (_, subset, scope) in CONDITIONS.items():
         wanted = [n for n in names if scope == "all" or is_trunk_module(n) == (scope == "trunk")]
         if wanted:
             print(f"{condition}: {len(wanted)} module(s), {len(images[subset])} images")
+            reuse = dict(keep_trunk=trunk_outputs) if condition == "seen_test" else \
+                dict(trunk_outputs=trunk_outputs) if condition == "head_init" else {}
             results[condition] = (len(images[subset]), collect(models[condition](), wanted, pictures[subset],
-                                                               trained.preprocess, runtime))
+                                                               trained.preprocess, runtime, **reuse))
     return results
 
 

@@ -191,6 +191,25 @@ def test_feature_map_statistics_from_decoded_images_equal_those_from_the_files(t
         np.testing.assert_allclose(stats[name].pooled_matrix(), reference[name].pooled_matrix(), rtol=1e-5, atol=1e-6)
 
 
+def test_head_statistics_from_a_kept_trunk_output_equal_those_from_the_images(tmp_path):
+    """feature_maps.py's head_init condition reads the trunk's output kept from seen_test."""
+    root = make_image_folder(tmp_path / "data", {"a": 11}, size=16)
+    preprocess = dataloader.Preprocess(16, "stretch", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    pictures = dataloader.decode_images(root, [f"a/img_{j:03d}.png" for j in range(11)], preprocess, CPU)
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    kept = []
+    first = feature_maps.collect(model, ["trunk.0", "head.0"], pictures, preprocess, CPU, keep_trunk=kept)
+    assert len(kept) == 2 and kept[0].shape == (8, 4, 4, 4)  # two batches of BATCH_SIZE 8
+    again = feature_maps.collect(model, ["head.0", "embed.0"], pictures, preprocess, CPU, trunk_outputs=kept)
+    assert "trunk.0" not in again
+    reference = feature_maps.collect(model, ["head.0", "embed.0"], pictures, preprocess, CPU)
+    for name in ("head.0", "embed.0"):
+        assert again[name].nonpositive == reference[name].nonpositive
+        np.testing.assert_array_equal(again[name].pooled_matrix(), reference[name].pooled_matrix())
+    np.testing.assert_array_equal(first["head.0"].pooled_matrix(), reference["head.0"].pooled_matrix())
+
+
 def fake_run(n: int, stage_s: dict, wall: float, peak: float) -> dict:
     return dict(stage_s={**stage_s, "total": sum(stage_s.values())}, wall_s=wall, peak_mib=peak, peak_anon_mib=peak / 2)
 
