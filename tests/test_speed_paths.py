@@ -173,6 +173,19 @@ def test_images_decoded_once_are_exactly_the_loaders_images(tmp_path):
     assert torch.equal(dataloader.normalise(pixels, preprocess), torch.stack([dataset[i][0] for i in range(5)]))
 
 
+def test_the_loaders_numpy_normalisation_is_bit_for_bit_torchs(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 4, "b": 3}, size=20)
+    relpaths = [f"a/img_{j:03d}.png" for j in range(4)] + [f"b/img_{j:03d}.png" for j in range(3)]
+    preprocess = dataloader.Preprocess(24, "stretch", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    dataset = dataloader.ImageDataset(root, relpaths, np.arange(7) % 2, preprocess)
+    mean, std = torch.tensor(preprocess.mean).view(3, 1, 1), torch.tensor(preprocess.std).view(3, 1, 1)
+    for i in range(7):  # what __getitem__ computed in torch before
+        assert torch.equal(dataset[i][0], (dataset.pixels(i).float().div_(255.0) - mean) / std)
+    images, labels = next(iter(dataloader.image_loader(dataset, CPU)))
+    assert images.shape == (7, 3, 24, 24) and images.is_contiguous() and labels.tolist() == [0, 1, 0, 1, 0, 1, 0]
+    assert torch.equal(images, torch.stack([dataset[i][0] for i in range(7)]))
+
+
 def test_feature_map_statistics_from_decoded_images_equal_those_from_the_files(tmp_path):
     root = make_image_folder(tmp_path / "data", {"a": 11}, size=16)
     relpaths = [f"a/img_{j:03d}.png" for j in range(11)]
