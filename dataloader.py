@@ -66,18 +66,63 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.relpaths)
 
-    def __getitem__(self, i: int):
+    def pixels(self, i: int) -> torch.Tensor:
+        """Image i decoded and resized: uint8, 3 x size x size."""
         img = resize(load_rgb(self.root / self.relpaths[i]), self.preprocess.image_size, self.preprocess.resize_mode)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-        if self.orientation:  # test-time augmentation (plankton/orientations.py)
-            x = orientations.orient(x, self.orientation)
-        if self.augment:  # plankton have no up or down: flips and quarter turns keep the class
-            if torch.rand(()) < 0.5:
-                x = x.flip(2)
-            x = torch.rot90(x, int(torch.randint(4, ())), dims=(1, 2))
-            if self.jitter is not None:
-                x = self.jitter(x)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return orientations.orient(x, self.orientation) if self.orientation else x  # TTA (plankton/orientations.py)
+
+    def __getitem__(self, i: int):
+        if not self.augment:  # in numpy, one thread, bit for bit the torch sums below (tests/test_speed_paths.py)
+            return torch.from_numpy(self.normalised(self.pixels(i).numpy())), self.labels[i]
+        x = self.pixels(i).float().div_(255.0)  # plankton have no up or down: flips and quarter turns keep the class
+        if torch.rand(()) < 0.5:
+            x = x.flip(2)
+        x = torch.rot90(x, int(torch.randint(4, ())), dims=(1, 2))
+        if self.jitter is not None:
+            x = self.jitter(x)
         return (x - self.mean) / self.std, self.labels[i]
+
+
+    def normalised(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 3 x H x W pixels as the trunk's input, float32: (pixels / 255 - mean) / std.
+
+        Why numpy: torch splits an operation on one image (49,152 values at 128 px) over its thread
+        pool, and every split waits for each thread to be scheduled; on a loaded machine the four
+        sums of one image took 180 ms through torch, 9 ms with the decoding through numpy (docs/speed.md)."""
+        mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in (self.preprocess.mean, self.preprocess.std))
+        return np.ascontiguousarray((pixels.astype(np.float32) / np.float32(255.0) - mean) / std)
+
+
+def stack_batch(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """default_collate for (image, label) items, the images stacked by numpy in one thread (see
+    ImageDataset.normalised: torch.stack of a batch waited on the thread pool as well)."""
+    images = torch.from_numpy(np.ascontiguousarray(np.stack([image.numpy() for image, _ in items])))
+    return images, torch.as_tensor(np.array([label.numpy() for _, label in items]))
+
+
+class DecodedImages(ImageDataset):
+    """(uint8 image, label): ImageDataset's items before they become floats, 4x smaller to keep."""
+
+    def __getitem__(self, i: int):
+        return self.pixels(i), self.labels[i]
+
+
+def decode_images(root: Path, relpaths: list[str], preprocess: Preprocess, runtime: "Runtime") -> torch.Tensor:
+    """Every image decoded and resized once (on the loader's workers), uint8, N x 3 x size x size: for
+    a caller that runs several models over the same images (feature_maps.py)."""
+    rows = Rows(len(relpaths), np.uint8)
+    for pixels, _ in image_loader(DecodedImages(root, relpaths, np.zeros(len(relpaths)), preprocess), runtime):
+        rows.add(pixels)
+    return torch.from_numpy(rows.result()) if relpaths else torch.zeros((0, 3) + (preprocess.image_size,) * 2,
+                                                                         dtype=torch.uint8)
+
+
+def normalise(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """uint8 images (N x 3 x H x W) as the trunk's input: exactly what ImageDataset gives un-augmented."""
+    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    return (pixels.float().div_(255.0) - mean) / std
 
 
 def seed_worker(worker_id: int) -> None:
@@ -92,7 +137,7 @@ def image_loader(dataset: Dataset, runtime: Runtime, batch_sampler=None, seed: i
     """A DataLoader that keeps the order given (or the dataset's), seeded and pinned on CUDA."""
     kwargs = dict(batch_sampler=batch_sampler) if batch_sampler is not None else dict(batch_size=runtime.batch_size)
     return DataLoader(dataset, num_workers=runtime.workers, pin_memory=runtime.device.type == "cuda",
-                      persistent_workers=False, worker_init_fn=seed_worker,
+                      persistent_workers=False, worker_init_fn=seed_worker, collate_fn=stack_batch,
                       generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
@@ -183,6 +228,10 @@ class RowView:
 
     def __init__(self, rows, indices: np.ndarray):
         self.rows, self.indices = rows, np.asarray(indices)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.indices),) + tuple(self.rows.shape[1:])
 
     def __len__(self) -> int:
         return len(self.indices)

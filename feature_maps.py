@@ -25,7 +25,9 @@ trunk, or a trunk module at head initialisation, would repeat or mean nothing an
 
 Reads:  checkpoints/best.pth, outputs/split.csv, the seen test and unseen images themselves (not the
         trunk cache: the hooks need the trunk's inside), or FEATURE_MAP_DIR's images (those measured
-        are fingerprinted in the provenance record, as split.csv fingerprints the run's own).
+        are fingerprinted in the provenance record, as split.csv fingerprints the run's own); each
+        decoded once and kept as 8-bit pixels (FEATURE_IMAGES x 3 x IMAGE_SIZE² bytes per subset) for
+        every condition that uses it.
 Writes: outputs/feature_map_stats.csv (module, condition, description: which model on which images,
         n_images, n_channels, nonpositive_share, effective_rank, eig_1..eig_5),
         outputs/feature_map_spectra.csv (every eigenvalue), outputs/feature_map_spectra.png,
@@ -180,16 +182,29 @@ def effective_rank(eigenvalues: np.ndarray) -> float:
 
 # ---- running the models --------------------------------------------------------------------------
 
-def collect(model: torch.nn.Module, names: list[str], root, relpaths: list[str],
-            preprocess: dataloader.Preprocess, runtime: dataloader.Runtime) -> dict[str, ModuleStats]:
-    """Run the images through the model in batches (float32, no autocast) with the named modules hooked.
-    Only the trunk runs when every module is in it."""
-    dataset = dataloader.ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess)
+def collect(model: torch.nn.Module, names: list[str], pictures: torch.Tensor, preprocess: dataloader.Preprocess,
+            runtime: dataloader.Runtime, keep_trunk: list | None = None,
+            trunk_outputs: list | None = None) -> dict[str, ModuleStats]:
+    """Run the images (uint8, decoded once: dataloader.decode_images) through the model in batches
+    (float32, no autocast) with the named modules hooked. Only the trunk (its tuned blocks included)
+    runs when every module is in it. keep_trunk (a list) is filled with the frozen trunk's output of
+    each batch; trunk_outputs (such a list, of a model with the same trunk) is the input of the rest
+    (tuned blocks and head) instead of the images: the frozen trunk does not run."""
     forward = model.whole_trunk() if all(is_trunk_module(n) for n in names) else model
     with hooked(model, names) as stats, torch.inference_mode():
-        for images, _ in dataloader.image_loader(dataset, runtime):
-            images = images.to(runtime.device)
-            forward(images.contiguous(memory_format=torch.channels_last) if runtime.channels_last else images)
+        if trunk_outputs is not None:
+            for features in trunk_outputs:
+                model.forward_head(features)
+            return stats
+        kept = model.trunk.register_forward_hook(lambda module, args, output: keep_trunk.append(output)) \
+            if keep_trunk is not None else None
+        try:
+            for start in range(0, len(pictures), runtime.batch_size):
+                images = dataloader.normalise(pictures[start:start + runtime.batch_size], preprocess).to(runtime.device)
+                forward(images.contiguous(memory_format=torch.channels_last) if runtime.channels_last else images)
+        finally:
+            if kept is not None:
+                kept.remove()
     return stats
 
 
@@ -283,22 +298,29 @@ def measure(trained: checkpoints.TrainedModel, names: list[str], image_sets: Ima
     """{condition: (images used, {module: stats})} for every condition that has modules and images
     to measure; pretrained_trunk only with fine-tuned blocks (and its weights found again)."""
     checkpoint, run_seed = trained.checkpoint, trained.checkpoint.seed
+    pictures = {subset: dataloader.decode_images(*image_sets.subset(subset), trained.preprocess, runtime)
+                for subset in ("test", "unseen") if image_sets.subset(subset)[1]}  # each decoded once, for every condition
     models = {"seen_test": lambda: trained.model, "unseen": lambda: trained.model,
               "head_init": lambda: variant_model(checkpoint.arch, trained.model, run_seed, "trunk", runtime),
               "random_trunk": lambda: variant_model(checkpoint.arch, trained.model, run_seed + 1, "head", runtime),
               "pretrained_trunk": lambda: pretrained_model(checkpoint, weights_setting, runtime)}
     results = {}
+    # the trained trunk's output on the seen test images, kept from seen_test: head_init's input (its trunk is
+    # the checkpoint's), so the trunk runs over those images once for both
+    trunk_outputs = [] if any(not is_trunk_module(n) for n in names) else None
     for condition, (_, subset, scope) in CONDITIONS.items():
         wanted = [n for n in names if scope == "all" or is_trunk_module(n) == (scope == "trunk")]
-        root, relpaths = image_sets.subset(subset)
         if condition == "pretrained_trunk" and not trained.model.finetune_blocks:
             continue
-        if wanted and relpaths:
+        if wanted and subset in pictures:
             model = models[condition]()
             if model is None:
                 continue
-            print(f"{condition}: {len(wanted)} module(s), {len(relpaths)} images")
-            results[condition] = (len(relpaths), collect(model, wanted, root, relpaths, trained.preprocess, runtime))
+            print(f"{condition}: {len(wanted)} module(s), {len(pictures[subset])} images")
+            reuse = dict(keep_trunk=trunk_outputs) if condition == "seen_test" else \
+                dict(trunk_outputs=trunk_outputs) if condition == "head_init" else {}
+            results[condition] = (len(pictures[subset]), collect(model, wanted, pictures[subset], trained.preprocess,
+                                                                 runtime, **reuse))
     return results
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 import dataloader
-from plankton import checkpoints, fileio, images, locations, plots, provenance, registry, runner
+from plankton import checkpoints, fileio, images, locations, plots, provenance, registry, runner, training
 
 QUERY_SUBSETS = ("val", "test", "unseen")
 COLUMNS = ["subset", "path", "class_name", "train_path", "train_class", "same_class", "distance", "kind"]
@@ -48,7 +48,7 @@ MULTILABEL_NAMES = {"class_name": "labels", "train_class": "train_labels", "same
 def pooled_trunk_features(source: dataloader.FeatureSource, trunk, runtime, grid: int) -> np.ndarray:
     """Each item's trunk feature map, average-pooled to grid x grid cells and flattened (float32)."""
     rows = dataloader.Rows(len(source), np.float32)
-    batches = dataloader.in_order(len(source), runtime.batch_size)
+    batches = dataloader.in_order(len(source), training.inference_batch_size(source, runtime))
     with torch.inference_mode():
         for features, _ in dataloader.feature_batches(source, batches, trunk, runtime):
             rows.add(torch.nn.functional.adaptive_avg_pool2d(features.float(), grid).flatten(1))
@@ -64,22 +64,29 @@ def unit_rows(x: np.ndarray, centre: np.ndarray, in_place: bool = False) -> np.n
     return centred
 
 
-def nearest_training(queries: np.ndarray, train: np.ndarray,
-                     block_bytes: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
+# query rows compared at once: a block of queries x every training row is at most this many bytes
+BLOCK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+
+
+def nearest_training(queries: np.ndarray, train: np.ndarray, device: torch.device = torch.device("cpu"),
+                     block_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each unit-length query row, the index of the nearest unit-length training row by cosine
     distance and that distance (1 - cos, clipped to [0, 2]); the first index among ties. Every
-    training image is compared (a sample could miss a copy), in blocks of at most block_bytes."""
-    t = torch.as_tensor(train, dtype=torch.float32)
-    block = max(1, block_bytes // (4 * max(1, len(t))))
-    index, distance = [], []
-    for start in range(0, len(queries), block):
-        q = torch.as_tensor(queries[start:start + block], dtype=torch.float32)
-        best = (q @ t.T).max(1)
-        index.append(best.indices.numpy())
-        distance.append((1.0 - best.values).clamp(0.0, 2.0).numpy())
-    if not index:
+    training image is compared (a sample could miss a copy), in blocks of queries of at most
+    block_bytes of similarities (BLOCK_BYTES for the device), one matrix product each, on `device`."""
+    if not len(queries):
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(index).astype(np.int64), np.concatenate(distance)
+    t = torch.as_tensor(train, dtype=torch.float32).to(device)
+    block_bytes = block_bytes or BLOCK_BYTES.get(device.type, BLOCK_BYTES["cpu"])
+    block = max(1, block_bytes // (4 * max(1, len(t))))
+    index, distance = np.empty(len(queries), np.int64), np.empty(len(queries), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(queries), block):
+            q = torch.as_tensor(queries[start:start + block], dtype=torch.float32).to(device)
+            best = (q @ t.T).max(1)
+            index[start:start + len(q)] = best.indices.cpu().numpy()
+            distance[start:start + len(q)] = (1.0 - best.values).clamp(0.0, 2.0).cpu().numpy()
+    return index, distance
 
 
 def find_leaks(split: pd.DataFrame, nearest: dict, threshold: float) -> pd.DataFrame:
@@ -206,7 +213,7 @@ def nearest_per_subset(trained, cache, runtime, grid: int) -> dict:
     centre = pooled["train"].mean(0)
     for rows in pooled.values():  # in place: the pooled maps are 4 KB an image at 128 px, 200 MB at 50,000
         unit_rows(rows, centre, in_place=True)
-    return {s: nearest_training(pooled[s], pooled["train"]) for s in QUERY_SUBSETS if len(pooled[s])}
+    return {s: nearest_training(pooled[s], pooled["train"], runtime.device) for s in QUERY_SUBSETS if len(pooled[s])}
 
 
 def run(cfg) -> None:

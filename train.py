@@ -21,6 +21,7 @@ marks that pass in its `selected` column).
 Under torchrun each process trains on its block of every batch (BATCH_SIZE is the whole batch) and
 computes its block of the missing trunk features; rank 0 alone writes (distributed.py).
 """
+import functools
 import time
 
 import numpy as np
@@ -153,9 +154,10 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
         criterion=None) -> float:
     """Epochs until MAX_EPOCHS or PATIENCE validation passes without a better monitored figure (the
     task's: validation loss, or validation mAP for multilabel); the LR schedule steps at each epoch
-    end. Returns the seconds spent on the class-wise figures. `criterion` (heads.Criterion) is what is
-    minimised; a head trained without cross-entropy gets its classifier set from the embeddings of
-    the class-wise curves' training images (heads.fit_classifier) before each validation pass, so the
+    end. Returns the seconds spent in the validation passes (loss and class-wise figures, the head run
+    once over each of their sources: training.validation_pass). `criterion` (heads.Criterion) is what is
+    minimised; a head trained without cross-entropy gets its classifier set from the embeddings of the
+    class-wise curves' training images (heads.fit_classifier) in each validation pass, so the
     validation figures, best.pth and every later stage use that classifier.
     Under torchrun (`forward` from training.data_parallel) every rank validates on the whole
     validation set and rank 0's verdict stops them all; a last batch with fewer images than ranks
@@ -163,25 +165,24 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
     task = training.selecting_task(tasks.for_name(cfg.TASK), cfg.SELECT_BY)
     state.stop_reason = f"reached MAX_EPOCHS={cfg.MAX_EPOCHS}"
     balanced = sources["train"].labels.numpy() if cfg.BALANCED_SAMPLING else None
-    classwise = dict(train=sources["train_classwise"], val=sources["val"])
+    classwise = dict(train=sources["train_classwise"], val=sources["val"])  # the head runs once over each per pass
     classwise_seconds = 0.0
+    fits = criterion is not None and criterion.fits_classifier
+    fit_classifier = functools.partial(heads.fit_classifier, model, criterion) if fits else None
     for epoch in range(state.epoch + 1, cfg.MAX_EPOCHS):
         batches = training.epoch_batches(len(sources["train"]), cfg.BATCH_SIZE, cfg.SEED, epoch, balanced)
         batches = [batch for batch in batches if len(batch) >= distributed.world_size()]
 
         def validate(b: int, train_loss: float, train_acc: float) -> bool:
             nonlocal classwise_seconds
-            if criterion is not None and criterion.fits_classifier:
-                _, embeddings = training.head_outputs(model, sources["train_classwise"], runtime)
-                heads.fit_classifier(model, criterion, embeddings, sources["train_classwise"].labels.numpy())
-            val_loss, val_acc = training.evaluate_loss(model, sources["val"], runtime, task)
+            started = time.perf_counter()
+            val_loss, val_acc, per_class = training.validation_pass(model, classwise, runtime, list(cfg.SEEN_CLASSES),
+                                                                    task, fit_classifier=fit_classifier)
+            classwise_seconds += time.perf_counter() - started
             position = epoch + (b + 1) / len(batches)
             if not np.isfinite(val_loss) or not np.isfinite(train_loss):
                 raise PipelineError(f"training diverged at epoch {position:.2f} (train loss {train_loss}, validation "
                                     f"loss {val_loss}); lower LR (now {cfg.LR}) and run train.py --RESUME=False")
-            started = time.perf_counter()
-            per_class = training.classwise_pass(model, classwise, runtime, list(cfg.SEEN_CLASSES), task)
-            classwise_seconds += time.perf_counter() - started
             state.history.append(dict(epoch=position, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                                       val_acc=val_acc, lr=optimizer.param_groups[0]["lr"], **per_class))
             if state.improved(training.selection_figure(task, state.history[-1]), position):
@@ -395,7 +396,8 @@ def run(cfg) -> None:
     save_last()
     passes = max(1, sum(1 for row in state.history if "val_map" in row))
     print(f"{state.stop_reason}; {time.time() - started:.1f}s of training, of which {classwise_seconds:.1f}s for the "
-          f"class-wise curves ({1000 * classwise_seconds / passes:.0f} ms per validation pass). Best: "
+          f"validation passes and class-wise curves ({1000 * classwise_seconds / passes:.0f} ms per validation pass). "
+          f"Best: "
           f"{best_words(state.best_val_loss, task)} at epoch {state.best_epoch:.2f} -> {paths.best}; plots -> {paths.out}")
 
 

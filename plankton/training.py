@@ -295,28 +295,57 @@ def data_parallel(model, runtime: Runtime):
     return DistributedDataParallel(TrainablePart(model), device_ids=device_ids)
 
 
-@torch.no_grad()
 def evaluate_loss(model, source: FeatureSource, runtime: Runtime, task=tasks.MULTICLASS) -> tuple[float, float]:
     """Mean loss and the task's hits per image (accuracy) of the model on a FeatureSource (eval mode)."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for features, labels in feature_batches(source, in_order(len(source), runtime.batch_size), model.trunk, runtime):
-        logits, _ = model.forward_head(features)
-        loss_sum += task.loss(logits, labels, reduction="sum").item()
-        correct += task.hits(logits, labels).item()
-    return loss_sum / len(source), correct / len(source)
+    logits, _ = head_outputs(model, source, runtime)
+    return loss_and_hits(logits, source.labels, task)
+
+
+def loss_and_hits(logits: np.ndarray, labels: torch.Tensor, task=tasks.MULTICLASS) -> tuple[float, float]:
+    """The task's mean loss and hits per image of logits already computed (evaluate_loss's figures)."""
+    logits = torch.from_numpy(logits)
+    return (task.loss(logits, labels, reduction="sum").item() / len(labels),
+            task.hits(logits, labels).item() / len(labels))
+
+
+# A head-only pass (eval mode, no gradients) over cached trunk features runs in batches of about this
+# many bytes of float32 input, never fewer images than BATCH_SIZE: the head's convolutions run 2.5x
+# faster per image at 512 images than at 64 on a CPU (docs/speed.md). Images through the trunk keep BATCH_SIZE.
+HEAD_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+MAX_HEAD_BATCH = 4096
+
+
+def inference_batch_size(source: FeatureSource, runtime: Runtime) -> int:
+    """Images per batch of a head-only pass over `source` on the runtime's device (see HEAD_BATCH_BYTES)."""
+    if source.features is None or len(source.features.shape) < 2:
+        return runtime.batch_size
+    row_bytes = 4 * max(1, int(np.prod(source.features.shape[1:])))
+    fits = HEAD_BATCH_BYTES.get(runtime.device.type, HEAD_BATCH_BYTES["cpu"]) // row_bytes
+    return int(max(runtime.batch_size, min(MAX_HEAD_BATCH, fits)))
 
 
 @torch.inference_mode()
-def head_outputs(model, source: FeatureSource, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, embeddings) of every item of a FeatureSource, in order, model in eval mode."""
+def head_outputs(model, source: FeatureSource, runtime: Runtime,
+                 batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embeddings) of every item of a FeatureSource, in order, model in eval mode; in batches
+    of `batch_size` images (default: inference_batch_size's)."""
     model.eval()
     logits, embeddings = Rows(len(source), np.float32), Rows(len(source), np.float32)  # see Rows: no batch list
-    for features, _ in feature_batches(source, in_order(len(source), runtime.batch_size), model.trunk, runtime):
+    if batch_size is None:  # fine-tuned trunk blocks widen the activations far beyond the input: BATCH_SIZE
+        tuned = any(True for _ in getattr(model, "tuned_trunk", torch.nn.Identity()).parameters())
+        batch_size = runtime.batch_size if tuned else inference_batch_size(source, runtime)
+    batches = in_order(len(source), batch_size)
+    for features, _ in feature_batches(source, batches, model.trunk, runtime):
         out, emb = model.forward_head(features)
         logits.add(out.float())
         embeddings.add(emb.float())
     return logits.result(), embeddings.result()
+
+
+@torch.inference_mode()
+def classifier_logits(model, embeddings: np.ndarray, runtime: Runtime) -> np.ndarray:
+    """model.classifier on embeddings already computed: forward_head's logits in eval mode (dropout off)."""
+    return model.classifier(torch.from_numpy(embeddings).to(runtime.device)).float().cpu().numpy()
 
 
 # ---- class-wise figures --------------------------------------------------------------------------
@@ -333,6 +362,31 @@ def classwise_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, c
         row.update({f"{name}_{key}": value for key, value in
                     task.classwise_metrics(logits, source.labels.numpy(), class_names).items()})
     return row
+
+
+def validation_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, class_names: list[str],
+                    task=tasks.MULTICLASS, fit_classifier=None) -> tuple[float, float, dict]:
+    """One validation pass with the head run once over each source ("train": the class-wise curves'
+    training images, "val"): (validation loss, validation hits per image, class-wise figures of every
+    source), the same figures as evaluate_loss on "val" and classwise_pass on all of them, which ran
+    the head over the validation images twice.
+
+    fit_classifier(embeddings, labels), if given, sets the classifier from the "train" source's
+    embeddings before any logits are taken (a head trained without cross-entropy); the "train"
+    logits then come from those embeddings and the new classifier, with no second pass."""
+    if fit_classifier is not None and next(iter(sources)) != "train":
+        raise ValueError("fit_classifier needs the 'train' source first")
+    row, val = {}, None
+    for name, source in sources.items():
+        logits, embeddings = head_outputs(model, source, runtime)
+        if name == "train" and fit_classifier is not None:
+            fit_classifier(embeddings, source.labels.numpy())
+            logits = classifier_logits(model, embeddings, runtime)
+        if name == "val":
+            val = loss_and_hits(logits, source.labels, task)
+        row.update({f"{name}_{key}": value for key, value in
+                    task.classwise_metrics(logits, source.labels.numpy(), class_names).items()})
+    return val[0], val[1], row
 
 
 def new_model(cfg, num_classes: int) -> tuple[torch.nn.Module, dict, str]:
