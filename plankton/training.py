@@ -382,6 +382,8 @@ def validation_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, 
         if name == "train" and fit_classifier is not None:
             fit_classifier(embeddings, source.labels.numpy())
             logits = classifier_logits(model, embeddings, runtime)
+        if not np.isfinite(logits).all():  # diverged: train.py stops on the non-finite loss, in one line
+            return float("nan"), 0.0, {}
         if name == "val":
             val = loss_and_hits(logits, source.labels, task)
         row.update({f"{name}_{key}": value for key, value in

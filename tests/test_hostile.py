@@ -14,7 +14,7 @@ from plankton.errors import PipelineError
 # A wrong value of each kind of setting (bounds aside, which test_settings.py covers value by value).
 WRONG = {"int": "'many'", "float": "'abc'", "bool": "'false'", "str": "'no-such-choice'", "path": "''",
          "classes": "[]", "names": "['a', 'a']", "device": "'tpu'", "seeds": "[1]", "modules": "[]",
-         "words": "['no-such-choice']"}
+         "words": "['no-such-choice']", "group": "'path:first'"}
 
 
 
