@@ -235,6 +235,11 @@ def check_campaign(cfg, trained, cache, runtime, root: Path, relpaths: list[str]
     if cfg.DRIFT_ALPHA is None:
         figure.unlink(missing_ok=True)
         return dict(verdict="not checked (DRIFT_ALPHA = None)", drift=False)
+    if trained.split is None:  # a model bundle (PREDICT_BUNDLE) carries no held-out images to compare with
+        figure.unlink(missing_ok=True)
+        verdict = "not checked: the model bundle holds no held-out test images to compare with"
+        print(f"drift check: {verdict}")
+        return dict(verdict=verdict, drift=False)
     picked = sample(len(relpaths), cfg.DRIFT_SAMPLES, cfg.SEED)
     chosen = [relpaths[i] for i in picked]
     scores = np.asarray(open_scores)[picked]
