@@ -309,9 +309,10 @@ def loss_and_hits(logits: np.ndarray, labels: torch.Tensor, task=tasks.MULTICLAS
 
 
 # A head-only pass (eval mode, no gradients) over cached trunk features runs in batches of about this
-# many bytes of float32 input, never fewer images than BATCH_SIZE: the head's convolutions run 2.5x
-# faster per image at 512 images than at 64 on a CPU (docs/speed.md). Images through the trunk keep BATCH_SIZE.
-HEAD_BATCH_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+# many bytes of float32 input, never fewer images than BATCH_SIZE. On an idle 2-core CPU the head ran
+# fastest at 64-128 images of 64 x 16 x 16 (0.19 ms/image) and 1.8x slower at 512 (docs/speed.md): 8 MB
+# keeps a batch in cache. Images through the trunk keep BATCH_SIZE.
+HEAD_BATCH_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 MAX_HEAD_BATCH = 4096
 
 

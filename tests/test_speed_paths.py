@@ -140,7 +140,7 @@ def test_training_keeps_its_history_with_the_single_validation_pass(monkeypatch)
 
 def test_head_passes_over_cached_features_run_in_device_sized_batches():
     small = FeatureSource(torch.zeros(10), features=np.zeros((10, 64, 16, 16), np.float16))  # 64 KiB a row as float32
-    assert training.inference_batch_size(small, CPU) == (32 << 20) // (4 * 64 * 16 * 16) == 512
+    assert training.inference_batch_size(small, CPU) == (8 << 20) // (4 * 64 * 16 * 16) == 128
     cuda = Runtime(torch.device("cuda"), 64, 0, False, False)
     assert training.inference_batch_size(small, cuda) == training.MAX_HEAD_BATCH
     huge = FeatureSource(torch.zeros(3), features=dataloader.RowView(np.zeros((5, 512, 64, 64), np.float16), [0, 2, 4]))
