@@ -252,7 +252,7 @@ def run(cfg) -> None:
     print(f"{int(table.unknown.sum())} of {len(table)} images flagged unknown ({cfg.PREDICT_SCORE} score > "
           f"{fitted['threshold']:.4g}, the threshold keeping {fitted['val_kept']:.1%} of {fitted['val_images']} "
           f"validation images); scores at temperature {fitted['temperature']:.3g} ({fitted['temperature_note']})")
-    written = outputs[:2] + outputs[3:5] + (outputs[5:6] if cfg.ECOTAXA_IMPORT_ZIP else []) + outputs[6:]
+    written = [p for p in outputs if p.is_file() and p != outputs[2]]  # bad_files.csv is named above when not empty
     print("-> " + ", ".join(map(str, written)))
 
 
