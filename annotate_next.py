@@ -69,18 +69,11 @@ def batch_table(pool: unlabelled.Unlabelled, candidates: annotation.Candidates, 
 
 def plot_contact_sheet(table: pd.DataFrame, root, strategy: str, candidates: int, path) -> None:
     """Thumbnails of the batch in rank order, captioned "#rank class score / strategy score"."""
-    plt = plots.pyplot()
     shown = table.head(SHEET_MAX)
-    columns = min(SHEET_COLUMNS, len(shown))
-    rows = -(-len(shown) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.45 * columns + 0.4, 1.75 * rows + 1.1), squeeze=False)
-    for ax, row in zip(axes.flat, shown.itertuples()):
-        pixels = images.thumbnail(root / row.path)
-        ax.imshow(pixels, interpolation="nearest" if max(pixels.shape[:2]) < 64 else "antialiased")
+    fig, axes = plots.thumbnail_sheet(root, list(shown.path), SHEET_COLUMNS, (1.45, 1.75), 1.1)
+    for ax, row in zip(axes, shown.itertuples()):
         name = textwrap.shorten(row.predicted_class, 14, placeholder="…")
         ax.set_title(f"#{row.rank} {name} {row.score:.2f}\n{strategy} {row.strategy_score:.3g}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_axis_off()
     more = f" (the first {len(shown)} shown)" if len(shown) < len(table) else ""
     fig.suptitle(f"What to annotate next: {len(table)} of {candidates} unlabelled images{more}, "
                  f"strategy {strategy!r}\n({annotation.STRATEGIES[strategy].label})\n"

@@ -38,7 +38,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import dataloader
-from plankton import checkpoints, fileio, images, locations, plots, provenance, registry, runner
+from plankton import checkpoints, fileio, locations, plots, provenance, registry, runner
 from plankton.errors import PipelineError
 
 COLUMNS = ["rank", "path", "given_class", "suggested_class", "p_given", "p_suggested", "score"]
@@ -100,19 +100,12 @@ def suspects_table(ranked: pd.DataFrame, relpaths: list[str], class_names: list[
 
 def plot_suspects(table: pd.DataFrame, root, count: int, path) -> None:
     """Thumbnails of the `count` most suspicious training images, captioned "given → suggested (p)"."""
-    plt = plots.pyplot()
     shown = table.head(count)
-    columns = min(SHEET_COLUMNS, len(shown))
-    rows = -(-len(shown) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns + 0.4, 2.2 * rows + 0.9), squeeze=False)
-    for ax, row in zip(axes.flat, shown.itertuples()):
-        pixels = images.thumbnail(root / row.path)
-        ax.imshow(pixels, interpolation="nearest" if max(pixels.shape[:2]) < 64 else "antialiased")
+    fig, axes = plots.thumbnail_sheet(root, list(shown.path), SHEET_COLUMNS, (1.9, 2.2), 0.9)
+    for ax, row in zip(axes, shown.itertuples()):
         caption = textwrap.wrap(f"{row.given_class} → {row.suggested_class}", 20)[:2]
         ax.set_title("\n".join(caption) + f" ({row.p_suggested:.2f})\n#{row.rank}, given {row.p_given:.2f}",
                      fontsize=8)
-    for ax in axes.flat:
-        ax.set_axis_off()
     fig.suptitle(f"Suspicious labels: the {len(shown)} most suspicious of {len(table)} training images\n"
                  f"caption: given class → suggested class (its out-of-fold probability);\n"
                  f"#rank, the given class's out-of-fold probability",

@@ -53,3 +53,20 @@ def class_colours(seen: list[str], unseen: list[str]) -> dict[str, tuple]:
 
 
 UNSEEN_MARKER = "^"  # unseen classes are triangles, seen classes dots
+
+
+def thumbnail_sheet(root, relpaths: list[str], columns: int, cell: tuple[float, float], extra_height: float):
+    """A contact sheet: root/relpath's thumbnails (images.thumbnail) in reading order, `columns` a row
+    at most, each cell `cell` inches (width, height), axes off. Returns (the figure, one axes per image,
+    in order) for the caller's captions and title."""
+    from plankton import images  # here: images.py is a heavier import than the figures need
+    columns = max(1, min(columns, len(relpaths)))
+    rows = max(1, -(-len(relpaths) // columns))
+    fig, axes = pyplot().subplots(rows, columns, figsize=(cell[0] * columns + 0.4, cell[1] * rows + extra_height),
+                                  squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, relpath in zip(axes.flat, relpaths):
+        pixels = images.thumbnail(Path(root) / relpath)
+        ax.imshow(pixels, interpolation="nearest" if max(pixels.shape[:2]) < 64 else "antialiased")
+    return fig, list(axes.flat)[:len(relpaths)]
