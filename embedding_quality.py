@@ -204,23 +204,16 @@ def run(cfg) -> None:
     method, coords = embedding_files.open_projection_coordinates(paths)
     inputs = provenance.start_stage(paths, "embedding_quality", [paths.best, paths.coordinates(method)]
                                    + [paths.embeddings(s) for s in SUBSETS])
+    settings = (cfg.QUALITY_SAMPLES, cfg.QUALITY_TRUST_NEIGHBORS, cfg.SEED)
     if embedding_files.info(frames["test"]).task == "multilabel":
-        table = pd.DataFrame([row for s in SUBSETS for row in subset_label_quality(
-            frames[s], coords, s, cfg.QUALITY_SAMPLES, cfg.QUALITY_TRUST_NEIGHBORS, cfg.SEED)])
-        table = table.assign(projection=method)
-        output = paths.out / "embedding_quality_labels.csv"
-        fileio.save_csv(table, output, index=False)
-        print("Embedding quality per label, one-vs-rest (Euclidean, leave-one-out recall; see embedding_quality.py):")
-        with pd.option_context("display.width", 200, "display.max_columns", 30):
-            print(table.round(4).to_string(index=False))
-        provenance.save_provenance(paths, "embedding_quality", inputs, [output], cfg)
-        print(f"-> {output}")
-        return
-    table = pd.DataFrame([subset_quality(frames[s], coords, s, cfg.QUALITY_SAMPLES, cfg.QUALITY_TRUST_NEIGHBORS,
-                                         cfg.SEED) for s in SUBSETS]).assign(projection=method)
-    output = paths.out / "embedding_quality.csv"
+        rows = [row for s in SUBSETS for row in subset_label_quality(frames[s], coords, s, *settings)]
+        output, title = paths.out / "embedding_quality_labels.csv", "Embedding quality per label, one-vs-rest"
+    else:
+        rows = [subset_quality(frames[s], coords, s, *settings) for s in SUBSETS]
+        output, title = paths.out / "embedding_quality.csv", "Embedding quality"
+    table = pd.DataFrame(rows).assign(projection=method)
     fileio.save_csv(table, output, index=False)
-    print("Embedding quality (Euclidean, leave-one-out recall; see embedding_quality.py):")
+    print(f"{title} (Euclidean, leave-one-out recall; see embedding_quality.py):")
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(table.round(4).to_string(index=False))
     provenance.save_provenance(paths, "embedding_quality", inputs, [output], cfg)
