@@ -38,7 +38,8 @@ LR = 0.0014  # Adam learning rate
 MAX_EPOCHS = 50  # upper limit on epochs
 PATIENCE = 8  # validation passes without a lower validation loss before early stopping
 VAL_PER_EPOCH = 4  # validation passes per epoch (the study validated several times an epoch); 1 = at epoch end
-CLASSWISE_SAMPLES = 5000  # class-wise curves during training: at most this many training images (a fixed random sample) at each validation pass
+CLASSWISE_TRAIN = "batches"  # class-wise training curves: "batches" (the batches trained on since the previous validation pass, their outputs in training mode: free) or "pass" (the model in eval mode over CLASSWISE_SAMPLES training images at each validation pass: a head pass each time)
+CLASSWISE_SAMPLES = 5000  # CLASSWISE_TRAIN="pass" (and heads trained without cross-entropy): at most this many training images (a fixed random sample) at each validation pass
 RESUME = True  # True: continue from checkpoints/last.pth after a kill; False: start training over
 SEED = 0  # seeds random, numpy and torch; fixes the split, batches, dropout and UMAP; None = draw a fresh seed (printed)
 

@@ -134,20 +134,29 @@ def training_sources(cfg, split, preprocess, cache, kept=None) -> dict:
         augment = bool(cfg.AUGMENT) and subset == "train"
         sources[subset] = split.source(subset, preprocess, cache=None if augment else cache, augment=augment,
                                        color_jitter=cfg.COLOR_JITTER if augment else 0.0)
-    everything = split.source("train", preprocess, cache) if cfg.AUGMENT else sources["train"]
     if kept is not None and len(kept) < len(sources["train"]):
         sources["train"] = dataloader.select_rows(sources["train"], kept)
-        everything = dataloader.select_rows(everything, kept) if cfg.AUGMENT else sources["train"]
-    sources["train_classwise"] = dataloader.sample_source(everything, cfg.CLASSWISE_SAMPLES, cfg.SEED)
-    if len(sources["train_classwise"]) < len(everything):
-        print(f"note: the class-wise training curves use a fixed random sample of {cfg.CLASSWISE_SAMPLES} of the "
-              f"{len(everything)} training images (CLASSWISE_SAMPLES)")
-    if cache is None:
-        print(f"note: without the trunk cache the class-wise training curves run the trunk over the "
-              f"{len(sources['train'])} training images at every validation pass")
+    if classwise_pass(cfg):
+        everything = split.source("train", preprocess, cache) if cfg.AUGMENT else sources["train"]
+        if cfg.AUGMENT and kept is not None and len(kept) < len(everything):
+            everything = dataloader.select_rows(everything, kept)
+        sources["train_classwise"] = dataloader.sample_source(everything, cfg.CLASSWISE_SAMPLES, cfg.SEED)
+        if len(sources["train_classwise"]) < len(everything):
+            print(f"note: the class-wise training curves use a fixed random sample of {cfg.CLASSWISE_SAMPLES} of the "
+                  f"{len(everything)} training images (CLASSWISE_SAMPLES)")
+        if cache is None:
+            print(f"note: without the trunk cache the class-wise training curves run the trunk over the "
+                  f"{len(sources['train_classwise'])} training images at every validation pass")
     if len(sources["val"]) < 20:
         print(f"note: the validation set has {len(sources['val'])} images; early stopping rests on very few")
     return sources
+
+
+def classwise_pass(cfg) -> bool:
+    """True when each validation pass runs the head over training images (CLASSWISE_TRAIN="pass", or a
+    head trained without cross-entropy, whose classifier is set from those images' embeddings at each
+    pass); False when the training figures come from the training batches' own outputs ("batches")."""
+    return cfg.CLASSWISE_TRAIN == "pass" or not heads.parts(cfg.HEAD_LOSS)[0]
 
 
 def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, save_last, forward=None,
@@ -165,7 +174,8 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
     task = training.selecting_task(tasks.for_name(cfg.TASK), cfg.SELECT_BY)
     state.stop_reason = f"reached MAX_EPOCHS={cfg.MAX_EPOCHS}"
     balanced = sources["train"].labels.numpy() if cfg.BALANCED_SAMPLING else None
-    classwise = dict(train=sources["train_classwise"], val=sources["val"])  # the head runs once over each per pass
+    passes_train = classwise_pass(cfg)  # else the training figures come from the batches trained on
+    classwise = dict(train=sources["train_classwise"], val=sources["val"]) if passes_train else dict(val=sources["val"])
     classwise_seconds = 0.0
     fits = criterion is not None and criterion.fits_classifier
     fit_classifier = functools.partial(heads.fit_classifier, model, criterion) if fits else None
@@ -173,11 +183,11 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
         batches = training.epoch_batches(len(sources["train"]), cfg.BATCH_SIZE, cfg.SEED, epoch, balanced)
         batches = [batch for batch in batches if len(batch) >= distributed.world_size()]
 
-        def validate(b: int, train_loss: float, train_acc: float) -> bool:
+        def validate(b: int, train_loss: float, train_acc: float, trained) -> bool:
             nonlocal classwise_seconds
             started = time.perf_counter()
             val_loss, val_acc, per_class = training.validation_pass(model, classwise, runtime, list(cfg.SEEN_CLASSES),
-                                                                    task, fit_classifier=fit_classifier)
+                                                                    task, fit_classifier=fit_classifier, trained=trained)
             classwise_seconds += time.perf_counter() - started
             position = epoch + (b + 1) / len(batches)
             if not np.isfinite(val_loss) or not np.isfinite(train_loss):
@@ -194,7 +204,7 @@ def fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best, sa
                                            seed=cfg.SEED * 100_003 + epoch, desc=f"epoch {epoch + 1}/{cfg.MAX_EPOCHS}",
                                            label_smoothing=cfg.LABEL_SMOOTHING, forward=forward, task=task,
                                            criterion=criterion if criterion is not None and criterion.replaces_task_loss
-                                           else None)
+                                           else None, keep_outputs=not passes_train)
         state.epoch = epoch
         print_epoch(epoch, state, task)
         if stopped:

@@ -89,6 +89,7 @@ SCHEMA: dict[str, Rule] = {  # in configfile.py's order
     "MAX_EPOCHS": Rule("int", "[1, inf)"),
     "PATIENCE": Rule("int", "[1, inf)"),
     "VAL_PER_EPOCH": Rule("int", "[1, inf)"),
+    "CLASSWISE_TRAIN": Rule("str", choices=("batches", "pass")),
     "CLASSWISE_SAMPLES": Rule("int", "[1, inf)"),
     "RESUME": Rule("bool"),
     "SEED": Rule("int", "[0, 4294967295]", none_ok=True),  # numpy.random.seed stops at 2**32 - 1

@@ -220,10 +220,12 @@ def restore_rng(states: dict) -> None:
 
 def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runtime: Runtime, checks: set,
                     on_check, seed: int = 0, desc: str = "", label_smoothing: float = 0.0, forward=None,
-                    task=tasks.MULTICLASS, criterion=None) -> bool:
+                    task=tasks.MULTICLASS, criterion=None, keep_outputs: bool = False) -> bool:
     """Train the head over `batches` on the task's loss; after each batch in `checks` call
-    on_check(b, train_loss, train_acc) with the running figures since the last check (acc: the task's
-    hits per image). Return True if on_check asked to stop. label_smoothing changes the loss that is
+    on_check(b, train_loss, train_acc, outputs) with the running figures since the last check (acc: the
+    task's hits per image) and, with keep_outputs, outputs = (logits, labels) of those batches as
+    trained on (training mode, before each step; numpy, on rank 0 every rank's), else None. Return
+    True if on_check asked to stop. label_smoothing changes the loss that is
     minimised; train_loss stays the plain loss. `criterion` (a heads.Criterion with a metric loss,
     HEAD_LOSS other than "ce", one process only; or with CLASS_WEIGHTS): what is minimised instead,
     from the logits and the embeddings; train_loss is then the task's plain loss of the logits too.
@@ -234,7 +236,7 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
     and rank 0's answer is every rank's."""
     forward, ranks = forward or model.forward_head, distributed.world_size()
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, kept = 0.0, 0, 0, []
     mine = [distributed.shard(batch) for batch in batches]
     bar = Progress(feature_batches(source, mine, model.trunk, runtime, seed=seed), desc or "training",
                    total=len(batches), unit="batches")
@@ -258,17 +260,29 @@ def train_one_epoch(model, optimizer, source: FeatureSource, batches: list, runt
             loss_sum += loss.item() * len(labels)  # .item() also waits for CUDA, every batch
             correct += task.hits(logits, labels).item()
             seen += len(labels)
+            if keep_outputs:
+                kept.append((logits.detach().float().cpu().numpy(), labels.cpu().numpy()))
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
             if b in checks:
                 loss_sum, correct, seen = distributed.sum_all([loss_sum, correct, seen])
-                stop = distributed.broadcast(on_check(b, loss_sum / seen, correct / seen))
+                outputs = batch_outputs(kept) if keep_outputs else None
+                stop = distributed.broadcast(on_check(b, loss_sum / seen, correct / seen, outputs))
                 model.train()
-                loss_sum, correct, seen = 0.0, 0, 0
+                loss_sum, correct, seen, kept = 0.0, 0, 0, []
                 if stop:
                     return True
         return False
     finally:
         bar.close()
+
+
+def batch_outputs(kept: list) -> tuple[np.ndarray, np.ndarray]:
+    """The (logits, labels) of the batches in `kept` as one pair; under torchrun rank 0 gets every
+    rank's rows (in rank order) and the other ranks keep their own."""
+    logits = np.concatenate([k[0] for k in kept]) if kept else np.zeros((0, 0), np.float32)
+    labels = np.concatenate([k[1] for k in kept]) if kept else np.zeros(0, np.int64)
+    every_logit, every_label = distributed.gather_rows(logits), distributed.gather_rows(labels)
+    return (logits, labels) if every_logit is None else (every_logit, every_label)
 
 
 class TrainablePart(torch.nn.Module):
@@ -366,7 +380,7 @@ def classwise_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, c
 
 
 def validation_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, class_names: list[str],
-                    task=tasks.MULTICLASS, fit_classifier=None) -> tuple[float, float, dict]:
+                    task=tasks.MULTICLASS, fit_classifier=None, trained=None) -> tuple[float, float, dict]:
     """One validation pass with the head run once over each source ("train": the class-wise curves'
     training images, "val"): (validation loss, validation hits per image, class-wise figures of every
     source), the same figures as evaluate_loss on "val" and classwise_pass on all of them, which ran
@@ -374,10 +388,19 @@ def validation_pass(model, sources: dict[str, FeatureSource], runtime: Runtime, 
 
     fit_classifier(embeddings, labels), if given, sets the classifier from the "train" source's
     embeddings before any logits are taken (a head trained without cross-entropy); the "train"
-    logits then come from those embeddings and the new classifier, with no second pass."""
+    logits then come from those embeddings and the new classifier, with no second pass.
+
+    trained, if given (CLASSWISE_TRAIN="batches"): the (logits, labels) of the training batches since
+    the previous pass (train_one_epoch's outputs); the "train_" figures come from them, and `sources`
+    holds no "train" source, so the pass runs the head over the validation images only."""
     if fit_classifier is not None and next(iter(sources)) != "train":
         raise ValueError("fit_classifier needs the 'train' source first")
     row, val = {}, None
+    if trained is not None:
+        if not np.isfinite(trained[0]).all():  # diverged: as below
+            return float("nan"), 0.0, {}
+        row.update({f"train_{key}": value for key, value in
+                    task.classwise_metrics(trained[0], trained[1], class_names).items()})
     for name, source in sources.items():
         logits, embeddings = head_outputs(model, source, runtime)
         if name == "train" and fit_classifier is not None:

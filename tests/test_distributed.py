@@ -85,7 +85,7 @@ def _one_epoch(world: int, init_file: str | None, out_file: str, rank: int = 0) 
     """Two SGD steps of training.train_one_epoch on 13 fixed rows, batches of 7 and 6 (uneven
     blocks over 2 ranks), in one process (world 1) or as `rank` of `world` gloo processes with DDP."""
     from dataloader import FeatureSource, Runtime
-    from plankton import training
+    from plankton import tasks, training
     if world > 1:  # a forked child: one thread (OpenMP's pool, used by the parent's training, is not fork-safe)
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -94,12 +94,18 @@ def _one_epoch(world: int, init_file: str | None, out_file: str, rank: int = 0) 
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     rows = np.random.default_rng(1).normal(size=(13, 4)).astype(np.float32)
     source = FeatureSource(torch.arange(13) % 3, features=rows)
-    figures = []
+    figures, classwise = [], []
+
+    def on_check(b, loss, acc, trained):
+        figures.append((loss, acc))
+        classwise.append(tasks.MULTICLASS.classwise_metrics(*trained, ["a", "b", "c"]))
+        return False
+
     training.train_one_epoch(model, torch.optim.SGD(model.parameters(), lr=0.5), source,
                              [[3, 0, 7, 12, 5, 1, 9], [2, 4, 6, 8, 10, 11]], Runtime(torch.device("cpu"), 8, 0, False, False),
-                             {0, 1}, lambda b, loss, acc: figures.append((loss, acc)) or False, forward=forward)
-    torch.save(dict(weights={k: v.detach().clone() for k, v in model.state_dict().items()}, figures=figures),
-               f"{out_file}.{rank}")
+                             {0, 1}, on_check, forward=forward, keep_outputs=True)
+    torch.save(dict(weights={k: v.detach().clone() for k, v in model.state_dict().items()}, figures=figures,
+                    classwise=classwise), f"{out_file}.{rank}")
     if world > 1:
         dist.destroy_process_group()
 
@@ -120,6 +126,12 @@ def test_data_parallel_steps_equal_one_process(tmp_path):
         for name, value in single["weights"].items():
             torch.testing.assert_close(ddp["weights"][name], value, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ddp["figures"], single["figures"], rtol=1e-5)
+    # CLASSWISE_TRAIN="batches": rank 0 gathers every rank's outputs, so its class-wise figures are the whole
+    # batches' (rank 1, which writes nothing, has only its own block's)
+    ddp = torch.load(tmp_path / "ddp.0", weights_only=False)
+    for got, want in zip(ddp["classwise"], single["classwise"], strict=True):
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-5)
     assert single["weights"]["fc.bias"].abs().sum() > 0  # the steps did move the weights
 
 

@@ -57,7 +57,7 @@ def sources(seed: int = 0, n_train: int = 150, n_val: int = 70) -> dict:
     return made
 
 
-def old_validation(model, sources, runtime, class_names, task=tasks.MULTICLASS, fit_classifier=None):
+def old_validation(model, sources, runtime, class_names, task=tasks.MULTICLASS, fit_classifier=None, trained=None):
     """train.py's validation before issue 24: evaluate_loss over "val" batch by batch, then the head
     again over every source (classwise_pass), all at BATCH_SIZE; a fitted classifier a pass before."""
     def logits_of(source):
@@ -118,7 +118,7 @@ def test_training_keeps_its_history_with_the_single_validation_pass(monkeypatch)
     """train.fit with a fixed seed: the same history as with the three passes at BATCH_SIZE."""
     cfg = types.SimpleNamespace(TASK="multiclass", MAX_EPOCHS=2, BATCH_SIZE=16, SEED=3, VAL_PER_EPOCH=2, PATIENCE=100,
                                 LR=0.01, LABEL_SMOOTHING=0.0, SEEN_CLASSES=CLASSES, SELECT_BY="auto",
-                                BALANCED_SAMPLING=False)
+                                BALANCED_SAMPLING=False, CLASSWISE_TRAIN="pass", HEAD_LOSS="ce")
     histories = {}
     for name in ("old", "new"):
         with monkeypatch.context() as patch:
@@ -249,3 +249,34 @@ def test_bench_prints_the_study_stages_and_the_whole_run_against_the_limit_cold_
     assert ("  train [study]: cold / warm", "200.0 s / 100.0 s (4.00 ms/img cold)", "", "") in table
     assert ("  leaks: cold / warm", "4.0 s / 2.0 s (0.80 ms/img cold)", "", "") in table
     assert ("  peak memory cold / warm", "2000 / 1500 MiB", "< 3 GB", "PASS") in table
+
+
+def test_classwise_training_figures_come_from_the_batches_trained_on(monkeypatch):
+    """CLASSWISE_TRAIN="batches": no validation pass runs the head over training images, and each pass's
+    training figures are those of the batches since the previous one: their accuracies per class,
+    weighted by the classes' images in those batches, give the running train_acc."""
+    cfg = types.SimpleNamespace(TASK="multiclass", MAX_EPOCHS=2, BATCH_SIZE=16, SEED=3, VAL_PER_EPOCH=3, PATIENCE=100,
+                                LR=0.01, LABEL_SMOOTHING=0.0, SEEN_CLASSES=CLASSES, SELECT_BY="auto",
+                                BALANCED_SAMPLING=False, CLASSWISE_TRAIN="batches", HEAD_LOSS="ce")
+    made, passed_over = sources(), []
+    made.pop("train_classwise")
+    real_outputs = training.head_outputs
+    monkeypatch.setattr(training, "head_outputs", lambda model, source, *a, **k: passed_over.append(len(source))
+                        or real_outputs(model, source, *a, **k))
+    torch.manual_seed(0)
+    model = TinyNet()
+    state = training.TrainingState()
+    train.fit(model, torch.optim.Adam(training.trainable_parameters(model), lr=cfg.LR), None, state, made, CPU, cfg,
+              save_best=lambda **kw: None, save_last=lambda: None)
+    assert passed_over == [len(made["val"])] * len(state.history) == [70] * 6  # the validation images only
+    labels = made["train"].labels.numpy()
+    for epoch in range(2):
+        batches = training.epoch_batches(len(labels), cfg.BATCH_SIZE, cfg.SEED, epoch)
+        checks = sorted(training.validation_points(len(batches), cfg.VAL_PER_EPOCH))
+        for k, (start, end) in enumerate(zip([-1] + checks[:-1], checks)):
+            row = state.history[3 * epoch + k]
+            seen = np.concatenate([labels[i] for i in batches[start + 1:end + 1]])
+            counts = np.bincount(seen, minlength=3)
+            weighted = sum(row[f"train_acc_{c}"] * counts[i] for i, c in enumerate(CLASSES)) / counts.sum()
+            assert weighted == pytest.approx(row["train_acc"], abs=1e-9)
+            assert {f"train_ap_{c}" for c in CLASSES} <= set(row) and 0 <= row["train_map"] <= 1

@@ -51,8 +51,9 @@ def test_classwise_metrics_match_sklearn_and_a_direct_count():
 
 
 def test_history_holds_sklearn_average_precision_of_the_model_at_that_pass(tmp_path, tiny_folder):
-    """One epoch, one validation pass at its end: the model of that pass is last.pth's."""
-    cfg = tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=1, VAL_PER_EPOCH=1, CACHE_DTYPE="float32")
+    """One epoch, one validation pass at its end, CLASSWISE_TRAIN="pass": the model of that pass is last.pth's."""
+    cfg = tiny_config(tmp_path, tiny_folder, MAX_EPOCHS=1, VAL_PER_EPOCH=1, CACHE_DTYPE="float32",
+                      CLASSWISE_TRAIN="pass")
     train.run(cfg)
     paths = locations.Paths.from_settings(cfg)
     history = pd.read_csv(paths.history)
@@ -198,7 +199,7 @@ def test_class_wise_curves_use_a_fixed_sample_of_a_large_training_set(tmp_path, 
     assert np.array_equal(sample.features[[0, 9]], source.features[rows[[0, 9]]])
     assert torch.equal(sample.labels, source.labels[rows])
     assert dataloader.sample_source(source, 30, seed=0) is source
-    cfg = tiny_config(tmp_path, tiny_folder, CLASSWISE_SAMPLES=5, MAX_EPOCHS=1)
+    cfg = tiny_config(tmp_path, tiny_folder, CLASSWISE_TRAIN="pass", CLASSWISE_SAMPLES=5, MAX_EPOCHS=1)
     train.run(cfg)
     assert "class-wise training curves use a fixed random sample of 5 of the" in capsys.readouterr().out
     history = pd.read_csv(locations.Paths.from_settings(cfg).history)
