@@ -225,8 +225,7 @@ def variant_model(arch: dict, trained: torch.nn.Module, seed: int, keep: str,
 def placed(model: torch.nn.Module, runtime: dataloader.Runtime) -> torch.nn.Module:
     model.to(runtime.device).eval()
     if runtime.channels_last:
-        model.trunk.to(memory_format=torch.channels_last)
-        model.tuned_trunk.to(memory_format=torch.channels_last)
+        backbone.to_channels_last(model)
     return model
 
 

@@ -93,7 +93,7 @@ class Checkpoint:
         if device is not None:
             model.to(device).eval()
             if channels_last:
-                model.trunk.to(memory_format=torch.channels_last)
+                backbone.to_channels_last(model)
         return model
 
 

@@ -16,10 +16,10 @@ from plankton.progress import Progress
 
 
 def place_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """Move the model to the runtime's device; the trunk in channels-last layout if asked."""
+    """Move the model to the runtime's device; its convolutions in channels-last layout if asked."""
     model.to(runtime.device)
     if runtime.channels_last:
-        model.trunk.to(memory_format=torch.channels_last)
+        backbone.to_channels_last(model)
     return model
 
 

@@ -56,7 +56,7 @@ def test_the_bundle_holds_the_model_and_what_predict_derives_from_the_run(export
     assert bundle.checkpoint_sha256 == hashing.file_sha256(paths.best)
     assert bundle.split_sha256 == hashing.file_sha256(paths.split) and bundle.settings["TRUNK"] == "resnet18"
     runtime = dataloader.runtime_from_settings(cfg)
-    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, False)
+    trained = checkpoints.open_trained_model(cfg, paths, runtime.device, runtime.channels_last)  # as export_model's
     fresh = bundles.fit_from_run(cfg, trained, trained.trunk_cache(cfg, paths, runtime), runtime)
     kept = bundle.fitted()
     for key in ("threshold", "val_images", "val_kept", "temperature", "temperature_note"):
