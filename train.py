@@ -267,7 +267,12 @@ CLASSWISE = {("multiclass", "acc"): ("accuracy", "mean over classes (balanced ac
              ("multilabel", "ap"): ("average precision (sigmoid score)", "mean over labels (mAP)")}
 
 
-def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, path, task=tasks.MULTICLASS) -> None:
+# the training panel's title, by where the training figures come from (CLASSWISE_TRAIN; train.classwise_pass)
+TRAIN_PANEL = {False: "training batches (train mode)", True: "training sample (eval mode)"}
+
+
+def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, path, task=tasks.MULTICLASS,
+                   train_title: str = TRAIN_PANEL[True]) -> None:
     """A train panel and a validation panel: one line per class, the mean over classes thicker."""
     plt = plots.pyplot()
     what, mean_label = CLASSWISE[task.name, metric]
@@ -275,7 +280,7 @@ def plot_classwise(history: pd.DataFrame, class_names: list[str], metric: str, p
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, layout="constrained")
     colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     best_epoch = best_position(history, task)
-    for ax, subset, title in ((axes[0], "train", "training set (un-augmented)"), (axes[1], "val", "validation set")):
+    for ax, subset, title in ((axes[0], "train", train_title), (axes[1], "val", "validation set")):
         for i, name in enumerate(class_names):
             ax.plot(history.epoch, history[f"{subset}_{metric}_{name}"], lw=1.1, alpha=0.85,
                     color=colours(i % colours.N), label=name)
@@ -303,7 +308,8 @@ def optimizer_and_schedule(cfg, model, criterion=None) -> tuple[torch.optim.Opti
     return optimizer, training.make_scheduler(cfg.LR_SCHEDULE, optimizer, cfg.MAX_EPOCHS, cfg.LR_STEP_EPOCHS, cfg.LR_GAMMA)
 
 
-def save_history(history: list[dict], paths, class_names: list[str], task=tasks.MULTICLASS) -> None:
+def save_history(history: list[dict], paths, class_names: list[str], task=tasks.MULTICLASS,
+                 train_title: str = TRAIN_PANEL[True]) -> None:
     """training_history.csv and its three plots (none when no validation pass was made); rank 0's."""
     if not distributed.is_main():
         return
@@ -313,8 +319,8 @@ def save_history(history: list[dict], paths, class_names: list[str], task=tasks.
     fileio.save_csv(frame, paths.history, index=False)
     if len(frame):
         plot_history(frame, paths.training_plot, task)
-        plot_classwise(frame, class_names, "acc", paths.classwise_accuracy_plot, task)
-        plot_classwise(frame, class_names, "ap", paths.classwise_ap_plot, task)
+        plot_classwise(frame, class_names, "acc", paths.classwise_accuracy_plot, task, train_title)
+        plot_classwise(frame, class_names, "ap", paths.classwise_ap_plot, task, train_title)
 
 
 def head_criterion(cfg, num_classes: int, runtime, last, class_weights=None) -> heads.Criterion:
@@ -401,7 +407,7 @@ def run(cfg) -> None:
     classwise_seconds = fit(model, optimizer, scheduler, state, sources, runtime, cfg, save_best=save_best,
                             save_last=save_last, forward=forward, criterion=criterion)
     task = training.selecting_task(tasks.for_name(cfg.TASK), cfg.SELECT_BY)
-    save_history(state.history, paths, list(split.seen_classes), task)
+    save_history(state.history, paths, list(split.seen_classes), task, TRAIN_PANEL[classwise_pass(cfg)])
     state.finished = True
     save_last()
     passes = max(1, sum(1 for row in state.history if "val_map" in row))
