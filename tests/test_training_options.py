@@ -16,10 +16,13 @@ from plankton import checkpoints, hashing, locations, provenance, settings, spli
 from plankton.errors import PipelineError
 
 # hashing.tensors_sha256 of best.pth's model from tiny_config(MAX_EPOCHS=3) on the tiny_folder fixture,
-# computed at commit 80b26e2, before these options existed (re-derived there on this CPU, torch 2.14.1). A change of the model,
-# the tiny data or torch's CPU kernels changes it too: re-derive it at the base commit in that case.
-BEFORE_OPTIONS_SHA256 = "a38a59c2a767783464673da6bd801c9b4637fae63e7379dccf267ee29b1dc77a"
-BEFORE_OPTIONS_VAL_LOSS = 0.07060961922009786
+# computed at commit 80b26e2, before these options existed (re-derived there on this CPU, torch 2.14.1): a38a59c2...,
+# best validation loss 0.07060961922009786; still those at 758c33c. Commit 5bbef01 put the head's convolutions in
+# channels-last layout (CHANNELS_LAST, issue 24), which moves float rounding and so the model: re-derived there
+# (the loss moved by 3.6e-5). A change of the model, the tiny data or torch's CPU kernels changes it too:
+# re-derive it at the base commit in that case.
+BEFORE_OPTIONS_SHA256 = "f8dac5aae064830e980879ae3b4e8babc084cfe9c53f39cf2f89dd569b9fa32a"
+BEFORE_OPTIONS_VAL_LOSS = 0.07057395577430725
 
 
 def test_adam_with_default_options_trains_the_same_best_model_as_before_them(tmp_path, tiny_folder):
