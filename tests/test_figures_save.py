@@ -56,3 +56,20 @@ def test_the_weights_note_grows_the_crop_and_an_empty_figure_is_the_note_alone(t
     red = (noted[..., 0] > 100) & (noted[..., 1] < 60) & (noted[..., 2] < 60)  # the note is dark red
     assert red[plain.shape[0]:].any() and not red[:plain.shape[0] - 20].any()
     assert empty.shape[0] < 60 and empty.shape[1] > 4 * empty.shape[0]  # one line of text, not a blank figure
+
+
+def test_the_weights_note_sits_below_a_legend_anchored_to_the_figures_bottom(tmp_path):
+    fig, ax = plots.pyplot().subplots(figsize=(5, 3))
+    ax.plot([1, 3, 2], color="grey")
+    fig.legend([plots.pyplot().Line2D([], [], color=(0, 0, 1), lw=4)], ["condition"], loc="lower center")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    plots.note_trunk_weights("random initialisation (WEIGHTS=None)")
+    try:
+        plots.save_figure(fig, tmp_path / "legend.png")
+    finally:
+        plots.note_trunk_weights("ImageNet")
+    png = pixels(tmp_path / "legend.png")[..., :3].astype(int)
+    blue_rows = np.where(((png[..., 2] > 200) & (png[..., 0] < 60) & (png[..., 1] < 60)).any(1))[0]
+    red_rows = np.where(((png[..., 0] > 100) & (png[..., 1] < 60) & (png[..., 2] < 60)).any(1))[0]
+    assert len(blue_rows) and len(red_rows), "the legend's line or the note is missing"
+    assert blue_rows.max() < red_rows.min(), "the note is under the legend"
