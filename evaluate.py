@@ -113,7 +113,7 @@ def plot_misclassified(predictions: saved_predictions.Predictions, root, path, l
         score = predictions.scores[i, predictions.predicted[i]]
         ax.set_title("\n".join(textwrap.wrap(caption, 22)[:2]) + f"\nscore {score:.2f}", fontsize=8)
     for ax in axes.flat:
-        ax.set_axis_off()
+        plots.axes_off(ax)
     more = f", the {len(shown)} most confident shown" if len(wrong) > len(shown) else ""
     fig.suptitle(f"Misclassified test images: {len(wrong)} of {n}{more}\n"
                  f"(true class → predicted class, softmax score of the predicted class)", fontsize=11)

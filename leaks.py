@@ -188,7 +188,7 @@ def plot_leaks(leaks: pd.DataFrame, root, threshold: float, limit: int, path, ch
     fig, axes = plt.subplots(rows, 2 * pairs_per_row, figsize=(3.6 * pairs_per_row, 2.5 * rows + 0.8),
                              squeeze=False)
     for ax in axes.flat:
-        ax.set_axis_off()
+        plots.axes_off(ax)
     for n, pair in enumerate(shown.itertuples()):
         left, right = axes[n // pairs_per_row, 2 * (n % pairs_per_row)], axes[n // pairs_per_row, 2 * (n % pairs_per_row) + 1]
         for ax, relpath, caption in ((left, pair.path, f"{pair.subset}: {pair.class_name}"),

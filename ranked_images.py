@@ -105,7 +105,7 @@ def plot_ranked(predictions: saved_predictions.Predictions, class_index: int, ro
     fig, axes = plt.subplots(2, SHOWN, figsize=(1.7 * SHOWN, 6.0), squeeze=False)
     for r, (indices, label) in enumerate(zip(rows, ("highest", "lowest"))):
         for c, ax in enumerate(axes[r]):
-            ax.set_axis_off()
+            plots.axes_off(ax)
             if c >= len(indices):
                 continue
             i = int(indices[c])
