@@ -112,10 +112,11 @@ def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path,
             name = f"fitted T = {row.temperature:.3f}, NOT applied:\nit makes the test ECE worse (T = 1 kept)"
         ax.set_title(f"{name}\nECE {row.ece:.4f}, NLL {row.nll:.4f}, Brier {row.brier:.4f}", fontsize=10)
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left", fontsize=8)
+    # the key under both panels: inside one, bars of any height and the counts above them have no free corner
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"Reliability diagram, {subset} images ({int(table[table.subset == subset].images.iloc[0])}), "
                  f"{calibrate.BINS} equal-width bins; numbers = images per bin; T fitted on the validation set", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.045, 1, 1))
     plots.save_figure(fig, path)
 
 
