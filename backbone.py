@@ -205,6 +205,7 @@ def _meta_trunk(trunk_name: str) -> nn.Sequential:
         return spec.cut(spec.builder(weights=None)).eval()
 
 
+@functools.cache  # every model build asks (a stage opening the checkpoint, each seed): the answer never changes
 def trunk_output_shape(trunk_name: str, image_size: int) -> tuple[int, int, int]:
     """(channels, height, width) of the trunk's output for a square image: a forward pass on the
     meta device computes the shapes only, so no arithmetic has to follow the layers by hand."""

@@ -29,24 +29,29 @@ def run(cfg, after_stage=None, force: bool = False) -> dict:
     logs = paths.out / "logs"
     if cfg.COMPILE_AHEAD:
         projection.compile_ahead()  # numba compiles umap-learn's code while training runs
+    stages = registry.run_all_stages(cfg)
+    for stage in stages:
+        stage.module()  # imported now (importing a stage runs nothing), so that imports_frozen exempts its modules
     try:
-        for stage in registry.run_all_stages(cfg):
-            print(f"\n======== {stage.script} ========")
-            if not stage.handles(cfg.TASK):
-                print(f"skipped: {stage.script} is {' and '.join(stage.tasks)} only (TASK={cfg.TASK!r}): {stage.not_for}")
-                continue
-            if not force and provenance.why_rerun(paths, stage.name, cfg) is None:
-                print(f"up to date: {stage.script}'s outputs match its recorded inputs, settings and code "
-                      f"(--force runs it again)")
-                continue
-            stage_started = time.time()
-            with runner.tee_output(logs / f"{stage.name}.log"):  # each stage's own log beside run_all's
-                stage.module().run(cfg)
-            times[stage.name] = time.time() - stage_started
-            system.release_free_memory()  # the next stage starts from the baseline, not this one's leftovers
-            if after_stage is not None:
-                after_stage(stage.name)
-            fileio.save_json(times, paths.out / "stage_times.json")  # so far: the report stage shows them
+        with system.imports_frozen():  # the collections between and in stages skip the imported modules
+            for stage in stages:
+                print(f"\n======== {stage.script} ========")
+                if not stage.handles(cfg.TASK):
+                    print(f"skipped: {stage.script} is {' and '.join(stage.tasks)} only (TASK={cfg.TASK!r}): "
+                          f"{stage.not_for}")
+                    continue
+                if not force and provenance.why_rerun(paths, stage.name, cfg) is None:
+                    print(f"up to date: {stage.script}'s outputs match its recorded inputs, settings and code "
+                          f"(--force runs it again)")
+                    continue
+                stage_started = time.time()
+                with runner.tee_output(logs / f"{stage.name}.log"):  # each stage's own log beside run_all's
+                    stage.module().run(cfg)
+                times[stage.name] = time.time() - stage_started
+                system.release_free_memory()  # the next stage starts from the baseline, not this one's leftovers
+                if after_stage is not None:
+                    after_stage(stage.name)
+                fileio.save_json(times, paths.out / "stage_times.json")  # so far: the report stage shows them
     finally:
         projection.stop_compiling(wait=False)
     times["total"] = time.time() - started

@@ -1,5 +1,6 @@
 """SHA-256 fingerprints: of a file (cached per process by inode, size and times), of a state dict's
-tensors (independent of how it was stored) and of a record of tensors and plain values (a model bundle)."""
+tensors (independent of how it was stored) and of a record of tensors and plain values (a model bundle);
+and ContentMemo, what a process made from a file's bytes, kept while the bytes stay the same."""
 import hashlib
 import json
 import os
@@ -66,3 +67,28 @@ def file_sha256(path: Path) -> str:
 @lru_cache(maxsize=64)
 def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
     return sha256_file(Path(path))
+
+
+class ContentMemo:
+    """What was made from a file's bytes (parsed and checked), kept for the file's last version:
+    run_all.py runs every stage in one process, and each re-read and re-checked split.csv and the
+    scan cache. Keyed by the SHA-256 of the bytes read now (not by the file's times, which a write
+    in the same clock tick can leave as they were) and by the other inputs the result depends on,
+    compared by value, so a changed file or input is made again: never a stale result. One entry,
+    so memory stays that of one result. Callers that hand out something changeable hand out a copy."""
+
+    def __init__(self):
+        self._key, self._value = None, None
+
+    def get(self, path: Path, make, inputs: tuple = ()) -> tuple[object, str]:
+        """(make(bytes), SHA-256 of the bytes): make's result for the same bytes and inputs, else
+        make(bytes) now (an exception it raises is not kept). OSError from reading propagates."""
+        data = Path(path).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        key = (str(Path(path).resolve()), digest, inputs)
+        if self._key is not None and self._key == key:
+            return self._value, digest
+        self._key, self._value = None, None  # the old result is not kept beside the new one
+        value = make(data)
+        self._key, self._value = key, value
+        return value, digest

@@ -1,11 +1,14 @@
 """Image files: the built-in digits, finding and checking a folder's images, decoding them to RGB,
 resizing, and drawing the stratified split. Nothing here knows about models or saved artifacts."""
 import errno
+import io
 import os
 import stat
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
@@ -15,7 +18,7 @@ from PIL import Image, ImageOps
 from plankton import distributed
 from plankton.errors import PipelineError
 from plankton.fileio import atomic_path, read_csv, save_csv
-from plankton.hashing import sha256_file
+from plankton.hashing import ContentMemo, sha256_file
 from plankton.progress import Progress
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}  # GIF, WebP: first frame
@@ -97,13 +100,15 @@ def list_folder_images(folder: Path, relative_to: Path | None = None) -> ClassFi
     base = relative_to or folder
     images, ignored, linked = [], [], []
     for dirpath, dirnames, filenames in os.walk(folder):  # followlinks=False: a linked folder may loop
-        linked += [os.path.relpath(os.path.join(dirpath, d), base) for d in dirnames
+        where = os.path.relpath(dirpath, base)  # once per folder: relpath per file was most of a 50,000-file walk
+        prefix = "" if where == "." else where + os.sep
+        linked += [prefix + d for d in dirnames
                    if os.path.islink(os.path.join(dirpath, d)) and not is_hidden(d)]
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for f in filenames:
             if not is_hidden(f):
                 is_image = os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-                (images if is_image else ignored).append(os.path.relpath(os.path.join(dirpath, f), base))
+                (images if is_image else ignored).append(prefix + f)
     return ClassFiles(sorted(images), sorted(ignored), sorted(linked))
 
 
@@ -209,7 +214,7 @@ def scan_images(root: Path, relpaths: list[str], cache_file: Path) -> tuple[dict
             bad[rel] = "file name is not valid UTF-8; rename it"
             continue
         try:
-            st = os.stat(root / rel)
+            st = os.stat(os.path.join(root, rel))  # not root / rel: pathlib's parsing, 50,000 times a stage
         except OSError as err:
             bad[rel] = _why_not_found(root / rel, err)
             continue
@@ -226,17 +231,28 @@ def scan_images(root: Path, relpaths: list[str], cache_file: Path) -> tuple[dict
     return bad, {row[0]: row[6] for row in rows if row[6]}
 
 
-def _read_scan_cache(cache_file: Path) -> dict[tuple, tuple[str, str]]:
-    """{(relpath, size, mtime_ns, ctime_ns, inode): (reason, sha256)}; empty if the file is missing,
-    unreadable or from an older version (its verdicts are then simply computed again)."""
+def _read_scan_cache(cache_file: Path) -> Mapping[tuple, tuple[str, str]]:
+    """{(relpath, size, mtime_ns, ctime_ns, inode): (reason, sha256)} (read-only); empty if the file
+    is missing, unreadable or from an older version (its verdicts are then simply computed again).
+    Parsed once per process for the same bytes (run_all.py's stages each scan the images)."""
     try:
-        old = read_csv(cache_file, dtype={"relpath": str, "reason": str, "sha256": str}, keep_default_na=False)
-        if list(old.columns) != SCAN_COLUMNS:
-            return {}
-        return {(r.relpath, int(r.size), int(r.mtime_ns), int(r.ctime_ns), int(r.inode)): (r.reason, r.sha256)
-                for r in old.itertuples()}
-    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return _SCAN_CACHES.get(cache_file, _parse_scan_cache)[0]
+    except OSError:
         return {}
+
+
+def _parse_scan_cache(data: bytes) -> Mapping[tuple, tuple[str, str]]:
+    try:
+        old = read_csv(io.BytesIO(data), dtype={"relpath": str, "reason": str, "sha256": str}, keep_default_na=False)
+        if list(old.columns) != SCAN_COLUMNS:
+            return MappingProxyType({})
+        return MappingProxyType({(r.relpath, int(r.size), int(r.mtime_ns), int(r.ctime_ns), int(r.inode)):
+                                 (r.reason, r.sha256) for r in old.itertuples()})
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return MappingProxyType({})
+
+
+_SCAN_CACHES = ContentMemo()  # the scan cache last read, by its bytes
 
 
 def _why_not_found(path: Path, err: OSError) -> str:

@@ -9,6 +9,7 @@ assigned so that each class's images come near the subset fractions (draw_groupe
 gets a `group` column. A class with fewer than three groups cannot be in all three subsets: one
 warning line names such classes (their groups go to train first, then test, then validation).
 """
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from dataloader import FeatureSource, Preprocess, feature_source
 from plankton import ecotaxa, images, labelsets
 from plankton.errors import PipelineError
 from plankton.fileio import read_csv, save_csv
-from plankton.hashing import sha256_file
+from plankton.hashing import ContentMemo, sha256_file
 from plankton.locations import Paths
 
 SUBSETS = ("train", "val", "test")
@@ -95,6 +96,7 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
         if create:
             labelsets.print_label_counts(found, seen, unseen)
         check = lambda table: labelsets.check_split(table, found, hashes, seen, unseen, paths.split)  # noqa: E731
+        check_inputs = ("label sets", found, hashes, seen, unseen)
         draw = lambda: labelsets.draw_split(found, unseen, hashes, val_fraction, test_fraction, seed)  # noqa: E731
     else:
         if export is not None:  # the objects' image paths and categories: no class folders
@@ -112,6 +114,7 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
         check = lambda table: _check_split_matches(table, usable, hashes, seen, unseen, paths.split,  # noqa: E731
                                                    by_folder=export is None, groups=groups,
                                                    group_by=group_by)
+        check_inputs = ("images", usable, hashes, seen, unseen, export is None, groups, group_by)
         if groups is None:
             draw = lambda: images.draw_split({c: usable[c] for c in seen}, {c: usable[c] for c in unseen},  # noqa
                                              hashes, val_fraction, test_fraction, seed)
@@ -119,21 +122,37 @@ def prepare_split(paths: Paths, root: Path, seen: list[str], unseen: list[str], 
             draw = lambda: draw_grouped(usable, seen, unseen, hashes, groups, val_fraction, test_fraction,  # noqa
                                         seed, group_by)
     if paths.split.is_file():
-        try:
-            table = read_csv(paths.split, dtype=str, keep_default_na=False).fillna("")
-        except ValueError as err:  # not CSV, not UTF-8, empty, ragged rows
-            raise PipelineError(f"cannot read {paths.split} ({str(err).strip().splitlines()[0]}); restore it, "
-                                f"or delete it and the checkpoints to re-split and retrain")
-        check(table)
+        table, split_sha256 = _read_checked_split(paths.split, check, check_inputs)
     elif not create:
         raise PipelineError(f"no split file at {paths.split} — run train.py first")
     else:
         table = draw()
         save_csv(table, paths.split, index=False)
         print(f"split drawn and saved to {paths.split}")
+        split_sha256 = sha256_file(paths.split)
     counts = table.subset.value_counts()
     print("split: " + ", ".join(f"{s} {counts.get(s, 0)}" for s in SUBSETS + ("unseen",)) + " images")
-    return Split(root, table, seen, unseen, sha256_file(paths.split), None if labels_csv is None else str(labels_csv))
+    return Split(root, table, seen, unseen, split_sha256, None if labels_csv is None else str(labels_csv))
+
+
+_CHECKED_SPLITS = ContentMemo()  # the split.csv last read and checked, by its bytes and the images it was checked against
+
+
+def _read_checked_split(path: Path, check, check_inputs: tuple) -> tuple[pd.DataFrame, str]:
+    """split.csv read and checked (check(table) raises if it does not hold), and the SHA-256 of the
+    bytes read. The same bytes checked against the same images, classes and groups (check_inputs)
+    pass again without a second read and check: run_all.py's stages each open the split. A copy,
+    so a stage that changes its table changes nobody else's."""
+    def read_and_check(data: bytes) -> pd.DataFrame:
+        try:
+            table = read_csv(io.BytesIO(data), dtype=str, keep_default_na=False).fillna("")
+        except ValueError as err:  # not CSV, not UTF-8, empty, ragged rows
+            raise PipelineError(f"cannot read {path} ({str(err).strip().splitlines()[0]}); restore it, "
+                                f"or delete it and the checkpoints to re-split and retrain")
+        check(table)
+        return table
+    table, digest = _CHECKED_SPLITS.get(path, read_and_check, check_inputs)
+    return table.copy(), digest
 
 
 def data_root(cfg) -> tuple[Path, Path | None]:
