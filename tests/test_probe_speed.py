@@ -1,0 +1,27 @@
+"""The cheaper paths of the probes and suspicious labels give what the library calls they replace gave."""
+import numpy as np
+from joblib import delayed
+from sklearn.metrics import balanced_accuracy_score
+from threadpoolctl import threadpool_info
+
+from plankton import probes
+
+
+def test_balanced_accuracy_is_scikit_learns():
+    rng = np.random.default_rng(0)
+    for classes in (2, 5, 9):
+        y_true = rng.integers(0, classes, 300)
+        predicted = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, classes + 2, 300))  # some never-true classes
+        assert probes.balanced_accuracy(y_true, predicted) == balanced_accuracy_score(y_true, predicted)
+    assert probes.balanced_accuracy(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])) == 0.75
+
+
+def blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_threaded_fits_keep_blas_to_one_thread_and_restore_it():
+    before = blas_threads()
+    seen = probes._threaded((delayed(blas_threads)() for _ in range(3)), n_jobs=2)
+    assert seen == [[1] * len(before)] * 3
+    assert blas_threads() == before
