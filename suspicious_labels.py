@@ -36,6 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 import dataloader
 from plankton import checkpoints, fileio, locations, plots, provenance, registry, runner
@@ -69,7 +70,10 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, n_classe
         folds = smallest
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    present = cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
+    # BLAS on one thread: two of them on 2 cores beside torch's OpenMP pool spun against each other, and
+    # the fits on 22,538 x 64 features took 362 s instead of 11 s (docs/speed.md)
+    with threadpool_limits(limits=1, user_api="blas"):
+        present = cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
     probabilities = np.zeros((len(labels), n_classes))  # classes without a training image stay at 0
     probabilities[:, np.flatnonzero(counts)] = present
     return probabilities
