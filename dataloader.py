@@ -151,61 +151,14 @@ def run_trunk(trunk: torch.nn.Module, images: torch.Tensor, runtime: Runtime) ->
         return trunk(images).float()
 
 
-def prefetched(iterable, depth: int = 2):
-    """The items of `iterable`, produced in a background thread up to `depth` ahead of the consumer.
-    Without loader workers (NUM_WORKERS=0, the default on 2 cores) the next batch is decoded while the
-    trunk runs on this one: Pillow's decoding and resizing and numpy's normalising release the GIL. An
-    error in the thread is raised here, at the item it stopped at; a consumer that stops early stops
-    the thread. Only for items that draw no random numbers (the thread would interleave with the
-    consumer's draws)."""
-    import queue
-    import threading
-    items, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
-
-    def produce() -> None:
-        try:
-            for item in iterable:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put((done, None))
-        except BaseException as err:  # handed to the consumer, which raises it
-            items.put((done, err))
-
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = items.get()
-            if item is done:
-                if err is not None:
-                    raise err
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it end
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
-
-
 def trunk_feature_batches(trunk: torch.nn.Module, root: Path, relpaths: list[str], preprocess: Preprocess,
                           runtime: Runtime, dtype=np.float32, orientation: int = 0):
-    """Yield the trunk's output batch by batch, in order, decoded and resized on the loader's workers
-    (or, with none, a batch ahead in a thread: prefetched): a caller that stores each batch as it comes
-    never holds the whole pass (trunk_cache.py). Each image in `orientation` (plankton/orientations.py)."""
+    """Yield the trunk's output batch by batch, in order, decoded and resized on the loader's workers:
+    a caller that stores each batch as it comes never holds the whole pass (trunk_cache.py). Each image
+    in `orientation` (plankton/orientations.py)."""
     dataset = ImageDataset(root, relpaths, np.zeros(len(relpaths)), preprocess, orientation=orientation)
-    loader = image_loader(dataset, runtime)
-    batches = prefetched(loader) if runtime.workers == 0 else loader
-    for images, _ in Progress(batches, f"trunk features of {len(relpaths)} images", unit="batches",
-                              total=len(loader)):
+    for images, _ in Progress(image_loader(dataset, runtime), f"trunk features of {len(relpaths)} images",
+                              unit="batches"):
         with torch.inference_mode():  # closed before the yield, like feature_batches' no_grad
             features = run_trunk(trunk, images, runtime).cpu().numpy().astype(dtype)
         yield features

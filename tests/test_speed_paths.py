@@ -280,23 +280,3 @@ def test_classwise_training_figures_come_from_the_batches_trained_on(monkeypatch
             weighted = sum(row[f"train_acc_{c}"] * counts[i] for i, c in enumerate(CLASSES)) / counts.sum()
             assert weighted == pytest.approx(row["train_acc"], abs=1e-9)
             assert {f"train_ap_{c}" for c in CLASSES} <= set(row) and 0 <= row["train_map"] <= 1
-
-
-def test_prefetched_batches_come_in_order_and_an_error_comes_where_it_happened():
-    import threading
-    assert list(dataloader.prefetched(iter(range(50)))) == list(range(50))
-
-    def failing():
-        yield from range(3)
-        raise OSError("image 3 is corrupt")
-
-    got = []
-    with pytest.raises(OSError, match="image 3 is corrupt"):
-        for item in dataloader.prefetched(failing()):
-            got.append(item)
-    assert got == [0, 1, 2]
-    stream = dataloader.prefetched(iter(range(10_000)), depth=2)
-    assert next(stream) == 0
-    assert any(t.name == "prefetch" for t in threading.enumerate())  # blocked on its full queue
-    stream.close()  # a consumer that stops early: the thread ends, nothing is left running
-    assert not any(t.name == "prefetch" for t in threading.enumerate())
