@@ -71,6 +71,16 @@ def calibration_tables(subsets: dict[str, tuple[np.ndarray, np.ndarray]], temper
     return pd.DataFrame(rows), bins[["subset", "when"] + [c for c in bins.columns if c not in ("subset", "when")]]
 
 
+def save_tables(outputs: list, table: pd.DataFrame, bins: pd.DataFrame, temperature: float, not_fitted: str,
+                **record) -> None:
+    """Both tasks' first three outputs: the figures per subset (CSV), per bin (CSV), and calibration.json
+    (the temperature, how it was fitted, the task's own `record` entries and the table)."""
+    fileio.save_csv(table, outputs[0], index=False)
+    fileio.save_csv(bins, outputs[1], index=False)
+    fileio.save_json(dict(temperature=temperature, fitted_on="val", not_fitted=not_fitted, bins=calibrate.BINS,
+                          **record, table=table.to_dict("records")), outputs[2])
+
+
 def plot_reliability(table: pd.DataFrame, bins: pd.DataFrame, subset: str, path, not_fitted: str = "",
                      choice: calibrate.TemperatureChoice | None = None) -> None:
     """Two panels (before, after): accuracy per confidence bin against the diagonal, each bin's mean
@@ -230,11 +240,7 @@ def run_multilabel(cfg, paths, trained, test, val_logits: np.ndarray, val_target
         print(f"  {row.subset:>4} {row.when:>6}, mean over labels: ECE {row.ece:.4f}  NLL {row.nll:.4f}  "
               f"Brier {row.brier:.4f}  AP {row.ap:.4f}")
     outputs = [paths.out / name for name in MULTILABEL_OUTPUTS]
-    fileio.save_csv(table, outputs[0], index=False)
-    fileio.save_csv(bins, outputs[1], index=False)
-    fileio.save_json(dict(temperature=temperature, fitted_on="val", not_fitted=not_fitted, bins=calibrate.BINS,
-                          task="multilabel", checkpoint_sha256=trained.sha256, table=table.to_dict("records")),
-                     outputs[2])
+    save_tables(outputs, table, bins, temperature, not_fitted, task="multilabel", checkpoint_sha256=trained.sha256)
     plot_label_reliability(table, bins, names, "test", outputs[3], not_fitted)
     thresholds = routing.label_thresholds(calibrate.sigmoid_probabilities(val_logits, temperature), val_targets,
                                           names, cfg.ROUTE_PRECISION)
@@ -273,11 +279,8 @@ def run(cfg) -> None:
         print(f"  {row.subset:>4} {row.when:>6}: accuracy {row.accuracy:.4f}  ECE {row.ece:.4f}  NLL {row.nll:.4f}  "
               f"Brier {row.brier:.4f}")
     outputs = [paths.out / name for name in MULTICLASS_OUTPUTS]
-    fileio.save_csv(table, outputs[0], index=False)
-    fileio.save_csv(bins, outputs[1], index=False)
-    fileio.save_json(dict(temperature=temperature, fitted_on="val", not_fitted=not_fitted, bins=calibrate.BINS,
-                          temperature_choice=choice.record(), checkpoint_sha256=trained.sha256,
-                          table=table.to_dict("records")), outputs[2])
+    save_tables(outputs, table, bins, temperature, not_fitted, temperature_choice=choice.record(),
+                checkpoint_sha256=trained.sha256)
     plot_reliability(table, bins, "test", outputs[3], not_fitted, choice)
     thresholds = routing.class_thresholds(calibrate.probabilities(val_logits, temperature), val_labels,
                                           trained.class_names, cfg.ROUTE_PRECISION)
